@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages torch_asgd needs to build, test and run its demo.
+# Idempotent: installs only what is missing; uses sudo only when not root.
+# This is the one list of system dependencies; demo.sh and test.sh call it.
+set -euo pipefail
+
+PACKAGES=(
+  build-essential cmake ccache pkg-config zlib1g-dev
+  libtorch-dev          # LibTorch 1.13 (CPU), with c10d built against the system Gloo
+  libgloo-dev           # Gloo headers (the library comes with libtorch-dev's dependencies)
+  libfmt-dev
+  libgtest-dev libgmock-dev
+  libbenchmark-dev
+  dataset-fashion-mnist # the real Fashion-MNIST in IDX format, for the examples and the demo
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if ((${#missing[@]} == 0)); then
+  exit 0
+fi
+
+SUDO=""
+if [[ $(id -u) -ne 0 ]]; then
+  command -v sudo >/dev/null || { echo "deps.sh: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
+  SUDO="sudo"
+fi
+
+echo "deps.sh: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -1,0 +1,129 @@
+#include "torch_asgd/comm/fingerprint.h"
+
+#include <sstream>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "torch_asgd/comm/error.h"
+
+namespace torch_asgd {
+
+Fingerprint Fingerprint::of(const std::vector<std::pair<std::string, at::Tensor>>& named) {
+  Fingerprint fp;
+  for (const auto& [name, t] : named) fp.add(name, t.sizes(), t.scalar_type());
+  return fp;
+}
+
+Fingerprint& Fingerprint::add(std::string name, at::IntArrayRef shape, c10::ScalarType dtype) {
+  if (name.find_first_of("\t\n") != std::string::npos) {
+    throw ConfigError(fmt::format("tensor name '{}' contains a tab or newline", name));
+  }
+  tensors_.push_back({std::move(name), shape.vec(), dtype});
+  return *this;
+}
+
+Fingerprint& Fingerprint::set(const std::string& key, const std::string& value) {
+  if ((key + value).find_first_of("\t\n=") != std::string::npos) {
+    throw ConfigError(fmt::format("fingerprint property '{}' contains '=', a tab or newline", key));
+  }
+  for (auto& kv : props_) {
+    if (kv.first == key) {
+      kv.second = value;
+      return *this;
+    }
+  }
+  props_.emplace_back(key, value);
+  return *this;
+}
+
+std::string Fingerprint::serialize() const {
+  std::string out = "torch_asgd-fingerprint-1\n";
+  for (const auto& [k, v] : props_) out += fmt::format("@{}={}\n", k, v);
+  for (const auto& t : tensors_) {
+    out += fmt::format("{}\t{}\t{}\n", t.name, static_cast<int>(t.dtype), fmt::join(t.shape, ","));
+  }
+  return out;
+}
+
+Fingerprint Fingerprint::parse(const std::string& text) {
+  std::istringstream in(text);
+  std::string line;
+  if (!std::getline(in, line) || line != "torch_asgd-fingerprint-1") {
+    throw MismatchError("peer sent something that is not a torch_asgd fingerprint "
+                        "(different torch_asgd version?)");
+  }
+  Fingerprint fp;
+  while (std::getline(in, line)) {
+    if (!line.empty() && line[0] == '@') {
+      auto eq = line.find('=');
+      if (eq == std::string::npos) throw MismatchError("corrupt fingerprint property: " + line);
+      fp.props_.emplace_back(line.substr(1, eq - 1), line.substr(eq + 1));
+      continue;
+    }
+    auto t1 = line.find('\t');
+    auto t2 = t1 == std::string::npos ? t1 : line.find('\t', t1 + 1);
+    if (t2 == std::string::npos) throw MismatchError("corrupt fingerprint line: " + line);
+    TensorSpec spec;
+    spec.name = line.substr(0, t1);
+    try {
+      spec.dtype = static_cast<c10::ScalarType>(std::stoi(line.substr(t1 + 1, t2 - t1 - 1)));
+      std::istringstream dims(line.substr(t2 + 1));
+      std::string d;
+      while (std::getline(dims, d, ',')) spec.shape.push_back(std::stoll(d));
+    } catch (const std::exception&) {
+      throw MismatchError("corrupt fingerprint line: " + line);
+    }
+    fp.tensors_.push_back(std::move(spec));
+  }
+  return fp;
+}
+
+std::string describe(const TensorSpec& spec) {
+  return fmt::format("'{}' {} [{}]", spec.name, c10::toString(spec.dtype), fmt::join(spec.shape, ", "));
+}
+
+std::string Fingerprint::first_difference(const Fingerprint& other, int other_rank) const {
+  for (const auto& [k, v] : props_) {
+    std::string theirs = "<unset>";
+    for (const auto& kv : other.props_) {
+      if (kv.first == k) theirs = kv.second;
+    }
+    if (theirs != v) {
+      return fmt::format("{} is '{}' here but '{}' on rank {}", k, v, theirs, other_rank);
+    }
+  }
+  for (const auto& kv : other.props_) {
+    bool found = false;
+    for (const auto& mine : props_) found = found || mine.first == kv.first;
+    if (!found) {
+      return fmt::format("{} is unset here but '{}' on rank {}", kv.first, kv.second, other_rank);
+    }
+  }
+  size_t n = std::min(tensors_.size(), other.tensors_.size());
+  for (size_t i = 0; i < n; ++i) {
+    const auto& a = tensors_[i];
+    const auto& b = other.tensors_[i];
+    if (a == b) continue;
+    if (a.name != b.name) {
+      return fmt::format("parameter #{} is {} here but {} on rank {}", i, describe(a), describe(b),
+                         other_rank);
+    }
+    if (a.shape != b.shape) {
+      return fmt::format("parameter '{}' has shape [{}] here but [{}] on rank {}", a.name,
+                         fmt::join(a.shape, ", "), fmt::join(b.shape, ", "), other_rank);
+    }
+    return fmt::format("parameter '{}' has dtype {} here but {} on rank {}", a.name,
+                       c10::toString(a.dtype), c10::toString(b.dtype), other_rank);
+  }
+  if (tensors_.size() != other.tensors_.size()) {
+    const bool mine_longer = tensors_.size() > other.tensors_.size();
+    const auto& extra = mine_longer ? tensors_[n] : other.tensors_[n];
+    return fmt::format("{} parameters here but {} on rank {}: first unmatched is {} {}",
+                       tensors_.size(), other.tensors_.size(), other_rank, describe(extra),
+                       mine_longer ? "(only here)" : fmt::format("(only on rank {})", other_rank));
+  }
+  return "";
+}
+
+}  // namespace torch_asgd

@@ -1,0 +1,277 @@
+#include "torch_asgd/comm/world.h"
+
+#include <unistd.h>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <gloo/rendezvous/context.h>
+#include <gloo/rendezvous/hash_store.h>
+#include <gloo/rendezvous/store.h>
+#include <gloo/transport/tcp/device.h>
+#include <torch/csrc/distributed/c10d/FileStore.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include "torch_asgd/comm/error.h"
+
+namespace torch_asgd {
+namespace {
+
+// Gloo rendezvous on top of a c10d store.
+class GlooStoreAdapter : public gloo::rendezvous::Store {
+ public:
+  explicit GlooStoreAdapter(c10::intrusive_ptr<c10d::Store> store) : store_(std::move(store)) {}
+
+  void set(const std::string& key, const std::vector<char>& data) override {
+    store_->set(key, std::vector<uint8_t>(data.begin(), data.end()));
+  }
+  std::vector<char> get(const std::string& key) override {
+    auto v = store_->get(key);
+    return std::vector<char>(v.begin(), v.end());
+  }
+  void wait(const std::vector<std::string>& keys) override { store_->wait(keys); }
+  void wait(const std::vector<std::string>& keys, const std::chrono::milliseconds& timeout) override {
+    store_->wait(keys, timeout);
+  }
+
+ private:
+  c10::intrusive_ptr<c10d::Store> store_;
+};
+
+bool is_loopback(const std::string& addr) {
+  return addr.rfind("127.", 0) == 0 || addr == "localhost" || addr == "::1";
+}
+
+std::string seconds(std::chrono::milliseconds t) {
+  return fmt::format("{:g} s", static_cast<double>(t.count()) / 1000.0);
+}
+
+std::string str(const std::vector<uint8_t>& v) { return std::string(v.begin(), v.end()); }
+std::vector<uint8_t> bytes(const std::string& s) { return std::vector<uint8_t>(s.begin(), s.end()); }
+
+// FNV-1a: a stable token for a job and channel name.
+uint64_t token_of(const std::string& s) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ull;
+  return h == 0 ? 1 : h;
+}
+
+c10::intrusive_ptr<c10d::Store> open_store(const WorldOptions& o) {
+  if (!o.store_path.empty()) {
+    try {
+      auto s = c10::make_intrusive<c10d::FileStore>(o.store_path, o.world_size);
+      s->setTimeout(o.timeout);
+      return s;
+    } catch (const std::exception& e) {
+      throw CommError(fmt::format("rank {}: cannot open the rendezvous file store '{}': {}; is "
+                                  "the directory writable and shared by all ranks?",
+                                  o.rank, o.store_path, e.what()));
+    }
+  }
+  c10d::TCPStoreOptions t;
+  t.port = static_cast<uint16_t>(o.master_port);
+  t.isServer = o.rank == 0 && !o.use_agent_store;
+  t.waitWorkers = false;
+  t.timeout = o.timeout;
+  try {
+    return c10::make_intrusive<c10d::TCPStore>(o.master_addr, t);
+  } catch (const std::exception& e) {
+    std::string what = e.what();
+    what = what.substr(0, what.find('\n'));
+    if (t.isServer) {
+      throw CommError(fmt::format(
+          "rank 0: cannot host the rendezvous store on {}:{}: {}. Is the port in use by another "
+          "job? Pick another MASTER_PORT",
+          o.master_addr, o.master_port, what));
+    }
+    throw CommError(fmt::format(
+        "rank {}: cannot reach the rendezvous store at MASTER_ADDR={} MASTER_PORT={} within {}: "
+        "{}. Is rank 0 {} running, and are MASTER_ADDR/MASTER_PORT the same on every rank?",
+        o.rank, o.master_addr, o.master_port, seconds(o.timeout), what,
+        o.use_agent_store ? "(the torchelastic agent's store)" : ""));
+  }
+}
+
+}  // namespace
+
+std::shared_ptr<World> World::from_env(const WorldOptions& overrides) {
+  return create(WorldOptions::from_env().merged_with(overrides));
+}
+
+std::shared_ptr<World> World::create(const WorldOptions& options) {
+  options.validate();
+  c10::intrusive_ptr<c10d::Store> store;
+  if (options.world_size > 1) store = open_store(options);
+  std::shared_ptr<World> w(new World(options, std::move(store)));
+  w->connect();
+  return w;
+}
+
+std::shared_ptr<World> World::create(const WorldOptions& options,
+                                     c10::intrusive_ptr<c10d::Store> store) {
+  options.validate(/*store_given=*/true);
+  std::shared_ptr<World> w(new World(options, std::move(store)));
+  w->connect();
+  return w;
+}
+
+World::World(WorldOptions options, c10::intrusive_ptr<c10d::Store> store)
+    : options_(std::move(options)) {
+  if (store) {
+    store->setTimeout(options_.timeout);
+    store_ = c10::make_intrusive<c10d::PrefixStore>("torch_asgd/" + options_.job_id, store);
+  }
+}
+
+World::~World() {
+  // The connections go first, then the memory they may still have referenced.
+  context_.reset();
+  device_.reset();
+  std::lock_guard<std::mutex> lock(retired_mu_);
+  retired_.clear();
+}
+
+c10d::Store& World::store() {
+  if (!store_) {
+    throw ConfigError("a world of one rank has no rendezvous store");
+  }
+  return *store_;
+}
+
+void World::retire(std::shared_ptr<void> resource) {
+  std::lock_guard<std::mutex> lock(retired_mu_);
+  retired_.push_back(std::move(resource));
+}
+
+void World::wait_for_all(const std::string& prefix, const std::string& what) {
+  std::vector<std::string> keys;
+  for (int r = 0; r < size(); ++r) keys.push_back(prefix + std::to_string(r));
+  try {
+    store_->wait(keys, options_.timeout);
+    return;
+  } catch (const std::exception&) {
+    // Fall through and name who is missing.
+  }
+  std::vector<int> missing;
+  for (int r = 0; r < size(); ++r) {
+    try {
+      if (!store_->check({keys[r]})) missing.push_back(r);
+    } catch (const std::exception&) {
+      missing.push_back(r);
+    }
+  }
+  if (missing.empty()) return;
+  throw CommError(fmt::format(
+      "rank {}: {} timed out after {}: ranks [{}] of WORLD_SIZE={} did not arrive (job '{}'). "
+      "Are they running, with the same MASTER_ADDR, MASTER_PORT, WORLD_SIZE and job id?",
+      rank(), what, seconds(options_.timeout), fmt::join(missing, ", "), size(), options_.job_id));
+}
+
+void World::connect() {
+  const WorldOptions& o = options_;
+  std::string host = o.hostname;
+  if (host.empty() && o.iface.empty()) {
+    if (is_loopback(o.master_addr) || o.local_world_size == o.world_size) {
+      host = "127.0.0.1";
+    } else {
+      char name[256] = {};
+      ::gethostname(name, sizeof(name) - 1);
+      host = name;
+    }
+  }
+  gloo::transport::tcp::attr attr;
+  if (!o.iface.empty()) {
+    attr.iface = o.iface;
+  } else {
+    attr.hostname = host;
+  }
+  try {
+    device_ = gloo::transport::tcp::CreateDevice(attr);
+  } catch (const std::exception& e) {
+    throw ConfigError(fmt::format(
+        "rank {}: cannot create the Gloo TCP device on {}: {}. Set GLOO_SOCKET_IFNAME to an "
+        "interface that exists and reaches the other hosts",
+        o.rank, o.iface.empty() ? "host '" + host + "'" : "interface '" + o.iface + "'",
+        std::string(e.what()).substr(0, 300)));
+  }
+
+  auto ctx = std::make_shared<gloo::rendezvous::Context>(o.rank, o.world_size);
+  ctx->setTimeout(o.timeout);
+  if (o.world_size > 1) {
+    // Arrival: find out who is missing (and duplicated) before Gloo's own rendezvous,
+    // whose errors name neither.
+    int64_t joined = store_->add("arrived_count/" + std::to_string(o.rank), 1);
+    if (joined > 1) {
+      throw ConfigError(fmt::format(
+          "rank {}: another process already joined job '{}' as rank {}; every process needs its "
+          "own RANK (or pick a fresh job id with TORCH_ASGD_JOB_ID)",
+          o.rank, o.job_id, o.rank));
+    }
+    store_->set("arrived/" + std::to_string(o.rank), bytes(std::to_string(o.world_size)));
+    wait_for_all("arrived/", "rendezvous");
+    for (int r = 0; r < o.world_size; ++r) {
+      std::string theirs = str(store_->get("arrived/" + std::to_string(r)));
+      if (theirs != std::to_string(o.world_size)) {
+        throw ConfigError(fmt::format("rank {}: WORLD_SIZE is {} here but {} on rank {}", o.rank,
+                                      o.world_size, theirs, r));
+      }
+    }
+    GlooStoreAdapter adapter(c10::make_intrusive<c10d::PrefixStore>("gloo", store_));
+    try {
+      ctx->connectFullMesh(adapter, device_);
+    } catch (const std::exception& e) {
+      throw CommError(fmt::format(
+          "rank {}: connecting to the other ranks failed: {}. Check that the hosts reach each "
+          "other on the interface Gloo uses (GLOO_SOCKET_IFNAME)",
+          o.rank, std::string(e.what()).substr(0, 400)));
+    }
+  } else {
+    gloo::rendezvous::HashStore local;
+    ctx->connectFullMesh(local, device_);
+  }
+  context_ = std::move(ctx);
+}
+
+void World::check_fingerprint(const std::string& topic, const Fingerprint& fp) {
+  if (size() == 1) return;
+  const std::string prefix = "fingerprint/" + topic + "/";
+  store_->set(prefix + std::to_string(rank()), bytes(fp.serialize()));
+  wait_for_all(prefix, fmt::format("fingerprint exchange for '{}'", topic));
+  for (int r = 0; r < size(); ++r) {
+    if (r == rank()) continue;
+    Fingerprint theirs = Fingerprint::parse(str(store_->get(prefix + std::to_string(r))));
+    std::string diff = fp.first_difference(theirs, r);
+    if (!diff.empty()) {
+      throw MismatchError(fmt::format(
+          "rank {}: ranks disagree on what they exchange ('{}'): {}. Every rank must build the "
+          "same model with the same options",
+          rank(), topic, diff));
+    }
+  }
+}
+
+void World::barrier(const std::string& name) {
+  if (size() == 1) return;
+  const std::string prefix = "barrier/" + name + "/";
+  store_->set(prefix + std::to_string(rank()), bytes("1"));
+  wait_for_all(prefix, fmt::format("barrier '{}'", name));
+}
+
+std::unique_ptr<Channel> World::open_channel(const ChannelOptions& options, const Fingerprint& fp) {
+  if (options.capacity_bytes < 0 || options.recv_depth < 1) {
+    throw ConfigError(fmt::format("channel '{}': capacity_bytes must be >= 0 and recv_depth >= 1",
+                                  options.name));
+  }
+  Fingerprint full = fp;
+  full.set("channel", options.name)
+      .set("capacity_bytes", std::to_string(options.capacity_bytes))
+      .set("verify_payload", options.verify_payload ? "1" : "0")
+      .set("channel_index", std::to_string(channels_opened_));
+  check_fingerprint("channel/" + options.name, full);
+  // Channel slots live far above the slots Gloo's collectives count up from.
+  const uint64_t slot = (uint64_t{1} << 48) + static_cast<uint64_t>(channels_opened_++);
+  const uint64_t token = token_of(options_.job_id + "/" + options.name);
+  return std::make_unique<Channel>(shared_from_this(), options, slot, token);
+}
+
+}  // namespace torch_asgd

@@ -1,0 +1,10 @@
+// torch_asgd: asynchronous distributed optimizers for LibTorch.
+// Include this header for everything, or a single concept header.
+#pragma once
+
+#include "torch_asgd/comm/channel.h"
+#include "torch_asgd/comm/env.h"
+#include "torch_asgd/comm/error.h"
+#include "torch_asgd/comm/fingerprint.h"
+#include "torch_asgd/comm/message.h"
+#include "torch_asgd/comm/world.h"
