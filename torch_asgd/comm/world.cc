@@ -78,6 +78,7 @@ c10::intrusive_ptr<c10d::Store> open_store(const WorldOptions& o) {
   } catch (const std::exception& e) {
     std::string what = e.what();
     what = what.substr(0, what.find('\n'));
+    while (!what.empty() && (what.back() == '.' || what.back() == ' ')) what.pop_back();
     if (t.isServer) {
       throw CommError(fmt::format(
           "rank 0: cannot host the rendezvous store on {}:{}: {}. Is the port in use by another "
@@ -86,9 +87,9 @@ c10::intrusive_ptr<c10d::Store> open_store(const WorldOptions& o) {
     }
     throw CommError(fmt::format(
         "rank {}: cannot reach the rendezvous store at MASTER_ADDR={} MASTER_PORT={} within {}: "
-        "{}. Is rank 0 {} running, and are MASTER_ADDR/MASTER_PORT the same on every rank?",
+        "{}. Is {} running, and are MASTER_ADDR/MASTER_PORT the same on every rank?",
         o.rank, o.master_addr, o.master_port, seconds(o.timeout), what,
-        o.use_agent_store ? "(the torchelastic agent's store)" : ""));
+        o.use_agent_store ? "the torchelastic agent's store" : "rank 0"));
   }
 }
 

@@ -1,0 +1,112 @@
+#include <gtest/gtest.h>
+
+#include <stdexcept>
+
+#include "process.h"
+#include "torch_asgd/launch/launcher.h"
+
+namespace torch_asgd {
+namespace {
+
+using namespace std::chrono_literals;
+using launch::parse_args;
+using testing::Proc;
+
+std::string launcher() { return testing::bin_dir() + "/asgd-launch"; }
+
+TEST(LauncherArgs, Parses) {
+  auto o = parse_args({"--nproc", "4", "--nnodes", "2", "--node-rank", "1", "--master-addr",
+                       "10.0.0.1", "--master-port", "1234", "--fail-fast", "--", "prog", "--x"});
+  EXPECT_EQ(o.nproc, 4);
+  EXPECT_EQ(o.nnodes, 2);
+  EXPECT_EQ(o.node_rank, 1);
+  EXPECT_EQ(o.master_addr, "10.0.0.1");
+  EXPECT_EQ(o.master_port, 1234);
+  EXPECT_TRUE(o.fail_fast);
+  EXPECT_EQ(o.command, (std::vector<std::string>{"prog", "--x"}));
+  // torchrun style, without "--".
+  EXPECT_EQ(parse_args({"--nproc_per_node", "2", "prog", "--nproc", "9"}).command,
+            (std::vector<std::string>{"prog", "--nproc", "9"}));
+}
+
+TEST(LauncherArgs, RejectsBadArguments) {
+  EXPECT_THROW(parse_args({"--", "prog"}), std::invalid_argument);           // no --nproc
+  EXPECT_THROW(parse_args({"--nproc", "0", "prog"}), std::invalid_argument);  // out of range
+  EXPECT_THROW(parse_args({"--nproc", "x", "prog"}), std::invalid_argument);
+  EXPECT_THROW(parse_args({"--nproc", "2"}), std::invalid_argument);  // no program
+  EXPECT_THROW(parse_args({"--nproc", "2", "--bogus", "prog"}), std::invalid_argument);
+  EXPECT_THROW(parse_args({"--nproc", "2", "--nnodes", "2", "--node-rank", "2", "prog"}),
+               std::invalid_argument);
+  EXPECT_THROW(parse_args({"--nproc", "2", "--nnodes", "2", "--master-port", "0", "prog"}),
+               std::invalid_argument);
+}
+
+TEST(Launcher, BadArgumentsExitTwoWithUsage) {
+  Proc p = testing::run({launcher(), "--nproc", "0", "--", "/bin/true"});
+  EXPECT_EQ(p.exit_code, 2);
+  EXPECT_NE(p.err_buf.find("--nproc '0' must be an integer between 1 and 4096"), std::string::npos);
+  EXPECT_NE(p.err_buf.find("usage: asgd-launch"), std::string::npos);
+}
+
+TEST(Launcher, SetsTorchrunVariablesAndPrefixesLines) {
+  Proc p = testing::run({launcher(), "--nproc", "2", "--nnodes", "2", "--node-rank", "1",
+                         "--master-addr", "10.9.8.7", "--master-port", "4567", "--job-id", "J",
+                         "--", "/bin/sh", "-c",
+                         "echo $RANK $WORLD_SIZE $LOCAL_RANK $LOCAL_WORLD_SIZE $GROUP_RANK "
+                         "$MASTER_ADDR $MASTER_PORT $TORCHELASTIC_RUN_ID; printf partial; "
+                         "echo to-stderr >&2"});
+  EXPECT_EQ(p.exit_code, 0) << p.err_buf;
+  EXPECT_NE(p.out_buf.find("[2]: 2 4 0 2 1 10.9.8.7 4567 J\n"), std::string::npos) << p.out_buf;
+  EXPECT_NE(p.out_buf.find("[3]: 3 4 1 2 1 10.9.8.7 4567 J\n"), std::string::npos) << p.out_buf;
+  EXPECT_NE(p.out_buf.find("[3]: partial\n"), std::string::npos) << p.out_buf;
+  EXPECT_NE(p.err_buf.find("[2]: to-stderr\n"), std::string::npos) << p.err_buf;
+}
+
+TEST(Launcher, ExitsWithTheFirstNonZeroCode) {
+  Proc p = testing::run({launcher(), "--nproc", "3", "--", "/bin/sh", "-c",
+                         "if [ $RANK = 2 ]; then exit 7; fi; sleep 1; exit $((RANK + 3))"});
+  EXPECT_EQ(p.exit_code, 7);
+  EXPECT_NE(p.err_buf.find("asgd-launch: rank 2 exited with code 7"), std::string::npos);
+  EXPECT_NE(p.err_buf.find("asgd-launch: rank 0 exited with code 3"), std::string::npos)
+      << "without --fail-fast the others run to their end";
+  Proc ok = testing::run({launcher(), "--nproc", "2", "--", "/bin/true"});
+  EXPECT_EQ(ok.exit_code, 0);
+}
+
+TEST(Launcher, ReportsARankKilledBySignal) {
+  Proc p = testing::run({launcher(), "--nproc", "2", "--", "/bin/sh", "-c",
+                         "if [ $RANK = 1 ]; then kill -9 $$; fi"});
+  EXPECT_EQ(p.exit_code, 128 + 9);
+  EXPECT_NE(p.err_buf.find("rank 1 was killed by signal 9"), std::string::npos) << p.err_buf;
+}
+
+TEST(Launcher, FailFastTerminatesTheOthers) {
+  Proc p = testing::run({launcher(), "--nproc", "3", "--fail-fast", "--", "/bin/sh", "-c",
+                         "if [ $RANK = 1 ]; then exit 3; fi; sleep 60 & wait"},
+                        {}, 30s);
+  EXPECT_FALSE(p.timed_out) << "the other ranks were not terminated";
+  EXPECT_EQ(p.exit_code, 3);
+  EXPECT_NE(p.err_buf.find("--fail-fast: terminating the other ranks"), std::string::npos);
+}
+
+TEST(Launcher, ForwardsSigterm) {
+  Proc p = testing::start({launcher(), "--nproc", "2", "--", "/bin/sh", "-c",
+                           "trap 'echo got-term; exit 5' TERM; echo up; sleep 60 & wait"});
+  ASSERT_TRUE(testing::wait_for_output(p, "[1]: up", 20s));
+  ASSERT_TRUE(testing::wait_for_output(p, "[0]: up", 20s));
+  ::kill(p.pid, SIGTERM);
+  testing::finish(p, 30s);
+  EXPECT_FALSE(p.timed_out);
+  EXPECT_NE(p.out_buf.find("[0]: got-term"), std::string::npos) << p.out_buf;
+  EXPECT_NE(p.out_buf.find("[1]: got-term"), std::string::npos) << p.out_buf;
+  EXPECT_EQ(p.exit_code, 5);
+}
+
+TEST(Launcher, MissingProgram) {
+  Proc p = testing::run({launcher(), "--nproc", "1", "--", "/no/such/program"});
+  EXPECT_EQ(p.exit_code, 127);
+  EXPECT_NE(p.err_buf.find("cannot run '/no/such/program'"), std::string::npos) << p.err_buf;
+}
+
+}  // namespace
+}  // namespace torch_asgd

@@ -1,0 +1,155 @@
+// asgd-test-peer: the rank program of the end-to-end tests (tests/e2e_test.cc).
+// Runs under asgd-launch, torchrun --no-python or srun. Modes:
+//   connect              rendezvous, open a channel, close; prints "connected <rank>/<size>"
+//   exchange             all-to-all ordered messages of 0, 1, odd and large sizes, verified
+//   flood N BYTES        rank 0 sends N additive deltas of BYTES to rank 1 while rank 1 may be
+//                        stopped; rank 0 prints its counters and RSS growth, rank 1 verifies
+//                        the exact sum it received
+//   mismatch             rank 1 declares another model; every rank must fail
+// Exit code 0 when the mode's checks pass; errors print one line and exit 1.
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <string>
+
+#include <torch/torch.h>
+
+#include "torch_asgd/torch_asgd.h"
+
+using namespace torch_asgd;
+using namespace std::chrono_literals;
+
+namespace {
+
+long rss_kb() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::stol(line.substr(6));
+  }
+  return -1;
+}
+
+at::Tensor pattern(int from, int to, int index, int64_t numel) {
+  return (torch::arange(numel, torch::kLong).remainder(251) + 7 * from + 3 * to + index)
+      .to(torch::kFloat);
+}
+
+std::vector<Message> receive(Channel& ch, size_t count, std::chrono::seconds limit) {
+  std::vector<Message> got;
+  auto deadline = std::chrono::steady_clock::now() + limit;
+  while (got.size() < count && std::chrono::steady_clock::now() < deadline) {
+    for (auto& m : ch.wait(100ms)) got.push_back(std::move(m));
+  }
+  return got;
+}
+
+int exchange(World& world) {
+  const std::vector<int64_t> sizes = {0, 1, 1001, 3 * 1000 * 1000 + 1};
+  ChannelOptions o;
+  o.name = "exchange";
+  o.capacity_bytes = sizes.back() * 4;
+  auto ch = world.open_channel(o);
+  for (int i = 0; i < static_cast<int>(sizes.size()); ++i) {
+    for (int p = 0; p < world.size(); ++p) {
+      if (p == world.rank()) continue;
+      Outgoing m;
+      m.payload = pattern(world.rank(), p, i, sizes[i]);
+      m.sender_step = i;
+      ch->send(p, m);
+    }
+  }
+  auto got = receive(*ch, sizes.size() * (world.size() - 1), 60s);
+  std::vector<int> next(world.size(), 0);
+  int bad = 0;
+  for (const auto& m : got) {
+    int i = next[m.sender()]++;
+    if (!m.payload.equal(pattern(m.sender(), world.rank(), i, sizes[i]))) ++bad;
+  }
+  bool closed = ch->close(60s);
+  std::printf("rank %d received %zu messages, %d wrong, closed %s\n", world.rank(), got.size(), bad,
+              closed ? "cleanly" : "with timeouts");
+  return got.size() == sizes.size() * (world.size() - 1) && bad == 0 && closed ? 0 : 1;
+}
+
+int flood(World& world, int n, int64_t bytes) {
+  if (world.size() != 2) throw ConfigError("flood needs exactly 2 ranks");
+  ChannelOptions o;
+  o.name = "flood";
+  o.capacity_bytes = bytes;
+  auto ch = world.open_channel(o);
+  const int64_t numel = bytes / 4;
+  std::printf("ready %d\n", world.rank());
+  std::fflush(stdout);
+  if (world.rank() == 0) {
+    // Wait for the test's go (after it stopped rank 1), one line on stdin.
+    std::string go;
+    std::getline(std::cin, go);
+    long before = rss_kb();
+    long warm = before;
+    auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < n; ++i) {
+      if (i == 100) warm = rss_kb();
+      Outgoing m;
+      m.kind = MessageKind::kDelta;
+      m.delivery = Delivery::kAdditive;
+      m.payload = torch::full({numel}, static_cast<float>(i % 5 + 1));
+      m.updates.add(i);
+      m.model_version = i;
+      ch->send(1, m);
+    }
+    double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    long after = rss_kb();
+    auto c = ch->counters(1);
+    std::printf(
+        "sent %d sends in %.3f s: transmitted %lu coalesced %lu rss_start_kb %ld "
+        "rss_growth_kb %ld\n",
+        n, secs, static_cast<unsigned long>(c.sent_messages),
+        static_cast<unsigned long>(c.coalesced), warm - before, after - warm);
+    std::fflush(stdout);
+    bool ok = ch->close(120s);
+    return ok ? 0 : 1;
+  }
+  bool ok = ch->close(120s);
+  at::Tensor sum = torch::zeros({numel});
+  int64_t updates = 0;
+  for (auto& m : ch->poll()) {
+    sum += m.payload;
+    updates += m.header.updates.count;
+  }
+  double expected = 0;
+  for (int i = 0; i < n; ++i) expected += i % 5 + 1;
+  bool exact = sum.equal(torch::full({numel}, static_cast<float>(expected)));
+  std::printf("received updates %ld sum %s\n", static_cast<long>(updates),
+              exact ? "exact" : "WRONG");
+  return ok && exact && updates == n ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string mode = argc > 1 ? argv[1] : "connect";
+  try {
+    auto world = World::from_env();
+    if (mode == "connect") {
+      auto ch = world->open_channel(ChannelOptions());
+      std::printf("connected %d/%d\n", world->rank(), world->size());
+      return ch->close(60s) ? 0 : 1;
+    }
+    if (mode == "exchange") return exchange(*world);
+    if (mode == "flood") return flood(*world, std::stoi(argv[2]), std::stoll(argv[3]));
+    if (mode == "mismatch") {
+      Fingerprint fp;
+      fp.add("fc1.weight", {50, world->rank() == 1 ? 321 : 320}, c10::kFloat);
+      world->open_channel(ChannelOptions(), fp);
+      return 0;
+    }
+    std::fprintf(stderr, "unknown mode %s\n", mode.c_str());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+}
