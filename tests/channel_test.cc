@@ -206,6 +206,10 @@ TEST(Channel, SendChecksItsArguments) {
     EXPECT_THROW(ch->send(2, m), ConfigError);
     m.payload = torch::zeros({2}, torch::kComplexFloat);
     EXPECT_THROW(ch->send(1 - world->rank(), m), ConfigError);
+    m.payload = torch::zeros({2});
+    m.updates.add(5);  // an update newer than the model it is sent with
+    m.model_version = 4;
+    EXPECT_THROW(ch->send(1 - world->rank(), m), ConfigError);
     EXPECT_TRUE(ch->close(20s));
     m.payload = torch::zeros({10});
     EXPECT_THROW(ch->send(1 - world->rank(), m), ConfigError);  // after close
@@ -258,6 +262,7 @@ TEST(Channel, MalformedMessagesAreRejectedCountedAndNeverDelivered) {
     ChannelOptions opts;
     opts.name = "hostile";
     opts.capacity_bytes = 1024;
+    opts.verify_payload = true;  // to see corrupted payloads rejected too
     auto ch = world->open_channel(opts);
     // A well-formed frame from rank 1, to mutate.
     MessageHeader h;

@@ -101,6 +101,11 @@ struct PeerLink {
     }
     return bye_queued && !bye_sent;
   }
+  size_t queued_locked() const {
+    size_t n = ordered.size() + (busy ? 1 : 0);
+    for (const auto& c : coalescing) n += c ? 1 : 0;
+    return n;
+  }
   bool idle_locked() const {
     if (busy || !ordered.empty()) return false;
     for (const auto& c : coalescing) {
@@ -219,6 +224,17 @@ void Channel::send_locked_peer(PeerLink& l, const Outgoing& msg, const at::Tenso
   const auto kind = static_cast<size_t>(msg.kind);
   if (msg.kind == MessageKind::kBye) {
     throw ConfigError("kBye is reserved for close()");
+  }
+  // The receiver rejects what breaks these, so say it here, where it can be fixed.
+  if (msg.sender_step < 0 || msg.model_version < 0 || msg.updates.count < 0 ||
+      (msg.updates.count > 0 &&
+       (msg.updates.version_min < 0 || msg.updates.version_min > msg.model_version))) {
+    throw ConfigError(fmt::format(
+        "rank {}: channel '{}': inconsistent message metadata (sender_step {}, model_version {}, "
+        "{} updates with min version {}): steps and versions are >= 0 and no update can be newer "
+        "than the model_version it is sent with",
+        rank_, options_.name, msg.sender_step, msg.model_version, msg.updates.count,
+        msg.updates.version_min));
   }
 
   MessageHeader h;
@@ -563,6 +579,20 @@ bool Channel::flush(std::chrono::milliseconds timeout) {
   return ok;
 }
 
+bool Channel::wait_for_room(int peer, size_t max_queued, std::chrono::milliseconds timeout) {
+  if (peer < 0 || peer >= size_ || peer == rank_) {
+    throw ConfigError(fmt::format("rank {}: channel '{}': no peer rank {}", rank_, options_.name, peer));
+  }
+  PeerLink& l = *links_[peer];
+  bool ok;
+  {
+    std::unique_lock<std::mutex> lock(l.mu);
+    ok = l.cv.wait_for(lock, timeout, [&] { return l.failed || l.queued_locked() <= max_queued; });
+  }
+  rethrow_if_failed();
+  return ok;
+}
+
 bool Channel::close(std::chrono::milliseconds timeout) {
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   closing_ = true;
@@ -642,6 +672,7 @@ PeerCounters Channel::counters(int peer) const {
   c.rejected = l->rejected;
   c.dropped = l->dropped;
   std::lock_guard<std::mutex> lock(l->mu);
+  c.queued = l->queued_locked();
   c.closed = l->closed;
   c.failed = l->failed;
   c.last_reject = l->last_reject;

@@ -67,8 +67,11 @@ struct ChannelOptions {
   int recv_depth = 2;
   // Ordered messages that may wait per peer before send() refuses more.
   size_t max_ordered = 64;
-  // Checksum every payload (sender computes, receiver verifies).
-  bool verify_payload = true;
+  // Checksum every payload (sender computes, receiver verifies). Off by default: TCP
+  // already checksums what it carries and the trailer exposes truncation; on, it
+  // catches corruption above TCP at the cost of two passes over every payload
+  // (measured in benchmarks/results/channel_loopback.md).
+  bool verify_payload = false;
   PeerFailure on_peer_failure = PeerFailure::kThrow;
 };
 
@@ -101,6 +104,7 @@ struct PeerCounters {
   uint64_t coalesced_received = 0;  // arrivals merged into one not yet polled
   uint64_t rejected = 0;            // arrivals that failed validation
   uint64_t dropped = 0;             // outgoing messages to a failed peer
+  uint64_t queued = 0;              // messages waiting for or in transmission now
   bool closed = false;              // the peer said goodbye
   bool failed = false;              // the peer's connection failed
   std::string last_reject;          // why the last rejected message was rejected
@@ -140,6 +144,11 @@ class Channel {
   // and accepted by the receiving side's posted buffers (or its peer failed). Returns
   // false on timeout.
   bool flush(std::chrono::milliseconds timeout);
+
+  // Waits up to `timeout` until at most `max_queued` messages wait for or are in
+  // transmission to `peer` (backpressure for callers that must not coalesce). Returns
+  // false on timeout.
+  bool wait_for_room(int peer, size_t max_queued, std::chrono::milliseconds timeout);
 
   // Sends what is pending and a goodbye to every live peer, then waits up to
   // `timeout` for every live peer's goodbye. Arrivals stay available to poll().
