@@ -3,7 +3,7 @@
 // process in both cases).
 //
 //   asgd-bench-channel [--sizes 4K,64K,1M,16M,64M] [--repeats 5] [--seconds 0.5]
-//                      [--recv-depth D] [--out FILE]
+//                      [--recv-depth D] [--in-flight K] [--out FILE]
 //
 // Bandwidth: one-way stream of messages of the given size, a window of messages in
 // flight, measured at the receiver (payload bytes / s). Latency: ping-pong of one
@@ -145,7 +145,7 @@ struct ChannelPair {
   std::shared_ptr<World> w0, w1;
   std::unique_ptr<Channel> c0, c1;
 
-  ChannelPair(int64_t capacity, bool verify, int recv_depth) {
+  ChannelPair(int64_t capacity, bool verify, int recv_depth, size_t in_flight) {
     auto store = c10::make_intrusive<c10d::HashStore>();
     auto make = [&](int r) {
       WorldOptions o;
@@ -163,6 +163,7 @@ struct ChannelPair {
     co.verify_payload = verify;
     co.max_ordered = 64;
     co.recv_depth = recv_depth;
+    co.max_in_flight = in_flight;
     std::thread t([&] {
       w1 = make(1);
       c1 = w1->open_channel(co);
@@ -233,6 +234,7 @@ int main(int argc, char** argv) {
   std::vector<int64_t> sizes = {4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20};
   int repeats = 5;
   int recv_depth = ChannelOptions().recv_depth;
+  size_t in_flight = ChannelOptions().max_in_flight;
   double target_seconds = 0.5;
   std::string out_path;
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -245,6 +247,8 @@ int main(int argc, char** argv) {
       repeats = std::stoi(v);
     } else if (a == "--seconds") {
       target_seconds = std::stod(v);
+    } else if (a == "--in-flight") {
+      in_flight = std::stoul(v);
     } else if (a == "--recv-depth") {
       recv_depth = std::stoi(v);
     } else if (a == "--out") {
@@ -263,7 +267,7 @@ int main(int argc, char** argv) {
   std::printf("%s", table.c_str());
   for (int64_t size : sizes) {
     auto payload = torch::randint(0, 255, {size}, torch::kByte);
-    ChannelPair on(size, true, recv_depth), off(size, false, recv_depth);
+    ChannelPair on(size, true, recv_depth, in_flight), off(size, false, recv_depth, in_flight);
     // Counts that take about target_seconds at ~1 GB/s, at least 4 messages.
     const int count = static_cast<int>(std::max<int64_t>(4, std::min<int64_t>(20000, static_cast<int64_t>(target_seconds * 1e9) / size)));
     const int lat_count = static_cast<int>(std::max<int64_t>(4, std::min<int64_t>(2000, static_cast<int64_t>(0.2e9) / size)));

@@ -38,16 +38,18 @@ struct Shape {
   c10::ScalarType dtype;
 };
 
-class AllToAll : public ::testing::TestWithParam<int> {};
+// World size, and sends in flight per peer.
+class AllToAll : public ::testing::TestWithParam<std::tuple<int, size_t>> {};
 
 TEST_P(AllToAll, OrderedMessagesOfEverySizeArriveIntactAndInOrder) {
-  const int n = GetParam();
+  const int n = std::get<0>(GetParam());
   const std::vector<Shape> shapes = {
       {0, at::kFloat}, {1, at::kByte}, {4099, at::kByte}, {1001, at::kFloat}, {3, at::kDouble}};
   spawn(n, [&](std::shared_ptr<World> world) {
     ChannelOptions opts;
     opts.name = "all-to-all";
     opts.capacity_bytes = 64 * 1024;
+    opts.max_in_flight = std::get<1>(GetParam());
     auto ch = world->open_channel(opts);
     const int me = world->rank();
     for (int i = 0; i < static_cast<int>(shapes.size()); ++i) {
@@ -82,7 +84,9 @@ TEST_P(AllToAll, OrderedMessagesOfEverySizeArriveIntactAndInOrder) {
   });
 }
 
-INSTANTIATE_TEST_SUITE_P(WorldSizes, AllToAll, ::testing::Values(1, 2, 3, 4, 5));
+INSTANTIATE_TEST_SUITE_P(WorldSizes, AllToAll,
+                         ::testing::Combine(::testing::Values(1, 2, 3, 4, 5),
+                                            ::testing::Values(size_t{1}, size_t{3})));
 
 TEST(Channel, TensOfMegabytesArriveIntact) {
   const int64_t numel = 10 * 1000 * 1000 + 3;  // 40 MB of floats, odd count

@@ -39,6 +39,35 @@ TEST_P(LaunchedExchange, EveryRankReceivesEverythingIntact) {
 
 INSTANTIATE_TEST_SUITE_P(WorldSizes, LaunchedExchange, ::testing::Values(1, 2, 3, 4, 5));
 
+// The same program, started the way srun and mpirun start ranks.
+TEST(OtherLaunchers, SlurmAndOpenMpiVariables) {
+  for (const std::string launcher : {"slurm", "openmpi"}) {
+    const int port = testing::free_port();
+    std::vector<Proc> procs;
+    for (int r = 0; r < 3; ++r) {
+      std::map<std::string, std::string> env;
+      if (launcher == "slurm") {
+        env = {{"SLURM_PROCID", std::to_string(r)}, {"SLURM_NTASKS", "3"},
+               {"SLURM_LOCALID", std::to_string(r)}, {"SLURM_NTASKS_PER_NODE", "3"},
+               {"SLURM_JOB_NODELIST", "localhost"}, {"SLURM_JOB_ID", "77"},
+               {"MASTER_PORT", std::to_string(port)}};
+      } else {
+        env = {{"OMPI_COMM_WORLD_RANK", std::to_string(r)}, {"OMPI_COMM_WORLD_SIZE", "3"},
+               {"OMPI_COMM_WORLD_LOCAL_RANK", std::to_string(r)},
+               {"OMPI_COMM_WORLD_LOCAL_SIZE", "3"}, {"MASTER_PORT", std::to_string(port)}};
+      }
+      env["TORCH_ASGD_TIMEOUT"] = "30";
+      procs.push_back(testing::start({peer(), "connect"}, env));
+    }
+    for (int r = 0; r < 3; ++r) {
+      testing::finish(procs[r], 90s);
+      EXPECT_EQ(procs[r].exit_code, 0) << launcher << " rank " << r << ": " << procs[r].err_buf;
+      EXPECT_NE(procs[r].out_buf.find("connected " + std::to_string(r) + "/3"), std::string::npos)
+          << launcher << ": " << procs[r].out_buf;
+    }
+  }
+}
+
 TEST(BadEnvironment, RankNotBelowWorldSize) {
   Proc p = testing::run({peer()}, rank_env(2, 2, 29999), 60s);
   EXPECT_EQ(p.exit_code, 1);

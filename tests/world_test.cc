@@ -1,5 +1,10 @@
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include "process.h"
 #include "testing.h"
 #include "torch_asgd/comm/error.h"
 
@@ -67,6 +72,64 @@ TEST(World, BarrierAndCollectivesComplete) {
     w->check_fingerprint("model", fp);
     EXPECT_EQ(w->local_size(), 3);
   });
+}
+
+TEST(World, AgentStoreMakesEveryRankAClient) {
+  // torchelastic's agent hosts the store; rank 0 must not try to host it too.
+  const int port = testing::free_port();
+  c10d::TCPStoreOptions server_opts;
+  server_opts.port = static_cast<uint16_t>(port);
+  server_opts.isServer = true;
+  server_opts.waitWorkers = false;
+  auto agent = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", server_opts);
+  std::vector<std::thread> ranks;
+  std::vector<std::string> errors(2);
+  for (int r = 0; r < 2; ++r) {
+    ranks.emplace_back([&, r] {
+      try {
+        auto o = testing::thread_world_options(r, 2);
+        o.master_addr = "127.0.0.1";
+        o.master_port = port;
+        o.use_agent_store = true;
+        auto w = World::create(o);
+        w->barrier("agent");
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  }
+  for (auto& t : ranks) t.join();
+  EXPECT_EQ(errors[0], "");
+  EXPECT_EQ(errors[1], "");
+  EXPECT_TRUE(agent->check({"torch_asgd/test/arrived/0", "torch_asgd/test/arrived/1"}))
+      << "the ranks used the agent's store, under the job id";
+}
+
+TEST(World, FileStoreRendezvous) {
+  char path[] = "/tmp/torch_asgd_filestore_XXXXXX";
+  int fd = ::mkstemp(path);
+  ASSERT_GE(fd, 0);
+  ::close(fd);
+  ::unlink(path);
+  std::vector<std::thread> ranks;
+  std::vector<std::string> errors(3);
+  for (int r = 0; r < 3; ++r) {
+    ranks.emplace_back([&, r] {
+      try {
+        auto o = testing::thread_world_options(r, 3);
+        o.store_path = path;
+        auto w = World::create(o);
+        auto ch = w->open_channel(ChannelOptions());
+        w->barrier("file");
+        ch->close(20s);
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  }
+  for (auto& t : ranks) t.join();
+  for (const auto& e : errors) EXPECT_EQ(e, "");
+  ::unlink(path);
 }
 
 TEST(World, BadInterfaceIsAConfigError) {

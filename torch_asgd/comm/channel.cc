@@ -66,20 +66,20 @@ struct PeerLink {
 
   const int peer;
 
-  // Guards the fields down to `in_flight`; `cv` wakes the sender thread and the
+  // Guards the fields down to `in_flight_bufs`; `cv` wakes the sender thread and the
   // training thread's flush()/close().
   std::mutex mu;
   std::condition_variable cv;
   std::deque<Pending> ordered;
   std::optional<Pending> coalescing[kMaxMessageKind + 1];  // by kind
-  bool bye_queued = false;
+  bool bye_queued = false;  // close() asked for a goodbye the sender has not taken yet
   bool bye_sent = false;
-  bool busy = false;    // a send is in flight
+  size_t in_flight_count = 0;  // sends posted to Gloo, not yet complete
   bool failed = false;  // the connection failed
   bool closed = false;  // the peer said goodbye
   std::string last_reject;
   uint64_t next_sequence = 1;
-  gloo::transport::UnboundBuffer* in_flight = nullptr;
+  std::vector<gloo::transport::UnboundBuffer*> in_flight_bufs;  // oldest first
 
   // Guards recv_bufs (the receiver thread replaces them; abort reads them).
   std::mutex recv_mu;
@@ -99,15 +99,15 @@ struct PeerLink {
     for (const auto& c : coalescing) {
       if (c) return true;
     }
-    return bye_queued && !bye_sent;
+    return bye_queued;  // cleared when the sender takes the goodbye
   }
   size_t queued_locked() const {
-    size_t n = ordered.size() + (busy ? 1 : 0);
+    size_t n = ordered.size() + in_flight_count;
     for (const auto& c : coalescing) n += c ? 1 : 0;
     return n;
   }
   bool idle_locked() const {
-    if (busy || !ordered.empty()) return false;
+    if (in_flight_count > 0 || !ordered.empty()) return false;
     for (const auto& c : coalescing) {
       if (c) return false;
     }
@@ -307,90 +307,120 @@ void Channel::send_locked_peer(PeerLink& l, const Outgoing& msg, const at::Tenso
 }
 
 void Channel::sender_loop(PeerLink& l) {
+  struct InFlight {
+    std::unique_ptr<gloo::transport::UnboundBuffer> buf;
+    at::Tensor frame;
+    size_t bytes = 0;
+    bool bye = false;
+  };
+  // Up to max_in_flight sends are posted at once, so the connection does not idle
+  // while this thread wakes up for the next message; completions come in order.
+  std::deque<InFlight> flight;
+  const size_t max_in_flight = std::max<size_t>(1, options_.max_in_flight);
+  auto retire_all = [&] {
+    // Gloo may still read these frames: keep them alive with the connections.
+    std::lock_guard<std::mutex> lock(l.mu);
+    l.in_flight_bufs.clear();
+    l.in_flight_count = 0;
+    for (auto& f : flight) {
+      world_->retire(std::make_shared<InFlight>(std::move(f)));
+    }
+    flight.clear();
+  };
   try {
     size_t next_kind = 0;  // round robin over the coalescing slots
     for (;;) {
-      Pending p;
+      std::optional<Pending> next;
       bool bye = false;
       {
         std::unique_lock<std::mutex> lock(l.mu);
-        l.cv.wait(lock, [&] { return stopping_ || l.failed || l.has_work_locked(); });
-        if (stopping_ || l.failed) return;
-        if (!l.ordered.empty()) {
-          p = std::move(l.ordered.front());
-          l.ordered.pop_front();
-        } else {
-          bool found = false;
-          for (size_t i = 0; i <= kMaxMessageKind && !found; ++i) {
-            auto& slot = l.coalescing[(next_kind + i) % (kMaxMessageKind + 1)];
-            if (slot) {
-              p = std::move(*slot);
-              slot.reset();
-              next_kind = (next_kind + i + 1) % (kMaxMessageKind + 1);
-              found = true;
-            }
-          }
-          if (!found) {  // only the goodbye is left
-            bye = true;
-            p.header.kind = MessageKind::kBye;
-            p.header.sender = rank_;
-            p.frame = at::empty({static_cast<int64_t>(kHeaderBytes + kTrailerBytes)},
-                                at::TensorOptions().dtype(at::kByte));
-          }
+        if (flight.empty()) {
+          l.cv.wait(lock, [&] { return stopping_ || l.failed || l.has_work_locked(); });
         }
-        l.busy = true;
-        p.header.sequence = l.next_sequence++;
-      }
-
-      p.header.token = token_;
-      uint8_t* data = detail::frame_bytes(p.frame);
-      if (options_.verify_payload) {
-        p.header.payload_checksum = payload_checksum(data + kHeaderBytes, p.header.payload_bytes);
-      }
-      encode_header(p.header, data);
-      const uint64_t trailer = trailer_for(p.header);
-      std::memcpy(data + kHeaderBytes + p.header.payload_bytes, &trailer, kTrailerBytes);
-      const size_t total = kHeaderBytes + p.header.payload_bytes + kTrailerBytes;
-      auto buf = context_->createUnboundBuffer(data, total);
-      {
-        std::lock_guard<std::mutex> lock(l.mu);
-        if (stopping_) {
-          l.busy = false;
+        if (stopping_ || l.failed) {
+          lock.unlock();
+          retire_all();
           return;
         }
-        l.in_flight = buf.get();
+        if (flight.size() < max_in_flight && l.has_work_locked()) {
+          Pending p;
+          if (!l.ordered.empty()) {
+            p = std::move(l.ordered.front());
+            l.ordered.pop_front();
+          } else {
+            bool found = false;
+            for (size_t i = 0; i <= kMaxMessageKind && !found; ++i) {
+              auto& slot = l.coalescing[(next_kind + i) % (kMaxMessageKind + 1)];
+              if (slot) {
+                p = std::move(*slot);
+                slot.reset();
+                next_kind = (next_kind + i + 1) % (kMaxMessageKind + 1);
+                found = true;
+              }
+            }
+            if (!found) {  // only the goodbye is left
+              bye = true;
+              l.bye_queued = false;
+              p.header.kind = MessageKind::kBye;
+              p.header.sender = rank_;
+              p.frame = at::empty({static_cast<int64_t>(kHeaderBytes + kTrailerBytes)},
+                                  at::TensorOptions().dtype(at::kByte));
+            }
+          }
+          ++l.in_flight_count;
+          p.header.sequence = l.next_sequence++;
+          next = std::move(p);
+        }
       }
-      bool done = false;
-      try {
-        buf->send(l.peer, slot_, 0, total);
-        done = buf->waitSend(nullptr, detail::kForever);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(l.mu);
-        l.in_flight = nullptr;
-        l.busy = false;
-        world_->retire(std::make_shared<std::pair<decltype(buf), at::Tensor>>(std::move(buf), p.frame));
-        throw;
+
+      if (next) {
+        Pending& p = *next;
+        p.header.token = token_;
+        uint8_t* data = detail::frame_bytes(p.frame);
+        if (options_.verify_payload) {
+          p.header.payload_checksum = payload_checksum(data + kHeaderBytes, p.header.payload_bytes);
+        }
+        encode_header(p.header, data);
+        const uint64_t trailer = trailer_for(p.header);
+        std::memcpy(data + kHeaderBytes + p.header.payload_bytes, &trailer, kTrailerBytes);
+        InFlight f;
+        f.bytes = kHeaderBytes + p.header.payload_bytes + kTrailerBytes;
+        f.bye = bye;
+        f.frame = std::move(p.frame);
+        f.buf = context_->createUnboundBuffer(data, f.bytes);
+        {
+          std::lock_guard<std::mutex> lock(l.mu);
+          l.in_flight_bufs.push_back(f.buf.get());
+        }
+        gloo::transport::UnboundBuffer* buf = f.buf.get();
+        flight.push_back(std::move(f));
+        buf->send(l.peer, slot_, 0, flight.back().bytes);
+        continue;
+      }
+
+      // Nothing more may or can be posted now: wait for the oldest send to complete.
+      InFlight& oldest = flight.front();
+      const bool done = oldest.buf->waitSend(nullptr, detail::kForever);
+      if (!done) {
+        retire_all();
+        return;
       }
       {
         std::lock_guard<std::mutex> lock(l.mu);
-        l.in_flight = nullptr;
-        l.busy = false;
-        if (done) {
-          ++l.sent_messages;
-          l.sent_bytes += total;
-          if (bye) l.bye_sent = true;
-        }
+        --l.in_flight_count;
+        l.in_flight_bufs.erase(l.in_flight_bufs.begin());
+        ++l.sent_messages;
+        l.sent_bytes += oldest.bytes;
+        if (oldest.bye) l.bye_sent = true;
       }
       l.cv.notify_all();
-      if (!done) {
-        // Aborted while Gloo may still read the frame: keep it alive with the context.
-        world_->retire(std::make_shared<std::pair<decltype(buf), at::Tensor>>(std::move(buf), p.frame));
-        return;
-      }
-      pool_->give(std::move(p.frame));
-      if (bye) return;
+      const bool was_bye = oldest.bye;
+      pool_->give(std::move(oldest.frame));
+      flight.pop_front();
+      if (was_bye) return;
     }
   } catch (const std::exception& e) {
+    retire_all();
     peer_failed(l, e.what());
   }
 }
@@ -595,9 +625,9 @@ bool Channel::wait_for_room(int peer, size_t max_queued, std::chrono::millisecon
 
 bool Channel::close(std::chrono::milliseconds timeout) {
   const auto deadline = std::chrono::steady_clock::now() + timeout;
-  closing_ = true;
+  const bool first_close = !closing_.exchange(true);
   for (auto& link : links_) {
-    if (!link) continue;
+    if (!link || !first_close) continue;
     {
       std::lock_guard<std::mutex> lock(link->mu);
       link->bye_queued = true;
@@ -629,7 +659,7 @@ void Channel::abort_and_join() {
     if (!link) continue;
     {
       std::lock_guard<std::mutex> lock(link->mu);
-      if (link->in_flight != nullptr) link->in_flight->abortWaitSend();
+      for (auto* b : link->in_flight_bufs) b->abortWaitSend();
     }
     link->cv.notify_all();
     {
