@@ -8,3 +8,5 @@
 #include "torch_asgd/comm/fingerprint.h"
 #include "torch_asgd/comm/message.h"
 #include "torch_asgd/comm/world.h"
+#include "torch_asgd/optim/dasgd.h"
+#include "torch_asgd/optim/staleness.h"

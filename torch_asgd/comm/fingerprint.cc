@@ -83,45 +83,46 @@ std::string describe(const TensorSpec& spec) {
   return fmt::format("'{}' {} [{}]", spec.name, c10::toString(spec.dtype), fmt::join(spec.shape, ", "));
 }
 
-std::string Fingerprint::first_difference(const Fingerprint& other, int other_rank) const {
-  for (const auto& [k, v] : props_) {
-    std::string theirs = "<unset>";
-    for (const auto& kv : other.props_) {
-      if (kv.first == k) theirs = kv.second;
-    }
-    if (theirs != v) {
-      return fmt::format("{} is '{}' here but '{}' on rank {}", k, v, theirs, other_rank);
-    }
-  }
-  for (const auto& kv : other.props_) {
-    bool found = false;
-    for (const auto& mine : props_) found = found || mine.first == kv.first;
-    if (!found) {
-      return fmt::format("{} is unset here but '{}' on rank {}", kv.first, kv.second, other_rank);
-    }
-  }
+std::string Fingerprint::first_difference(const Fingerprint& other, const std::string& where) const {
+  // Parameters first: a model that differs is the likelier mistake, and the
+  // properties derived from it (sizes) would otherwise hide which parameter.
   size_t n = std::min(tensors_.size(), other.tensors_.size());
   for (size_t i = 0; i < n; ++i) {
     const auto& a = tensors_[i];
     const auto& b = other.tensors_[i];
     if (a == b) continue;
     if (a.name != b.name) {
-      return fmt::format("parameter #{} is {} here but {} on rank {}", i, describe(a), describe(b),
-                         other_rank);
+      return fmt::format("parameter #{} is {} here but {} {}", i, describe(a), describe(b), where);
     }
     if (a.shape != b.shape) {
-      return fmt::format("parameter '{}' has shape [{}] here but [{}] on rank {}", a.name,
-                         fmt::join(a.shape, ", "), fmt::join(b.shape, ", "), other_rank);
+      return fmt::format("parameter '{}' has shape [{}] here but [{}] {}", a.name,
+                         fmt::join(a.shape, ", "), fmt::join(b.shape, ", "), where);
     }
-    return fmt::format("parameter '{}' has dtype {} here but {} on rank {}", a.name,
-                       c10::toString(a.dtype), c10::toString(b.dtype), other_rank);
+    return fmt::format("parameter '{}' has dtype {} here but {} {}", a.name,
+                       c10::toString(a.dtype), c10::toString(b.dtype), where);
   }
   if (tensors_.size() != other.tensors_.size()) {
     const bool mine_longer = tensors_.size() > other.tensors_.size();
     const auto& extra = mine_longer ? tensors_[n] : other.tensors_[n];
-    return fmt::format("{} parameters here but {} on rank {}: first unmatched is {} {}",
-                       tensors_.size(), other.tensors_.size(), other_rank, describe(extra),
-                       mine_longer ? "(only here)" : fmt::format("(only on rank {})", other_rank));
+    return fmt::format("{} parameters here but {} {}: first unmatched is {} ({})",
+                       tensors_.size(), other.tensors_.size(), where, describe(extra),
+                       mine_longer ? "only here" : "only " + where);
+  }
+  for (const auto& [k, v] : props_) {
+    std::string theirs = "<unset>";
+    for (const auto& kv : other.props_) {
+      if (kv.first == k) theirs = kv.second;
+    }
+    if (theirs != v) {
+      return fmt::format("{} is '{}' here but '{}' {}", k, v, theirs, where);
+    }
+  }
+  for (const auto& kv : other.props_) {
+    bool found = false;
+    for (const auto& mine : props_) found = found || mine.first == kv.first;
+    if (!found) {
+      return fmt::format("{} is unset here but '{}' {}", kv.first, kv.second, where);
+    }
   }
   return "";
 }

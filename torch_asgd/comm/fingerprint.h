@@ -40,8 +40,9 @@ class Fingerprint {
   static Fingerprint parse(const std::string& text);
 
   // Empty when equal, else one sentence naming the first difference, written from
-  // this rank's point of view ("here" vs "on rank <other_rank>").
-  std::string first_difference(const Fingerprint& other, int other_rank) const;
+  // this side's point of view: "... here but ... <where>", where `where` says whose
+  // the other fingerprint is ("on rank 3", "in the checkpoint").
+  std::string first_difference(const Fingerprint& other, const std::string& where) const;
 
   bool operator==(const Fingerprint& o) const {
     return tensors_ == o.tensors_ && props_ == o.props_;

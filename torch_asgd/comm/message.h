@@ -43,8 +43,9 @@ enum class MessageKind : uint8_t {
   kGradient = 5,  // a gradient for the parameter server
   kJob = 6,       // a job for an AsGrad worker
   kData = 7,      // opaque bytes (tests and benchmarks)
+  kReply = 8,     // a model sent in answer to a kModel request (gossip)
 };
-inline constexpr uint8_t kMaxMessageKind = 7;
+inline constexpr uint8_t kMaxMessageKind = 8;
 
 // What the sender does with a message it cannot send yet, and what the receiver does
 // with one the training thread has not taken yet.

@@ -241,7 +241,7 @@ void World::check_fingerprint(const std::string& topic, const Fingerprint& fp) {
   for (int r = 0; r < size(); ++r) {
     if (r == rank()) continue;
     Fingerprint theirs = Fingerprint::parse(str(store_->get(prefix + std::to_string(r))));
-    std::string diff = fp.first_difference(theirs, r);
+    std::string diff = fp.first_difference(theirs, "on rank " + std::to_string(r));
     if (!diff.empty()) {
       throw MismatchError(fmt::format(
           "rank {}: ranks disagree on what they exchange ('{}'): {}. Every rank must build the "

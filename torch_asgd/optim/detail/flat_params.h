@@ -1,0 +1,49 @@
+// The parameters of an optimizer seen as one flat vector, in parameter-group order:
+// what travels between ranks is always this vector (or a delta of it).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <torch/optim/optimizer.h>
+
+#include "torch_asgd/comm/fingerprint.h"
+
+namespace torch_asgd {
+namespace detail {
+
+class FlatParams {
+ public:
+  FlatParams() = default;
+  // `names` may be empty (then parameters are called "param[i]").
+  FlatParams(const std::vector<torch::optim::OptimizerParamGroup>& groups,
+             std::vector<std::string> names);
+
+  int64_t numel() const { return numel_; }
+  c10::ScalarType dtype() const { return dtype_; }
+  int64_t bytes() const { return numel_ * static_cast<int64_t>(c10::elementSize(dtype_)); }
+  const std::vector<at::Tensor>& params() const { return params_; }
+  const std::vector<std::string>& names() const { return names_; }
+  int64_t offset(size_t i) const { return offsets_[i]; }
+
+  // The slice of a flat vector that belongs to parameter i, shaped like it.
+  at::Tensor view(const at::Tensor& flat, size_t i) const;
+
+  at::Tensor flatten() const;                // a copy of all parameters
+  void add_(const at::Tensor& flat) const;   // params += flat
+  void copy_(const at::Tensor& flat) const;  // params = flat
+  // The index of `p` among the parameters (by identity); -1 if absent.
+  int index_of(const at::Tensor& p) const;
+
+  Fingerprint fingerprint() const;
+
+ private:
+  std::vector<at::Tensor> params_;
+  std::vector<std::string> names_;
+  std::vector<int64_t> offsets_;
+  int64_t numel_ = 0;
+  c10::ScalarType dtype_ = c10::ScalarType::Float;
+};
+
+}  // namespace detail
+}  // namespace torch_asgd
