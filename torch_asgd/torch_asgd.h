@@ -10,3 +10,4 @@
 #include "torch_asgd/comm/world.h"
 #include "torch_asgd/optim/dasgd.h"
 #include "torch_asgd/optim/staleness.h"
+#include "torch_asgd/optim/sync_sgd.h"

@@ -235,7 +235,8 @@ void World::connect() {
 
 void World::check_fingerprint(const std::string& topic, const Fingerprint& fp) {
   if (size() == 1) return;
-  const std::string prefix = "fingerprint/" + topic + "/";
+  const std::string prefix =
+      fmt::format("fingerprint/{}/{}/", topic, topic_uses_[topic]++);
   store_->set(prefix + std::to_string(rank()), bytes(fp.serialize()));
   wait_for_all(prefix, fmt::format("fingerprint exchange for '{}'", topic));
   for (int r = 0; r < size(); ++r) {

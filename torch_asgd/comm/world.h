@@ -12,6 +12,7 @@
 #pragma once
 
 #include <chrono>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -57,7 +58,7 @@ class World : public std::enable_shared_from_this<World> {
 
   // Collective. Every rank passes the fingerprint of what it will exchange under
   // `topic`; if any two differ, every rank throws MismatchError naming the first
-  // difference it sees.
+  // difference it sees. A topic may be checked again (by a second optimizer, say).
   void check_fingerprint(const std::string& topic, const Fingerprint& fp);
 
   // Collective. Opens a channel; the options (name, capacity, ...) and `fp` are
@@ -88,6 +89,7 @@ class World : public std::enable_shared_from_this<World> {
   std::shared_ptr<gloo::transport::Device> device_;
   std::shared_ptr<gloo::Context> context_;
   int channels_opened_ = 0;
+  std::map<std::string, int> topic_uses_;  // check_fingerprint calls per topic
 
   std::mutex retired_mu_;  // guards retired_
   std::vector<std::shared_ptr<void>> retired_;

@@ -42,14 +42,6 @@ void DASGDOptions::serialize(torch::serialize::InputArchive& archive) {
   if (archive.try_read("mode", mode_value)) mode(static_cast<DASGDMode>(mode_value.toInt()));
 }
 
-void DASGDParamState::serialize(torch::serialize::OutputArchive& archive) const {
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum_buffer);
-}
-
-void DASGDParamState::serialize(torch::serialize::InputArchive& archive) {
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, momentum_buffer);
-}
-
 std::string DASGDStats::str() const {
   std::string mixing = models_mixed > 0 ? fmt::format(", {} models mixed", models_mixed)
                                         : fmt::format(", {} peer updates applied", remote_updates);
@@ -64,10 +56,6 @@ namespace {
 
 std::vector<std::string> names_of(const torch::OrderedDict<std::string, torch::Tensor>& named) {
   return named.keys();
-}
-
-detail::SGDRule rule_of(const DASGDOptions& o) {
-  return {o.lr(), o.momentum(), o.dampening(), o.weight_decay(), o.nesterov()};
 }
 
 }  // namespace
@@ -98,14 +86,7 @@ DASGD::DASGD(std::vector<torch::optim::OptimizerParamGroup> groups, DASGDOptions
 }
 
 void DASGD::init() {
-  for (size_t i = 0; i < param_groups_.size(); ++i) {
-    auto* o = dynamic_cast<DASGDOptions*>(&param_groups_[i].options());
-    if (o == nullptr) {
-      throw ConfigError(fmt::format(
-          "parameter group {} has options of another optimizer; give it DASGDOptions", i));
-    }
-    detail::check(rule_of(*o));
-  }
+  detail::check_groups<DASGDOptions>(param_groups_, "DASGD");
   TORCH_CHECK(options_.broadcast_every() >= 1, "Invalid broadcast_every: ",
               options_.broadcast_every(), " (must be >= 1)");
   TORCH_CHECK(options_.gossip_alpha() > 0 && options_.gossip_alpha() <= 1,
@@ -151,35 +132,17 @@ torch::Tensor DASGD::step(LossClosure closure) {
   const bool exchange = channel_ != nullptr;
   const bool delta_mode = options_.mode() == DASGDMode::kDelta;
   const int64_t computed_at = version_;
-  bool stepped = false;
-  size_t index = 0;
-  for (auto& group : param_groups_) {
-    const auto& options = static_cast<const DASGDOptions&>(group.options());
-    const detail::SGDRule rule = rule_of(options);
-    for (auto& p : group.params()) {
-      const size_t i = index++;
-      if (!p.grad().defined()) continue;
-      torch::Tensor buf;
-      const std::string key = c10::guts::to_string(p.unsafeGetTensorImpl());
-      auto found = state_.find(key);
-      if (found != state_.end()) buf = static_cast<DASGDParamState&>(*found->second).momentum_buffer();
-      auto d_p = detail::sgd_direction(rule, p, p.grad(), buf);
-      if (rule.momentum != 0 && found == state_.end()) {
-        auto state = std::make_unique<DASGDParamState>();
-        state->momentum_buffer(buf);
-        state_[key] = std::move(state);
-      }
-      if (exchange && delta_mode) {
-        // What is added here is exactly what the peers will add.
-        auto d = d_p.mul(-1 * rule.lr);
-        p.data().add_(d);
-        flat_->view(delta_, i).add_(d);
-      } else {
-        p.data().add_(d_p, -1 * rule.lr);
-      }
-      stepped = true;
-    }
-  }
+  const bool stepped = detail::for_each_sgd_update<DASGDOptions>(
+      param_groups_, state_, [&](size_t i, torch::Tensor& p, const torch::Tensor& d_p, double lr) {
+        if (exchange && delta_mode) {
+          // What is added here is exactly what the peers will add.
+          auto d = d_p.mul(-1 * lr);
+          p.data().add_(d);
+          flat_->view(delta_, i).add_(d);
+        } else {
+          p.data().add_(d_p, -1 * lr);
+        }
+      });
   if (stepped) {
     ++local_steps_;
     staleness_.add(version_, computed_at);  // a local update is never stale

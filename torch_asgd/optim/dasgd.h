@@ -31,6 +31,7 @@
 
 #include "torch_asgd/comm/channel.h"
 #include "torch_asgd/comm/world.h"
+#include "torch_asgd/optim/momentum_state.h"
 #include "torch_asgd/optim/staleness.h"
 
 namespace torch_asgd {
@@ -64,13 +65,7 @@ struct DASGDOptions : public torch::optim::OptimizerCloneableOptions<DASGDOption
   void set_lr(const double lr) override { this->lr(lr); }
 };
 
-struct DASGDParamState : public torch::optim::OptimizerCloneableParamState<DASGDParamState> {
-  TORCH_ARG(torch::Tensor, momentum_buffer);
-
- public:
-  void serialize(torch::serialize::InputArchive& archive) override;
-  void serialize(torch::serialize::OutputArchive& archive) const override;
-};
+using DASGDParamState = MomentumState;
 
 // What a rank has done and seen; cheap to read at any time.
 struct DASGDStats {

@@ -1,5 +1,6 @@
 #include "torch_asgd/optim/detail/sgd_rule.h"
 
+#include <torch/optim/serialize.h>
 #include <torch/torch.h>
 
 namespace torch_asgd {
@@ -29,4 +30,13 @@ at::Tensor sgd_direction(const SGDRule& r, const at::Tensor& p, const at::Tensor
 }
 
 }  // namespace detail
+
+void MomentumState::serialize(torch::serialize::OutputArchive& archive) const {
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum_buffer);
+}
+
+void MomentumState::serialize(torch::serialize::InputArchive& archive) {
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, momentum_buffer);
+}
+
 }  // namespace torch_asgd
