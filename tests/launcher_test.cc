@@ -102,6 +102,15 @@ TEST(Launcher, ForwardsSigterm) {
   EXPECT_EQ(p.exit_code, 5);
 }
 
+TEST(Launcher, LeftoverBackgroundProcessesDoNotKeepItWaiting) {
+  // A rank exits but leaves a background process holding its output pipe.
+  Proc p = testing::run({launcher(), "--nproc", "2", "--", "/bin/sh", "-c", "sleep 60 & echo done"},
+                        {}, 30s);
+  EXPECT_FALSE(p.timed_out);
+  EXPECT_EQ(p.exit_code, 0);
+  EXPECT_LT(p.seconds, 20);
+}
+
 TEST(Launcher, MissingProgram) {
   Proc p = testing::run({launcher(), "--nproc", "1", "--", "/no/such/program"});
   EXPECT_EQ(p.exit_code, 127);

@@ -254,6 +254,9 @@ int run(const LaunchOptions& o) {
   int running = o.nproc;
   bool terminating = false;
   std::chrono::steady_clock::time_point kill_at{};
+  // Once every rank has exited, what is left of their process groups (a background
+  // process holding a pipe) must not keep the launcher waiting.
+  std::chrono::steady_clock::time_point drain_until = std::chrono::steady_clock::time_point::max();
 
   auto signal_all = [&](int sig) {
     for (auto& c : children) {
@@ -269,7 +272,10 @@ int run(const LaunchOptions& o) {
     }
   };
 
-  while (running > 0 || std::any_of(streams.begin(), streams.end(), [](const Stream& s) { return s.fd >= 0; })) {
+  auto streams_open = [&] {
+    return std::any_of(streams.begin(), streams.end(), [](const Stream& s) { return s.fd >= 0; });
+  };
+  while (running > 0 || (streams_open() && std::chrono::steady_clock::now() < drain_until)) {
     std::vector<pollfd> fds;
     fds.push_back({signal_pipe[0], POLLIN, 0});
     std::vector<Stream*> polled;
@@ -322,6 +328,13 @@ int run(const LaunchOptions& o) {
       signal_all(SIGKILL);
       kill_at = std::chrono::steady_clock::time_point::max();
     }
+    if (running == 0 && drain_until == std::chrono::steady_clock::time_point::max()) {
+      for (const auto& c : children) ::kill(-c.pid, SIGKILL);  // leftovers of the ranks' groups
+      drain_until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+    }
+  }
+  for (auto& s : streams) {
+    if (s.fd >= 0) ::close(s.fd);
   }
   return exit_code;
 }
