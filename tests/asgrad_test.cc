@@ -1,0 +1,296 @@
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <map>
+#include <set>
+
+#include <torch/torch.h>
+
+#include "testing.h"
+#include "torch_asgd/comm/error.h"
+#include "torch_asgd/optim/async_sgd.h"
+#include "torch_asgd/optim/job_policy.h"
+#include "torch_asgd/optim/parameter_server.h"
+
+namespace torch_asgd {
+namespace {
+
+using namespace std::chrono_literals;
+
+const std::vector<int> kWorkers = {1, 2, 3, 4, 5};
+auto all_available = [](int) { return true; };
+
+TEST(JobPolicy, PureReturnsTheReturningWorker) {
+  JobAssigner a(AssignPolicy::kPure, kWorkers, 1);
+  for (int w : kWorkers) EXPECT_EQ(a.next(w, all_available), w);
+  EXPECT_EQ(a.next(3, [](int w) { return w != 3; }), -1);
+}
+
+TEST(JobPolicy, ShuffleNamesEveryWorkerOncePerWindow) {
+  JobAssigner a(AssignPolicy::kShuffle, kWorkers, 7);
+  std::vector<int> seq;
+  for (int i = 0; i < 5000; ++i) seq.push_back(a.next(1, all_available));
+  std::set<std::vector<int>> distinct_windows;
+  for (size_t start = 0; start < seq.size(); start += kWorkers.size()) {
+    std::vector<int> window(seq.begin() + start, seq.begin() + start + kWorkers.size());
+    distinct_windows.insert(window);
+    std::sort(window.begin(), window.end());
+    ASSERT_EQ(window, kWorkers) << "window at " << start;
+  }
+  EXPECT_GT(distinct_windows.size(), 50u) << "the permutation must change between windows";
+  // Unavailable workers are skipped.
+  for (int i = 0; i < 100; ++i) EXPECT_NE(a.next(1, [](int w) { return w != 4; }), 4);
+}
+
+TEST(JobPolicy, RandomIsUniform) {
+  JobAssigner a(AssignPolicy::kRandom, kWorkers, 11);
+  const int draws = 50000;
+  std::map<int, int> count;
+  for (int i = 0; i < draws; ++i) ++count[a.next(1, all_available)];
+  double chi2 = 0;
+  const double expected = static_cast<double>(draws) / kWorkers.size();
+  for (int w : kWorkers) chi2 += (count[w] - expected) * (count[w] - expected) / expected;
+  // df = 4: P(chi2 > 18.47) = 0.001 under uniformity.
+  EXPECT_LT(chi2, 18.47) << "counts " << count[1] << " " << count[2] << " " << count[3] << " "
+                         << count[4] << " " << count[5];
+  for (int i = 0; i < 100; ++i) EXPECT_NE(a.next(1, [](int w) { return w != 2; }), 2);
+}
+
+TEST(JobPolicy, NamesAreParsed) {
+  EXPECT_EQ(parse_assign_policy("shuffle"), AssignPolicy::kShuffle);
+  EXPECT_THROW(parse_assign_policy("fifo"), ConfigError);
+  EXPECT_EQ(parse_step_rule("delay-adaptive"), StepRule::kDelayAdaptive);
+  EXPECT_THROW(parse_step_rule("adaptive"), ConfigError);
+}
+
+torch::nn::Sequential make_net() {
+  return torch::nn::Sequential(torch::nn::Linear(5, 8), torch::nn::Tanh(), torch::nn::Linear(8, 1));
+}
+
+std::pair<torch::Tensor, torch::Tensor> batch(int worker, int64_t t) {
+  auto gen = at::detail::createCPUGenerator(1000 * worker + t);
+  return {torch::randn({8, 5}, gen), torch::randn({8, 1}, gen)};
+}
+
+TEST(AsGrad, OneWorkerPureIsSequentialSGD) {
+  const int steps = 40;
+  torch::manual_seed(9);
+  auto init = make_net();
+  std::vector<torch::Tensor> x0;
+  for (const auto& p : init->parameters()) x0.push_back(p.detach().clone());
+  auto ref = make_net();
+  {
+    torch::NoGradGuard g;
+    for (size_t i = 0; i < x0.size(); ++i) ref->parameters()[i].copy_(x0[i]);
+  }
+  torch::optim::SGD sgd(ref->parameters(), torch::optim::SGDOptions(0.1));
+  for (int t = 0; t < steps; ++t) {
+    auto [x, y] = batch(1, t);
+    sgd.zero_grad();
+    torch::mse_loss(ref->forward(x), y).backward();
+    sgd.step();
+  }
+  testing::spawn(2, [&](std::shared_ptr<World> world) {
+    auto net = make_net();
+    {
+      torch::NoGradGuard g;
+      for (size_t i = 0; i < x0.size(); ++i) net->parameters()[i].copy_(x0[i]);
+    }
+    if (world->rank() == 0) {
+      ParameterServer server(net->named_parameters(),
+                             ServerOptions(0.1).policy(AssignPolicy::kPure).max_gradients(steps),
+                             world);
+      auto stats = server.run();
+      EXPECT_EQ(stats.version, steps);
+      EXPECT_EQ(stats.staleness.max, 0);
+      auto mine = net->parameters(), theirs = ref->parameters();
+      for (size_t i = 0; i < mine.size(); ++i) {
+        EXPECT_TRUE(torch::equal(mine[i], theirs[i])) << "parameter " << i;
+      }
+    } else {
+      AsyncSGD opt(net->named_parameters(), AsyncSGDOptions(), world);
+      while (!opt.done()) {
+        auto [x, y] = batch(1, opt.stats().gradients);
+        opt.zero_grad();
+        torch::mse_loss(net->forward(x), y).backward();
+        opt.step();
+      }
+      EXPECT_EQ(opt.stats().gradients, steps);
+      opt.finish();
+    }
+  });
+}
+
+// Three workers of different speeds; returns what the server and each worker saw.
+struct Run {
+  ServerStats server;
+  std::vector<int> job_log, apply_log;
+  std::map<int, std::vector<int64_t>> job_versions;  // per worker, in order received
+  std::map<int, int64_t> sent;                       // gradients each worker returned
+  std::map<int, torch::Tensor> final_model;          // the server's, by rank 0
+};
+
+Run run_asgrad(ServerOptions options, std::vector<std::chrono::milliseconds> pauses,
+               const std::function<torch::Tensor(int, const torch::Tensor&)>& loss_of,
+               int64_t dim) {
+  Run out;
+  std::mutex mu;
+  const int n = static_cast<int>(pauses.size()) + 1;
+  testing::spawn(n, [&](std::shared_ptr<World> world) {
+    auto w = torch::zeros({dim}, torch::TensorOptions().dtype(torch::kDouble).requires_grad(true));
+    if (world->rank() == 0) {
+      ParameterServer server(std::vector<torch::Tensor>{w}, options.keep_log(true), world);
+      auto stats = server.run();
+      std::lock_guard<std::mutex> lock(mu);
+      out.server = stats;
+      out.job_log = server.job_log();
+      out.apply_log = server.apply_log();
+      out.final_model[0] = w.detach().clone();
+      return;
+    }
+    AsyncSGD opt(std::vector<torch::Tensor>{w}, AsyncSGDOptions(), world);
+    std::vector<int64_t> versions = {opt.stats().job_version};
+    while (!opt.done()) {
+      opt.zero_grad();
+      loss_of(world->rank(), w).backward();
+      std::this_thread::sleep_for(pauses[world->rank() - 1]);
+      opt.step();
+      if (!opt.done()) versions.push_back(opt.stats().job_version);
+    }
+    opt.finish();
+    std::lock_guard<std::mutex> lock(mu);
+    out.job_versions[world->rank()] = versions;
+    out.sent[world->rank()] = opt.stats().gradients;
+  });
+  return out;
+}
+
+// A quadratic per worker: 0.5 |x - c_w|^2 with its own centre.
+torch::Tensor quadratic(int worker, const torch::Tensor& x) {
+  auto c = torch::full({x.size(0)}, static_cast<double>(worker), torch::kDouble);
+  return 0.5 * (x - c).pow(2).sum();
+}
+
+TEST(AsGrad, EveryGradientOnceAndStalenessEqualsVersionDifferences) {
+  auto r = run_asgrad(ServerOptions(0.01).policy(AssignPolicy::kShuffle).max_gradients(150).seed(3),
+                      {1ms, 2ms, 3ms}, quadratic, 4);
+  EXPECT_EQ(r.server.gradients, 150);
+  EXPECT_EQ(r.server.version, 150);
+  ASSERT_EQ(r.apply_log.size(), 150u);
+  int64_t received = 0;
+  for (const auto& w : r.server.workers) {
+    received += w.gradients;
+    // A worker may have sent one gradient the stopped server never read.
+    EXPECT_GE(r.sent[w.rank], w.gradients);
+    EXPECT_LE(r.sent[w.rank], w.gradients + 1);
+    EXPECT_EQ(w.applied, w.gradients) << "no cap: every gradient is applied";
+  }
+  EXPECT_EQ(received, 150);
+
+  // Recompute every tau from the workers' own job versions and the order of application:
+  // the i-th applied gradient met server version i; worker w's k-th gradient was
+  // computed at the k-th job version w received.
+  std::map<int, size_t> next;
+  int64_t sum = 0, max = 0;
+  for (size_t i = 0; i < r.apply_log.size(); ++i) {
+    const int w = r.apply_log[i];
+    const int64_t computed_at = r.job_versions[w].at(next[w]++);
+    const int64_t tau = static_cast<int64_t>(i) - computed_at;
+    ASSERT_GE(tau, 0);
+    sum += tau;
+    max = std::max(max, tau);
+  }
+  EXPECT_EQ(r.server.staleness.count, 150);
+  EXPECT_EQ(r.server.staleness.sum, sum);
+  EXPECT_EQ(r.server.staleness.max, max);
+
+  // Shuffle: after the initial job of each, every window of 3 jobs names each worker once.
+  ASSERT_GE(r.job_log.size(), 3u);
+  for (size_t start = 0; start + 3 <= r.job_log.size(); start += 3) {
+    std::vector<int> window(r.job_log.begin() + start, r.job_log.begin() + start + 3);
+    std::sort(window.begin(), window.end());
+    EXPECT_EQ(window, (std::vector<int>{1, 2, 3})) << "window at " << start;
+  }
+}
+
+TEST(AsGrad, StalenessCapDropsAndCounts) {
+  auto r = run_asgrad(
+      ServerOptions(0.01).policy(AssignPolicy::kRandom).staleness_cap(2).max_gradients(120),
+      {1ms, 1ms, 6ms}, quadratic, 4);
+  EXPECT_EQ(r.server.gradients, 120);
+  EXPECT_EQ(r.server.version + r.server.dropped, 120);
+  EXPECT_GT(r.server.dropped, 0) << "a 6x slower worker's gradients are often 2 or more stale";
+  EXPECT_LT(r.server.staleness.max, 2) << "no applied gradient may have tau >= R";
+}
+
+// AsGrad's heterogeneous setting: each worker's data has its own optimum, and one
+// worker is several times slower. With 'pure' the fast workers' objectives dominate
+// the model; 'shuffle' gives each worker one job per window and so optimizes the
+// average. At the same number of server steps shuffle must be closer to the optimum
+// of the average objective, for every seed.
+TEST(AsGrad, ShuffleBeatsPureOnHeterogeneousData) {
+  const int dim = 5;
+  for (uint64_t seed : {1, 2, 3}) {
+    // Worker w: least squares with its own rows and its own solution.
+    std::map<int, std::pair<torch::Tensor, torch::Tensor>> data;
+    torch::Tensor ata = torch::zeros({dim, dim}, torch::kDouble), atb = torch::zeros({dim}, torch::kDouble);
+    for (int w = 1; w <= 3; ++w) {
+      auto gen = at::detail::createCPUGenerator(100 * seed + w);
+      auto A = torch::randn({32, dim}, gen, torch::kDouble) / std::sqrt(32.0);
+      auto xw = torch::randn({dim}, gen, torch::kDouble) * 3;
+      auto b = A.matmul(xw);
+      data[w] = {A, b};
+      ata += A.t().matmul(A);
+      atb += A.t().matmul(b);
+    }
+    auto optimum = torch::linalg_solve(ata, atb);
+    auto loss = [&](int w, const torch::Tensor& x) {
+      return 0.5 * (data[w].first.matmul(x) - data[w].second).pow(2).sum();
+    };
+    std::map<AssignPolicy, double> error;
+    for (AssignPolicy policy : {AssignPolicy::kPure, AssignPolicy::kShuffle}) {
+      auto r = run_asgrad(ServerOptions(0.1).policy(policy).max_gradients(450).seed(seed),
+                          {1ms, 1ms, 8ms}, loss, dim);
+      error[policy] = (r.final_model[0] - optimum).norm().item<double>();
+      std::printf("seed %lu %s: distance to the optimum %.4f; %s\n",
+                  static_cast<unsigned long>(seed), to_string(policy).c_str(), error[policy],
+                  r.server.str().c_str());
+    }
+    EXPECT_LT(error[AssignPolicy::kShuffle], error[AssignPolicy::kPure]) << "seed " << seed;
+  }
+}
+
+TEST(AsGrad, SilentServerIsAClearErrorNotAHang) {
+  std::vector<std::string> errors(2);
+  testing::spawn(
+      2,
+      [&](std::shared_ptr<World> world) {
+        auto w = torch::zeros({3}, torch::requires_grad());
+        try {
+          if (world->rank() == 0) {
+            ParameterServer server(std::vector<torch::Tensor>{w}, ServerOptions(0.1), world);
+            std::this_thread::sleep_for(3s);  // never serves
+            world->barrier("worker gave up");
+          } else {
+            AsyncSGD opt(std::vector<torch::Tensor>{w}, AsyncSGDOptions(), world);
+          }
+        } catch (const std::exception& e) {
+          errors[world->rank()] = e.what();
+          if (world->rank() == 1) world->barrier("worker gave up");
+        }
+      },
+      [](WorldOptions& o) { o.timeout = 2s; });
+  EXPECT_NE(errors[1].find("rank 1: no job from the parameter server (rank 0) for 2 s"),
+            std::string::npos)
+      << errors[1];
+}
+
+TEST(AsGrad, NeedsAWorker) {
+  auto w = torch::zeros({3}, torch::requires_grad());
+  auto world = World::create(testing::thread_world_options(0, 1));
+  EXPECT_THROW(ParameterServer(std::vector<torch::Tensor>{w}, ServerOptions(0.1), world), ConfigError);
+  EXPECT_THROW(AsyncSGD(std::vector<torch::Tensor>{w}, AsyncSGDOptions(), world), ConfigError);
+}
+
+}  // namespace
+}  // namespace torch_asgd
