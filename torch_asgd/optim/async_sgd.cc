@@ -74,25 +74,35 @@ void AsyncSGD::wait_for_job() {
   const auto t0 = std::chrono::steady_clock::now();
   const auto deadline = t0 + world_->options().timeout;
   for (;;) {
-    for (auto& m : channel_->wait(std::chrono::milliseconds(100))) {
-      if (m.sender() != options_.server_rank()) continue;
-      if (m.header.kind == MessageKind::kJob) {
-        flat_->copy_(m.payload);
-        stats_.job_version = m.header.model_version;
-        ++stats_.jobs;
-        stats_.wait_seconds +=
-            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        return;
-      }
+    // Arrivals are kept until used: a job and the server's stop may come together,
+    // and the stop wins (the server takes no more gradients).
+    for (auto& m : channel_->poll()) {
+      if (m.sender() == options_.server_rank()) arrivals_.push_back(std::move(m));
+    }
+    for (const auto& m : arrivals_) {
       if (m.header.kind == MessageKind::kControl && m.header.sender_step == detail::kStopSignal) {
         done_ = true;
+        arrivals_.clear();
         return;
       }
+    }
+    for (auto it = arrivals_.begin(); it != arrivals_.end(); ++it) {
+      if (it->header.kind != MessageKind::kJob) continue;
+      flat_->copy_(it->payload);
+      stats_.job_version = it->header.model_version;
+      ++stats_.jobs;
+      arrivals_.erase(it);
+      stats_.wait_seconds +=
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      return;
     }
     if (std::chrono::steady_clock::now() > deadline) {
       throw CommError(fmt::format(
           "rank {}: no job from the parameter server (rank {}) for {} s; is it still running?",
           world_->rank(), options_.server_rank(), world_->options().timeout.count() / 1000));
+    }
+    for (auto& m : channel_->wait(std::chrono::milliseconds(100))) {
+      if (m.sender() == options_.server_rank()) arrivals_.push_back(std::move(m));
     }
   }
 }

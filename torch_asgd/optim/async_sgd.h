@@ -15,6 +15,7 @@
 #pragma once
 
 #include <chrono>
+#include <deque>
 #include <memory>
 #include <string>
 #include <vector>
@@ -78,6 +79,7 @@ class AsyncSGD : public torch::optim::Optimizer {
   std::unique_ptr<detail::FlatParams> flat_;
   std::unique_ptr<Channel> channel_;
   at::Tensor grads_;
+  std::deque<Message> arrivals_;  // from the server, not yet used
   AsyncSGDStats stats_;
   bool done_ = false;
   bool finished_ = false;
