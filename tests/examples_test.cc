@@ -1,0 +1,195 @@
+// The examples end to end on tiny generated data, as a user would run them.
+#include <gtest/gtest.h>
+#include <zlib.h>
+
+#include <cstdio>
+#include <fstream>
+#include <sys/stat.h>
+
+#include "process.h"
+
+namespace torch_asgd {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::Proc;
+
+std::string bin(const std::string& name) { return testing::bin_dir() + "/" + name; }
+
+void put32(std::vector<uint8_t>& b, uint32_t v) {
+  for (int s = 24; s >= 0; s -= 8) b.push_back(static_cast<uint8_t>(v >> s));
+}
+
+// n images of 28x28 whose class k is a bright bar in row band k: learnable.
+std::pair<std::vector<uint8_t>, std::vector<uint8_t>> idx_files(int n, uint32_t seed) {
+  std::vector<uint8_t> img, lab;
+  put32(img, 2051);
+  put32(img, static_cast<uint32_t>(n));
+  put32(img, 28);
+  put32(img, 28);
+  put32(lab, 2049);
+  put32(lab, static_cast<uint32_t>(n));
+  uint32_t x = seed;
+  for (int i = 0; i < n; ++i) {
+    const int k = i % 10;
+    lab.push_back(static_cast<uint8_t>(k));
+    for (int r = 0; r < 28; ++r) {
+      for (int c = 0; c < 28; ++c) {
+        x = x * 1664525u + 1013904223u;
+        const bool bar = r >= 2 + 2 * k && r < 4 + 2 * k;
+        img.push_back(static_cast<uint8_t>(bar ? 200 + (x >> 28) : (x >> 27)));
+      }
+    }
+  }
+  return {img, lab};
+}
+
+void write(const std::string& path, const std::vector<uint8_t>& bytes, bool gz) {
+  if (gz) {
+    gzFile f = gzopen((path + ".gz").c_str(), "wb");
+    gzwrite(f, bytes.data(), static_cast<unsigned>(bytes.size()));
+    gzclose(f);
+  } else {
+    std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()),
+                                                static_cast<std::streamsize>(bytes.size()));
+  }
+}
+
+std::string make_mnist_dir(const std::string& name, bool gz) {
+  std::string dir = ::testing::TempDir() + "asgd_" + name + "_" + std::to_string(::getpid());
+  ::mkdir(dir.c_str(), 0755);
+  auto [train_img, train_lab] = idx_files(600, 1);
+  auto [test_img, test_lab] = idx_files(200, 2);
+  write(dir + "/train-images-idx3-ubyte", train_img, gz);
+  write(dir + "/train-labels-idx1-ubyte", train_lab, gz);
+  write(dir + "/t10k-images-idx3-ubyte", test_img, gz);
+  write(dir + "/t10k-labels-idx1-ubyte", test_lab, gz);
+  return dir;
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+class MnistEveryAlgo : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(MnistEveryAlgo, TrainsAndWritesMetrics) {
+  const std::string algo = GetParam();
+  const bool gz = algo != "sync";  // both encodings are read
+  const std::string dir = make_mnist_dir("mnist_" + algo, gz);
+  const std::string json = dir + "/metrics.json";
+  Proc p = testing::run({bin("asgd-launch"), "--nproc", "3", "--master-port", "0", "--",
+                         bin("asgd-mnist"), "--data", dir, "--algo", algo, "--epochs", "2",
+                         "--batch-size", "10", "--lr", "0.05", "--eval-every", "5",
+                         "--target-accuracy", "0.5", "--straggler", "1:2", "--metrics-out", json},
+                        {}, 240s);
+  ASSERT_FALSE(p.timed_out) << p.out_buf << p.err_buf;
+  ASSERT_EQ(p.exit_code, 0) << p.out_buf << p.err_buf;
+  EXPECT_NE(p.out_buf.find("[0]: asgd-mnist: algo=" + algo + " ranks=3"), std::string::npos)
+      << p.out_buf;
+  const std::string m = slurp(json);
+  for (const char* key : {"\"algo\": \"", "\"world_size\": 3", "\"workers\": ", "\"epochs\": 2",
+                          "\"test_accuracy\": ", "\"wall_seconds\": ", "\"time_to_target_seconds\": ",
+                          "\"samples_per_second\": [", "\"aggregate_samples_per_second\": ",
+                          "\"staleness\": {\"mean\": ", "\"max\": ", "\"count\": ",
+                          "\"messages\": {\"sent\": ", "\"received\": ", "\"coalesced\": ",
+                          "\"rejected\": 0", "\"eval_curve\": [["}) {
+    EXPECT_NE(m.find(key), std::string::npos) << key << " missing in\n" << m;
+  }
+  // The bars are easy: every algorithm must learn them (10 classes: chance is 0.1).
+  const auto at = m.find("\"test_accuracy\": ");
+  const double acc = std::stod(m.substr(at + 17));
+  EXPECT_GT(acc, 0.5) << m;
+  const int workers = algo.rfind("asgd-", 0) == 0 ? 2 : 3;
+  EXPECT_NE(m.find("\"workers\": " + std::to_string(workers)), std::string::npos) << m;
+}
+
+INSTANTIATE_TEST_SUITE_P(Algos, MnistEveryAlgo,
+                         ::testing::Values("dasgd", "gossip", "asgd-pure", "asgd-random",
+                                           "asgd-shuffle", "sync", "local"),
+                         [](const auto& info) {
+                           std::string n = info.param;
+                           std::replace(n.begin(), n.end(), '-', '_');
+                           return n;
+                         });
+
+// Each bad input: one clear line on every rank that sees it, a non-zero exit, no hang.
+Proc mnist(const std::vector<std::string>& args, int nproc = 2) {
+  std::vector<std::string> argv = {bin("asgd-launch"), "--nproc", std::to_string(nproc),
+                                   "--master-port", "0", "--", bin("asgd-mnist")};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return testing::run(argv, {{"TORCH_ASGD_TIMEOUT", "20"}}, 120s);
+}
+
+TEST(MnistBadInput, MissingFile) {
+  const std::string dir = make_mnist_dir("missing", false);
+  std::remove((dir + "/t10k-labels-idx1-ubyte").c_str());
+  Proc p = mnist({"--data", dir});
+  EXPECT_FALSE(p.timed_out);
+  EXPECT_EQ(p.exit_code, 1);
+  EXPECT_NE(p.err_buf.find("[0]: asgd-mnist: error: " + dir +
+                           "/t10k-labels-idx1-ubyte[.gz] not found: --data must name a directory"),
+            std::string::npos)
+      << p.err_buf;
+  EXPECT_NE(p.err_buf.find("[1]: asgd-mnist: error: "), std::string::npos) << p.err_buf;
+}
+
+TEST(MnistBadInput, TruncatedFile) {
+  const std::string dir = make_mnist_dir("truncated", false);
+  ::truncate((dir + "/train-images-idx3-ubyte").c_str(), 5000);
+  Proc p = mnist({"--data", dir});
+  EXPECT_EQ(p.exit_code, 1);
+  EXPECT_NE(p.err_buf.find("train-images-idx3-ubyte: truncated or oversized: 600 images need "
+                           "470416 bytes, the file has 5000"),
+            std::string::npos)
+      << p.err_buf;
+}
+
+TEST(MnistBadInput, WrongMagicNumber) {
+  const std::string dir = make_mnist_dir("magic", true);
+  write(dir + "/train-labels-idx1-ubyte", std::vector<uint8_t>(100, 7), true);
+  Proc p = mnist({"--data", dir});
+  EXPECT_EQ(p.exit_code, 1);
+  EXPECT_NE(p.err_buf.find("train-labels-idx1-ubyte.gz: wrong magic number (expected 2049"),
+            std::string::npos)
+      << p.err_buf;
+}
+
+TEST(MnistBadInput, StragglerOutOfRange) {
+  Proc p = mnist({"--straggler", "5:2"});
+  EXPECT_EQ(p.exit_code, 1);
+  EXPECT_NE(p.err_buf.find("--straggler rank 5 is out of range: this job has ranks 0..1"),
+            std::string::npos)
+      << p.err_buf;
+}
+
+TEST(MnistBadInput, UnknownAlgo) {
+  Proc p = mnist({"--algo", "adam"});
+  EXPECT_EQ(p.exit_code, 2);
+  EXPECT_NE(p.err_buf.find("unknown --algo 'adam' (choose from dasgd, gossip, asgd-pure"),
+            std::string::npos)
+      << p.err_buf;
+}
+
+TEST(MnistBadInput, ServerAlgorithmNeedsTwoRanks) {
+  Proc p = testing::run({bin("asgd-mnist"), "--algo", "asgd-shuffle"}, {}, 60s);
+  EXPECT_EQ(p.exit_code, 1);
+  EXPECT_NE(p.err_buf.find("--algo asgd-shuffle needs at least 2 ranks (a server and a worker)"),
+            std::string::npos)
+      << p.err_buf;
+}
+
+TEST(Mnist, HelpListsEveryOption) {
+  Proc p = testing::run({bin("asgd-mnist"), "--help"}, {}, 30s);
+  EXPECT_EQ(p.exit_code, 0);
+  for (const char* opt : {"--algo", "--data", "--epochs", "--batch-size", "--lr", "--momentum",
+                          "--step-rule", "--broadcast-every", "--partition", "--sampling",
+                          "--straggler", "--target-accuracy", "--eval-every", "--metrics-out",
+                          "--seed", "--device", "--threads"}) {
+    EXPECT_NE(p.out_buf.find(opt), std::string::npos) << opt;
+  }
+}
+
+}  // namespace
+}  // namespace torch_asgd
