@@ -3,7 +3,7 @@
 // in one go and tabulates the aggregate samples/s.
 //
 //   asgd-launch --nproc 2 -- asgd-bench-throughput --algo {local,dasgd,gossip,sync}
-//                            [--steps 300] [--warmup 30] [--batch-size 64]
+//                            [--steps 300] [--warmup 30] [--batch-size 64] [--broadcast-every 1]
 //
 // Inputs are synthetic batches of MNIST's shape, made before timing, so the figure
 // is compute plus communication, not data loading. Prints one line per rank:
@@ -22,13 +22,14 @@ using namespace torch_asgd;
 
 int main(int argc, char** argv) {
   std::string algo = "dasgd";
-  int steps = 300, warmup = 30, batch = 64;
+  int steps = 300, warmup = 30, batch = 64, broadcast_every = 1;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string a = argv[i];
     if (a == "--algo") algo = argv[i + 1];
     else if (a == "--steps") steps = std::stoi(argv[i + 1]);
     else if (a == "--warmup") warmup = std::stoi(argv[i + 1]);
     else if (a == "--batch-size") batch = std::stoi(argv[i + 1]);
+    else if (a == "--broadcast-every") broadcast_every = std::stoi(argv[i + 1]);
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -44,8 +45,8 @@ int main(int argc, char** argv) {
     std::unique_ptr<torch::optim::Optimizer> opt;
     DASGD* dasgd = nullptr;
     if (algo == "dasgd" || algo == "gossip") {
-      auto o = DASGDOptions(0.01).momentum(0.5).mode(algo == "dasgd" ? DASGDMode::kDelta
-                                                                     : DASGDMode::kGossip);
+      auto o = DASGDOptions(0.01).momentum(0.5).broadcast_every(broadcast_every).mode(
+          algo == "dasgd" ? DASGDMode::kDelta : DASGDMode::kGossip);
       auto d = std::make_unique<DASGD>(net->named_parameters(), o, world);
       dasgd = d.get();
       opt = std::move(d);

@@ -191,5 +191,93 @@ TEST(Mnist, HelpListsEveryOption) {
   }
 }
 
+// ---- CIFAR ---------------------------------------------------------------------------
+
+// A CIFAR-10 directory of tiny generated batch files (records of 1 + 3072 bytes).
+std::string make_cifar_dir(const std::string& name, int per_file) {
+  std::string dir = ::testing::TempDir() + "asgd_cifar_" + name + "_" + std::to_string(::getpid());
+  ::mkdir(dir.c_str(), 0755);
+  uint32_t x = 5;
+  for (const char* f : {"data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin",
+                        "data_batch_4.bin", "data_batch_5.bin", "test_batch.bin"}) {
+    std::vector<uint8_t> bytes;
+    for (int i = 0; i < per_file; ++i) {
+      const int k = i % 10;
+      bytes.push_back(static_cast<uint8_t>(k));
+      for (int c = 0; c < 3; ++c) {
+        for (int p = 0; p < 1024; ++p) {
+          x = x * 1664525u + 1013904223u;
+          const bool on = ((k >> c) & 1) != 0;
+          bytes.push_back(static_cast<uint8_t>((on ? 180 : 20) + (x >> 28)));
+        }
+      }
+    }
+    write(dir + "/" + f, bytes, false);
+  }
+  return dir;
+}
+
+class CifarEveryAlgo : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CifarEveryAlgo, TrainsFromBinaryFiles) {
+  const std::string algo = GetParam();
+  const std::string dir = make_cifar_dir(algo, 40);
+  const std::string json = dir + "/metrics.json";
+  Proc p = testing::run({bin("asgd-launch"), "--nproc", "3", "--master-port", "0", "--",
+                         bin("asgd-cifar"), "--data", dir, "--algo", algo, "--epochs", "1",
+                         "--batch-size", "8", "--eval-every", "5", "--metrics-out", json},
+                        {}, 300s);
+  ASSERT_FALSE(p.timed_out) << p.out_buf << p.err_buf;
+  ASSERT_EQ(p.exit_code, 0) << p.out_buf << p.err_buf;
+  const std::string m = slurp(json);
+  for (const char* key : {"\"algo\": \"", "\"test_accuracy\": ", "\"samples_per_second\": [",
+                          "\"staleness\": {\"mean\": ", "\"messages\": {\"sent\": ",
+                          "\"eval_curve\": ["}) {
+    EXPECT_NE(m.find(key), std::string::npos) << key << " missing in\n" << m;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Algos, CifarEveryAlgo,
+                         ::testing::Values("dasgd", "gossip", "asgd-pure", "asgd-random",
+                                           "asgd-shuffle", "sync", "local"),
+                         [](const auto& info) {
+                           std::string n = info.param;
+                           std::replace(n.begin(), n.end(), '-', '_');
+                           return n;
+                         });
+
+TEST(Cifar, SyntheticDataLearns) {
+  Proc p = testing::run({bin("asgd-launch"), "--nproc", "2", "--master-port", "0", "--",
+                         bin("asgd-cifar"), "--synthetic", "2000", "--epochs", "3",
+                         "--batch-size", "16", "--lr", "0.02"},
+                        {}, 300s);
+  ASSERT_EQ(p.exit_code, 0) << p.out_buf << p.err_buf;
+  auto at = p.out_buf.find("test_accuracy=");
+  ASSERT_NE(at, std::string::npos) << p.out_buf;
+  EXPECT_GT(std::stod(p.out_buf.substr(at + 14)), 0.5) << "chance is 0.1\n" << p.out_buf;
+}
+
+TEST(CifarBadInput, MissingFilesAreNamed) {
+  Proc p = testing::run({bin("asgd-cifar"), "--data", "/nonexistent"}, {}, 60s);
+  EXPECT_EQ(p.exit_code, 1);
+  EXPECT_NE(p.err_buf.find("asgd-cifar: error: /nonexistent/data_batch_1.bin not found: --data "
+                           "must name a directory with the CIFAR-10 binary version "
+                           "(data_batch_1.bin ... data_batch_5.bin and test_batch.bin"),
+            std::string::npos)
+      << p.err_buf;
+  EXPECT_NE(p.err_buf.find("--synthetic N"), std::string::npos);
+}
+
+TEST(CifarBadInput, TruncatedFile) {
+  const std::string dir = make_cifar_dir("truncated", 10);
+  ::truncate((dir + "/data_batch_3.bin").c_str(), 3073 * 4 + 100);
+  Proc p = testing::run({bin("asgd-cifar"), "--data", dir}, {}, 60s);
+  EXPECT_EQ(p.exit_code, 1);
+  EXPECT_NE(p.err_buf.find("data_batch_3.bin: 12392 bytes is not a whole number of CIFAR-10 "
+                           "records of 3073 bytes"),
+            std::string::npos)
+      << p.err_buf;
+}
+
 }  // namespace
 }  // namespace torch_asgd

@@ -19,8 +19,8 @@ struct ExampleOptions {
   std::string data;
   int epochs = 1;
   int batch_size = 32;
-  double lr = 0.05;
-  double momentum = 0.5;
+  double lr = 0.03;
+  double momentum = 0.7;
   std::string step_rule = "constant";  // server algorithms: constant, delay-adaptive
   int broadcast_every = 1;
   std::string partition = "iid";        // iid, by-label
