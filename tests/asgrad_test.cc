@@ -285,6 +285,74 @@ TEST(AsGrad, SilentServerIsAClearErrorNotAHang) {
       << errors[1];
 }
 
+TEST(AsGrad, ServerAndWorkerStateSaveAndLoad) {
+  const std::string dir = ::testing::TempDir();
+  const std::string server_path = dir + "asgd_server_" + std::to_string(::getpid()) + ".pt";
+  const std::string worker_path = dir + "asgd_worker_" + std::to_string(::getpid()) + ".pt";
+  // Train 30 gradients and save both sides.
+  testing::spawn(2, [&](std::shared_ptr<World> world) {
+    auto w = torch::zeros({4}, torch::TensorOptions().dtype(torch::kDouble).requires_grad(true));
+    if (world->rank() == 0) {
+      ParameterServer server(std::vector<torch::Tensor>{w}, ServerOptions(0.1).max_gradients(30), world);
+      server.run();
+      torch::save(server, server_path);
+    } else {
+      AsyncSGD opt(std::vector<torch::Tensor>{w}, AsyncSGDOptions(), world);
+      while (!opt.done()) {
+        opt.zero_grad();
+        quadratic(1, w).backward();
+        opt.step();
+      }
+      opt.finish();
+      torch::save(opt, worker_path);
+    }
+  });
+  // A new server and worker resume the counters; the server's first jobs carry the version.
+  testing::spawn(2, [&](std::shared_ptr<World> world) {
+    auto w = torch::zeros({4}, torch::TensorOptions().dtype(torch::kDouble).requires_grad(true));
+    if (world->rank() == 0) {
+      ParameterServer server(std::vector<torch::Tensor>{w}, ServerOptions(0.1).max_gradients(40), world);
+      torch::load(server, server_path);
+      EXPECT_EQ(server.stats().version, 30);
+      auto s = server.run();
+      EXPECT_EQ(s.version, 40);
+      EXPECT_EQ(s.staleness.max, 0);
+    } else {
+      AsyncSGD opt(std::vector<torch::Tensor>{w}, AsyncSGDOptions(), world);
+      torch::load(opt, worker_path);
+      EXPECT_EQ(opt.stats().gradients, 30);
+      EXPECT_EQ(opt.stats().job_version, 30);  // the first job after the server's load
+      while (!opt.done()) {
+        opt.zero_grad();
+        quadratic(1, w).backward();
+        opt.step();
+      }
+      EXPECT_EQ(opt.stats().gradients, 40);
+      opt.finish();
+    }
+  });
+  // Another model is refused.
+  testing::spawn(2, [&](std::shared_ptr<World> world) {
+    auto w = torch::zeros({5}, torch::TensorOptions().dtype(torch::kDouble).requires_grad(true));
+    if (world->rank() == 0) {
+      ParameterServer server(std::vector<torch::Tensor>{w}, ServerOptions(0.1).max_gradients(1), world);
+      EXPECT_THROW(torch::load(server, server_path), MismatchError);
+      server.run();
+    } else {
+      AsyncSGD opt(std::vector<torch::Tensor>{w}, AsyncSGDOptions(), world);
+      EXPECT_THROW(torch::load(opt, worker_path), MismatchError);
+      while (!opt.done()) {
+        opt.zero_grad();
+        quadratic(1, w).backward();
+        opt.step();
+      }
+      opt.finish();
+    }
+  });
+  std::remove(server_path.c_str());
+  std::remove(worker_path.c_str());
+}
+
 TEST(AsGrad, NeedsAWorker) {
   auto w = torch::zeros({3}, torch::requires_grad());
   auto world = World::create(testing::thread_world_options(0, 1));

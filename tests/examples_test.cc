@@ -6,6 +6,8 @@
 #include <fstream>
 #include <sys/stat.h>
 
+#include <thread>
+
 #include "process.h"
 
 namespace torch_asgd {
@@ -189,6 +191,33 @@ TEST(Mnist, HelpListsEveryOption) {
                           "--seed", "--device", "--threads"}) {
     EXPECT_NE(p.out_buf.find(opt), std::string::npos) << opt;
   }
+}
+
+TEST(AsGradProcesses, ServerThatDiesIsAClearErrorOnEveryWorker) {
+  const std::string dir = make_mnist_dir("server_dies", false);
+  const int port = testing::free_port();
+  std::vector<Proc> ranks;
+  for (int r = 0; r < 3; ++r) {
+    ranks.push_back(testing::start(
+        {bin("asgd-mnist"), "--data", dir, "--algo", "asgd-shuffle", "--epochs", "1000",
+         "--batch-size", "10", "--eval-every", "100000"},
+        {{"RANK", std::to_string(r)}, {"WORLD_SIZE", "3"}, {"MASTER_ADDR", "127.0.0.1"},
+         {"MASTER_PORT", std::to_string(port)}, {"TORCH_ASGD_TIMEOUT", "20"}}));
+  }
+  // Let training run, then kill the server without warning.
+  ASSERT_TRUE(testing::wait_for_output(ranks[0], "progress:", 60s)) << ranks[0].err_buf;
+  std::this_thread::sleep_for(1s);
+  ::kill(ranks[0].pid, SIGKILL);
+  for (int r = 1; r < 3; ++r) {
+    testing::finish(ranks[r], 60s);
+    EXPECT_FALSE(ranks[r].timed_out) << "worker " << r << " hung";
+    EXPECT_EQ(ranks[r].exit_code, 1) << ranks[r].err_buf;
+    EXPECT_NE(ranks[r].err_buf.find("asgd-mnist: error: rank " + std::to_string(r)),
+              std::string::npos)
+        << ranks[r].err_buf;
+    EXPECT_NE(ranks[r].err_buf.find("rank 0"), std::string::npos) << ranks[r].err_buf;
+  }
+  testing::finish(ranks[0], 10s);
 }
 
 // ---- CIFAR ---------------------------------------------------------------------------

@@ -205,7 +205,7 @@ std::string usage(const Task& task) {
       "  --eval-every N       rank 0 evaluates every N steps (server: gradients) (200)\n"
       "  --metrics-out FILE   rank 0 writes the run's metrics as JSON\n"
       "  --seed S             seed of the model, the shards and the sampling (1)\n"
-      "  --device D           cpu | cuda (cpu)\n"
+      "  --device D           cpu | cuda (cpu; cuda is not implemented yet)\n"
       "  --threads T          intra-op threads per rank (1)\n"
       "  --synthetic N        (CIFAR) generate N labelled images instead of reading --data\n"
       "  --help               this text\n",
@@ -291,8 +291,12 @@ int run(const Task& task, int argc, char** argv) {
   }
   try {
     torch::set_num_threads(o.threads);
-    if (o.device == "cuda" && !torch::cuda::is_available()) {
-      throw ConfigError("--device cuda: no CUDA device is available to this LibTorch; use --device cpu");
+    if (o.device == "cuda") {
+      throw ConfigError(torch::cuda::is_available()
+                            ? "--device cuda: torch_asgd's CUDA path is not implemented yet; use "
+                              "--device cpu"
+                            : "--device cuda: no CUDA device is available to this LibTorch; use "
+                              "--device cpu");
     }
     auto world = World::from_env();
     const int n = world->size(), rank = world->rank();

@@ -30,13 +30,7 @@ std::string AsyncSGDStats::str() const {
 AsyncSGD::AsyncSGD(std::vector<torch::Tensor> params, AsyncSGDOptions options,
                    std::shared_ptr<World> world)
     : AsyncSGD(
-          [&] {
-            torch::OrderedDict<std::string, torch::Tensor> named;
-            for (size_t i = 0; i < params.size(); ++i) {
-              named.insert(fmt::format("param[{}]", i), params[i]);
-            }
-            return named;
-          }(),
+          detail::default_names(params),
           std::move(options), std::move(world)) {}
 
 AsyncSGD::AsyncSGD(const torch::OrderedDict<std::string, torch::Tensor>& named,
@@ -115,15 +109,7 @@ torch::Tensor AsyncSGD::step(LossClosure closure) {
     loss = closure();
   }
   if (done_) return loss;
-  const auto& params = flat_->params();
-  for (size_t i = 0; i < params.size(); ++i) {
-    auto v = flat_->view(grads_, i);
-    if (params[i].grad().defined()) {
-      v.copy_(params[i].grad());
-    } else {
-      v.zero_();
-    }
-  }
+  flat_->gather_grads(grads_);
   Outgoing m;
   m.kind = MessageKind::kGradient;
   m.payload = grads_;

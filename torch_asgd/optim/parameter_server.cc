@@ -47,13 +47,7 @@ std::vector<torch::optim::OptimizerParamGroup> one_group(std::vector<torch::Tens
 ParameterServer::ParameterServer(std::vector<torch::Tensor> params, ServerOptions options,
                                  std::shared_ptr<World> world)
     : ParameterServer(
-          [&] {
-            torch::OrderedDict<std::string, torch::Tensor> named;
-            for (size_t i = 0; i < params.size(); ++i) {
-              named.insert(fmt::format("param[{}]", i), params[i]);
-            }
-            return named;
-          }(),
+          detail::default_names(params),
           std::move(options), std::move(world)) {}
 
 ParameterServer::ParameterServer(const torch::OrderedDict<std::string, torch::Tensor>& named,
@@ -249,6 +243,18 @@ void ParameterServer::load(torch::serialize::InputArchive& archive) {
   totals_.staleness.count = c[3];
   totals_.staleness.sum = c[4];
   totals_.staleness.max = c[5];
+}
+
+torch::serialize::OutputArchive& operator<<(torch::serialize::OutputArchive& archive,
+                                            const ParameterServer& server) {
+  server.save(archive);
+  return archive;
+}
+
+torch::serialize::InputArchive& operator>>(torch::serialize::InputArchive& archive,
+                                           ParameterServer& server) {
+  server.load(archive);
+  return archive;
 }
 
 }  // namespace torch_asgd

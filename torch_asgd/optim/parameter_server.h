@@ -132,4 +132,10 @@ class ParameterServer {
   bool stopped_ = false;
 };
 
+// torch::save(server, path) / torch::load(server, path).
+torch::serialize::OutputArchive& operator<<(torch::serialize::OutputArchive& archive,
+                                            const ParameterServer& server);
+torch::serialize::InputArchive& operator>>(torch::serialize::InputArchive& archive,
+                                           ParameterServer& server);
+
 }  // namespace torch_asgd

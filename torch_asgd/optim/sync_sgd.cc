@@ -80,15 +80,7 @@ SyncSGD::SyncSGD(std::vector<torch::optim::OptimizerParamGroup> groups, SyncSGDO
 SyncSGD::~SyncSGD() = default;
 
 void SyncSGD::allreduce_gradients() {
-  const auto& params = flat_->params();
-  for (size_t i = 0; i < params.size(); ++i) {
-    auto v = flat_->view(grads_, i);
-    if (params[i].grad().defined()) {
-      v.copy_(params[i].grad());
-    } else {
-      v.zero_();  // every rank contributes every parameter
-    }
-  }
+  flat_->gather_grads(grads_);  // every rank contributes every parameter
   const auto t0 = std::chrono::steady_clock::now();
   try {
     gloo::AllreduceOptions opts(world_->gloo_context());
@@ -115,6 +107,7 @@ void SyncSGD::allreduce_gradients() {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   stats_.bytes_reduced += static_cast<uint64_t>(flat_->bytes());
   grads_.div_(world_->size());
+  const auto& params = flat_->params();
   for (size_t i = 0; i < params.size(); ++i) {
     auto v = flat_->view(grads_, i);
     auto p = params[i];

@@ -46,6 +46,17 @@ at::Tensor FlatParams::flatten() const {
   return out;
 }
 
+void FlatParams::gather_grads(const at::Tensor& flat) const {
+  for (size_t i = 0; i < params_.size(); ++i) {
+    auto v = view(flat, i);
+    if (params_[i].grad().defined()) {
+      v.copy_(params_[i].grad());
+    } else {
+      v.zero_();
+    }
+  }
+}
+
 void FlatParams::add_(const at::Tensor& flat) const {
   torch::NoGradGuard no_grad;
   for (size_t i = 0; i < params_.size(); ++i) params_[i].add_(view(flat, i));
@@ -69,6 +80,12 @@ Fingerprint FlatParams::fingerprint() const {
     fp.add(names_[i], params_[i].sizes(), params_[i].scalar_type());
   }
   return fp;
+}
+
+torch::OrderedDict<std::string, at::Tensor> default_names(const std::vector<at::Tensor>& params) {
+  torch::OrderedDict<std::string, at::Tensor> named;
+  for (size_t i = 0; i < params.size(); ++i) named.insert(fmt::format("param[{}]", i), params[i]);
+  return named;
 }
 
 }  // namespace detail

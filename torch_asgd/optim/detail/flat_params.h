@@ -6,6 +6,7 @@
 #include <vector>
 
 #include <torch/optim/optimizer.h>
+#include <torch/ordered_dict.h>
 
 #include "torch_asgd/comm/fingerprint.h"
 
@@ -30,6 +31,8 @@ class FlatParams {
   at::Tensor view(const at::Tensor& flat, size_t i) const;
 
   at::Tensor flatten() const;                // a copy of all parameters
+  // Copies every parameter's gradient into `flat` (zeros where a parameter has none).
+  void gather_grads(const at::Tensor& flat) const;
   void add_(const at::Tensor& flat) const;   // params += flat
   void copy_(const at::Tensor& flat) const;  // params = flat
   // The index of `p` among the parameters (by identity); -1 if absent.
@@ -44,6 +47,9 @@ class FlatParams {
   int64_t numel_ = 0;
   c10::ScalarType dtype_ = c10::ScalarType::Float;
 };
+
+// Parameters named "param[0]", "param[1]", ... for optimizers given no names.
+torch::OrderedDict<std::string, at::Tensor> default_names(const std::vector<at::Tensor>& params);
 
 }  // namespace detail
 }  // namespace torch_asgd
