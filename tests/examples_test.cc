@@ -220,6 +220,56 @@ TEST(AsGradProcesses, ServerThatDiesIsAClearErrorOnEveryWorker) {
   testing::finish(ranks[0], 10s);
 }
 
+// DASGD survives a peer killed mid-run: the others notice, say so once, train on, exit 0,
+// and end close to a clean run (asserted: within 10 points of test accuracy).
+TEST(DASGDProcesses, SurvivorsOfAKilledPeerFinishCloseToACleanRun) {
+  const std::string dir = make_mnist_dir("peer_dies", false);
+  auto start_job = [&](const std::string& tag) {
+    const int port = testing::free_port();
+    std::vector<Proc> ranks;
+    for (int r = 0; r < 3; ++r) {
+      ranks.push_back(testing::start(
+          {bin("asgd-mnist"), "--data", dir, "--algo", "dasgd", "--epochs", "150",
+           "--batch-size", "10", "--lr", "0.02", "--eval-every", "100000",
+           "--metrics-out", dir + "/" + tag + ".json"},
+          {{"RANK", std::to_string(r)}, {"WORLD_SIZE", "3"}, {"MASTER_ADDR", "127.0.0.1"},
+           {"MASTER_PORT", std::to_string(port)}, {"TORCH_ASGD_TIMEOUT", "30"}}));
+    }
+    return ranks;
+  };
+  auto accuracy_of = [&](const std::string& tag) {
+    const std::string m = slurp(dir + "/" + tag + ".json");
+    const auto at = m.find("\"test_accuracy\": ");
+    return at == std::string::npos ? -1.0 : std::stod(m.substr(at + 17));
+  };
+
+  auto clean = start_job("clean");
+  for (auto& p : clean) testing::finish(p, 120s);
+  for (auto& p : clean) ASSERT_EQ(p.exit_code, 0) << p.err_buf;
+
+  auto killed = start_job("killed");
+  ASSERT_TRUE(testing::wait_for_output(killed[0], "progress:", 60s)) << killed[0].err_buf;
+  std::this_thread::sleep_for(1s);
+  ::kill(killed[2].pid, SIGKILL);
+  for (int r = 0; r < 2; ++r) {
+    testing::finish(killed[r], 120s);
+    EXPECT_FALSE(killed[r].timed_out) << "rank " << r << " hung";
+    EXPECT_EQ(killed[r].exit_code, 0) << killed[r].err_buf;
+    EXPECT_NE(killed[r].err_buf.find("rank " + std::to_string(r) +
+                                     ": channel 'dasgd': connection to rank 2 failed"),
+              std::string::npos)
+        << killed[r].err_buf;
+    EXPECT_NE(killed[r].err_buf.find("continuing without it"), std::string::npos);
+  }
+  testing::finish(killed[2], 10s);
+  EXPECT_NE(killed[0].out_buf.find("failed peers 2"), std::string::npos) << killed[0].out_buf;
+  const double a_clean = accuracy_of("clean"), a_killed = accuracy_of("killed");
+  RecordProperty("accuracy_clean", std::to_string(a_clean));
+  RecordProperty("accuracy_killed", std::to_string(a_killed));
+  EXPECT_GT(a_clean, 0.5);
+  EXPECT_GT(a_killed, a_clean - 0.10) << "clean " << a_clean << ", with a killed peer " << a_killed;
+}
+
 // ---- CIFAR ---------------------------------------------------------------------------
 
 // A CIFAR-10 directory of tiny generated batch files (records of 1 + 3072 bytes).

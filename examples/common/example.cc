@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -337,6 +338,7 @@ int run(const Task& task, int argc, char** argv) {
     RankReport report;
     StalenessStats staleness;
     std::string detail;
+    std::vector<int> failed;  // ranks this rank knows to have failed
     const int64_t per_shard = train.labels.size(0) / trainers;
     const int64_t steps_per_epoch = per_shard / o.batch_size;
     if (steps_per_epoch < 1) {
@@ -369,6 +371,9 @@ int run(const Task& task, int argc, char** argv) {
       auto s = server.stats();
       staleness = s.staleness;
       detail = s.str();
+      for (const auto& w : s.workers) {
+        if (w.failed) failed.push_back(w.rank);
+      }
       report.samples_per_second = -1;
     } else {
       Sampler sampler(shard_indices(train, my_shard, trainers, o), o.sampling,
@@ -436,6 +441,7 @@ int run(const Task& task, int argc, char** argv) {
         staleness = s.staleness;
         add_counters(report, s);
         detail = s.str();
+        failed = s.failed_peers;
       } else if (sync != nullptr) {
         staleness = sync->stats().staleness;
         detail = sync->stats().str();
@@ -450,20 +456,37 @@ int run(const Task& task, int argc, char** argv) {
     report.accuracy = accuracy(task, *model, test, test.labels.size(0));
     const double wall = seconds_since(t0);
     std::vector<RankReport> all(n);
+    std::vector<bool> reported(n, false);
     all[rank] = report;
+    reported[rank] = true;
     if (n > 1) {
-      world->store().set(fmt::format("example/report/{}", rank),
-                         [&] {
-                           std::string s = report.encode();
-                           return std::vector<uint8_t>(s.begin(), s.end());
-                         }());
+      // Rank 0 gathers every live rank's report; a rank known to have failed is left
+      // out at once, one that says nothing within the timeout after a while.
+      auto& store = world->store();
+      const std::string mine = report.encode();
+      store.set(fmt::format("example/report/{}", rank), std::vector<uint8_t>(mine.begin(), mine.end()));
       if (rank == 0) {
         for (int r = 1; r < n; ++r) {
-          auto v = world->store().get(fmt::format("example/report/{}", r));
-          all[r] = RankReport::decode(std::string(v.begin(), v.end()));
+          if (std::find(failed.begin(), failed.end(), r) != failed.end()) continue;
+          const std::string key = fmt::format("example/report/{}", r);
+          try {
+            store.wait({key}, world->options().timeout);
+            auto v = store.get(key);
+            all[r] = RankReport::decode(std::string(v.begin(), v.end()));
+            reported[r] = true;
+          } catch (const std::exception&) {
+            std::fprintf(stderr, "%s: rank %d sent no report; it is left out of the summary\n",
+                         task.program.c_str(), r);
+          }
+        }
+        store.set("example/summarized", std::vector<uint8_t>{1});
+      } else {
+        // Rank 0 hosts the store: let it finish reading before this rank goes.
+        try {
+          store.wait({"example/summarized"}, world->options().timeout);
+        } catch (const std::exception&) {
         }
       }
-      world->barrier("example/reported");
     }
     std::printf("rank %d: %s; test accuracy %.4f\n", rank, detail.c_str(), report.accuracy);
     if (rank != 0) return 0;
@@ -471,7 +494,9 @@ int run(const Task& task, int argc, char** argv) {
     std::vector<double> rates;
     double aggregate = 0;
     RankReport totals;
-    for (const auto& r : all) {
+    for (int k = 0; k < n; ++k) {
+      if (!reported[k]) continue;
+      const RankReport& r = all[k];
       if (r.samples_per_second >= 0) {
         rates.push_back(r.samples_per_second);
         aggregate += r.samples_per_second;

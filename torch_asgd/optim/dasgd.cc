@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <torch/optim/serialize.h>
 #include <torch/torch.h>
 
@@ -45,11 +46,13 @@ void DASGDOptions::serialize(torch::serialize::InputArchive& archive) {
 std::string DASGDStats::str() const {
   std::string mixing = models_mixed > 0 ? fmt::format(", {} models mixed", models_mixed)
                                         : fmt::format(", {} peer updates applied", remote_updates);
+  std::string failed =
+      failed_peers.empty() ? "" : fmt::format("; failed peers {}", fmt::join(failed_peers, ", "));
   return fmt::format(
       "rank {}/{}: {} local steps, model version {}{}; staleness {}; messages sent {}, "
-      "received {}, coalesced {}, rejected {}",
+      "received {}, coalesced {}, rejected {}{}",
       rank, world_size, local_steps, version, mixing, staleness.str(), messages_sent,
-      messages_received, coalesced, rejected);
+      messages_received, coalesced, rejected, failed);
 }
 
 namespace {
@@ -268,6 +271,7 @@ DASGDStats DASGD::stats() const {
       s.coalesced += c.coalesced + c.coalesced_received;
       s.rejected += c.rejected;
       s.dropped += c.dropped;
+      if (c.failed) s.failed_peers.push_back(c.peer);
     }
   }
   return s;

@@ -56,7 +56,9 @@ struct DASGDOptions : public torch::optim::OptimizerCloneableOptions<DASGDOption
   TORCH_ARG(int64_t, broadcast_every) = 1;  // k: local steps per exchange
   TORCH_ARG(DASGDMode, mode) = DASGDMode::kDelta;
   TORCH_ARG(double, gossip_alpha) = 0.5;  // mixing weight in kGossip mode
-  TORCH_ARG(PeerFailure, on_peer_failure) = PeerFailure::kThrow;
+  // A peer whose connection fails is logged once and left behind; the others train
+  // on (kThrow: step() throws CommError instead).
+  TORCH_ARG(PeerFailure, on_peer_failure) = PeerFailure::kContinue;
 
  public:
   void serialize(torch::serialize::InputArchive& archive) override;
@@ -79,6 +81,7 @@ struct DASGDStats {
   // one entry per mixed model: how many updates it lacked.
   StalenessStats staleness;
   uint64_t messages_sent = 0, messages_received = 0, coalesced = 0, rejected = 0, dropped = 0;
+  std::vector<int> failed_peers;  // ranks whose connection failed
   std::string str() const;
 };
 
