@@ -349,6 +349,60 @@ TEST(Channel, MalformedMessagesAreRejectedCountedAndNeverDelivered) {
   });
 }
 
+TEST(Channel, NonFiniteUpdatesAreRejectedAndCounted) {
+  for (NonFinite policy : {NonFinite::kReject, NonFinite::kFatal, NonFinite::kAccept}) {
+    spawn(2, [&](std::shared_ptr<World> world) {
+      ChannelOptions opts;
+      opts.name = "finite";
+      opts.capacity_bytes = 64;
+      opts.on_non_finite = policy;
+      auto ch = world->open_channel(opts);
+      if (world->rank() == 1) {
+        Outgoing m;
+        m.payload = torch::tensor({1.0f, std::numeric_limits<float>::quiet_NaN(), 2.0f});
+        ch->send(0, m);
+        m.payload = torch::tensor({1.0, std::numeric_limits<double>::infinity()});
+        ch->send(0, m);
+        m.payload = torch::tensor({3.0f, 4.0f});
+        ch->send(0, m);
+        m.payload = torch::tensor({255, 0}, torch::kByte);  // bytes are never checked
+        ch->send(0, m);
+        EXPECT_TRUE(ch->flush(20s));
+      } else {
+        EXPECT_TRUE(eventually([&] {
+          auto c = ch->counters(1);
+          return c.received_messages + c.rejected == 4;  // rejected ones are not "received"
+        }));
+        if (policy == NonFinite::kFatal) {
+          try {
+            ch->poll();
+            ADD_FAILURE() << "expected CommError";
+          } catch (const CommError& e) {
+            EXPECT_NE(std::string(e.what()).find("rank 0: channel 'finite': rank 1 sent non-finite "
+                                                 "values (NaN/Inf)"),
+                      std::string::npos)
+                << e.what();
+          }
+        } else {
+          auto got = receive(*ch, policy == NonFinite::kAccept ? 4 : 2);
+          ASSERT_EQ(got.size(), policy == NonFinite::kAccept ? 4u : 2u);
+          if (policy == NonFinite::kReject) {
+            EXPECT_TRUE(got[0].payload.equal(torch::tensor({3.0f, 4.0f})));
+            EXPECT_EQ(ch->counters(1).rejected, 2u);
+            EXPECT_EQ(ch->counters(1).last_reject, to_string(Reject::kNonFinite));
+          }
+        }
+      }
+      world->barrier("done");
+      if (policy == NonFinite::kFatal && world->rank() == 0) {
+        EXPECT_THROW(ch->close(20s), CommError);  // the goodbye still goes out first
+      } else {
+        EXPECT_TRUE(ch->close(20s));
+      }
+    });
+  }
+}
+
 TEST(Channel, PeerFailureIsRethrownOnTheTrainingThread) {
   spawn(2, [&](std::shared_ptr<World> world) {
     auto ch = world->open_channel(ChannelOptions());

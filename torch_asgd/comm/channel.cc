@@ -475,6 +475,20 @@ void Channel::receiver_loop(PeerLink& l) {
           payload_checksum(data + kHeaderBytes, h.payload_bytes) != h.payload_checksum) {
         why = Reject::kBadPayloadChecksum;
       }
+      if (why == Reject::kNone && options_.on_non_finite != NonFinite::kAccept &&
+          h.payload_bytes > 0 && c10::isFloatingType(h.dtype) &&
+          !at::isfinite(detail::payload_alias(frame, h)).all().item<bool>()) {
+        why = Reject::kNonFinite;
+        if (options_.on_non_finite == NonFinite::kFatal) {
+          std::lock_guard<std::mutex> lock(error_mu_);
+          if (!error_) {
+            error_ = std::make_exception_ptr(CommError(fmt::format(
+                "rank {}: channel '{}': rank {} sent non-finite values (NaN/Inf); its training "
+                "diverged or its memory is corrupt",
+                rank_, options_.name, l.peer)));
+          }
+        }
+      }
       if (why != Reject::kNone) {
         ++l.rejected;
         {

@@ -57,6 +57,13 @@ enum class PeerFailure {
   kContinue,  // log a warning, stop talking to that peer, carry on with the others
 };
 
+// What a receiver does with a floating-point payload that holds NaN or Inf.
+enum class NonFinite {
+  kAccept,  // deliver it
+  kReject,  // reject and count it, warn once naming the sender (default)
+  kFatal,   // reject it and make the next call on the training thread throw CommError
+};
+
 struct ChannelOptions {
   // Both sides of a channel must agree on all of these; World::open_channel checks.
   std::string name = "default";
@@ -77,6 +84,7 @@ struct ChannelOptions {
   // (measured in benchmarks/results/channel_loopback.md).
   bool verify_payload = false;
   PeerFailure on_peer_failure = PeerFailure::kThrow;
+  NonFinite on_non_finite = NonFinite::kReject;
 };
 
 struct Outgoing {
