@@ -9,12 +9,6 @@
 
 namespace torch_asgd {
 
-Fingerprint Fingerprint::of(const std::vector<std::pair<std::string, at::Tensor>>& named) {
-  Fingerprint fp;
-  for (const auto& [name, t] : named) fp.add(name, t.sizes(), t.scalar_type());
-  return fp;
-}
-
 Fingerprint& Fingerprint::add(std::string name, at::IntArrayRef shape, c10::ScalarType dtype) {
   if (name.find_first_of("\t\n") != std::string::npos) {
     throw ConfigError(fmt::format("tensor name '{}' contains a tab or newline", name));

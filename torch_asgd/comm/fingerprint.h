@@ -26,9 +26,6 @@ class Fingerprint {
  public:
   Fingerprint() = default;
 
-  // From named tensors, in order (e.g. module->named_parameters()).
-  static Fingerprint of(const std::vector<std::pair<std::string, at::Tensor>>& named);
-
   Fingerprint& add(std::string name, at::IntArrayRef shape, c10::ScalarType dtype);
   Fingerprint& set(const std::string& key, const std::string& value);
 

@@ -3,7 +3,6 @@
 #include <array>
 #include <cstring>
 
-#include <fmt/format.h>
 
 namespace torch_asgd {
 namespace {
@@ -198,10 +197,5 @@ uint64_t trailer_for(const MessageHeader& h) {
   return (h.sequence * 0x9E3779B97F4A7C15ull) ^ h.token ^ 0x544F524348415344ull;
 }
 
-std::string describe(const MessageHeader& h) {
-  return fmt::format("kind={} delivery={} sender={} seq={} step={} version={} bytes={} updates={}",
-                     static_cast<int>(h.kind), static_cast<int>(h.delivery), h.sender, h.sequence,
-                     h.sender_step, h.model_version, h.payload_bytes, h.updates.count);
-}
 
 }  // namespace torch_asgd

@@ -141,6 +141,5 @@ uint64_t trailer_for(const MessageHeader& h);
 uint32_t crc32(const void* data, size_t size);
 
 size_t dtype_size(c10::ScalarType t);  // 0 for dtypes that may not travel
-std::string describe(const MessageHeader& h);
 
 }  // namespace torch_asgd

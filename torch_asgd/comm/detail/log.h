@@ -8,7 +8,6 @@ namespace torch_asgd {
 namespace detail {
 
 void log_warning(const std::string& message);
-void log_info(const std::string& message);
 
 }  // namespace detail
 }  // namespace torch_asgd

@@ -67,13 +67,6 @@ void FlatParams::copy_(const at::Tensor& flat) const {
   for (size_t i = 0; i < params_.size(); ++i) params_[i].copy_(view(flat, i));
 }
 
-int FlatParams::index_of(const at::Tensor& p) const {
-  for (size_t i = 0; i < params_.size(); ++i) {
-    if (params_[i].unsafeGetTensorImpl() == p.unsafeGetTensorImpl()) return static_cast<int>(i);
-  }
-  return -1;
-}
-
 Fingerprint FlatParams::fingerprint() const {
   Fingerprint fp;
   for (size_t i = 0; i < params_.size(); ++i) {

@@ -35,8 +35,6 @@ class FlatParams {
   void gather_grads(const at::Tensor& flat) const;
   void add_(const at::Tensor& flat) const;   // params += flat
   void copy_(const at::Tensor& flat) const;  // params = flat
-  // The index of `p` among the parameters (by identity); -1 if absent.
-  int index_of(const at::Tensor& p) const;
 
   Fingerprint fingerprint() const;
 
