@@ -80,11 +80,7 @@ DASGD::DASGD(std::vector<torch::optim::OptimizerParamGroup> groups, DASGDOptions
       options_(std::move(defaults)),
       world_(std::move(world)),
       names_(std::move(names)) {
-  // Some LibTorch versions replace a custom optimizer's per-group options with the
-  // defaults in add_param_group: put back what the caller gave.
-  for (size_t i = 0; i < groups.size(); ++i) {
-    if (groups[i].has_options()) param_groups_[i].set_options(groups[i].options().clone());
-  }
+  detail::reapply_group_options(groups, param_groups_);
   init();
 }
 

@@ -92,6 +92,10 @@ ParameterServer::~ParameterServer() {
 
 WorkerStats& ParameterServer::worker(int rank) { return workers_.at(static_cast<size_t>(rank)); }
 
+bool ParameterServer::budget_spent() const {
+  return options_.max_gradients() > 0 && totals_.gradients >= options_.max_gradients();
+}
+
 bool ParameterServer::available(int rank) const {
   const auto& w = workers_[static_cast<size_t>(rank)];
   return !w.done && !w.failed;
@@ -135,11 +139,9 @@ bool ParameterServer::serve(std::chrono::milliseconds timeout) {
       queues_[c.peer].clear();
     }
   }
-  const bool budget_spent =
-      options_.max_gradients() > 0 && totals_.gradients >= options_.max_gradients();
   const bool nobody_left =
       std::none_of(worker_ranks_.begin(), worker_ranks_.end(), [&](int r) { return available(r); });
-  if (budget_spent || nobody_left) {
+  if (budget_spent() || nobody_left) {
     stop();
     return false;
   }
@@ -189,9 +191,7 @@ void ParameterServer::handle_gradient(const Message& m) {
 }
 
 void ParameterServer::issue_job(int returning) {
-  const bool budget_spent =
-      options_.max_gradients() > 0 && totals_.gradients >= options_.max_gradients();
-  if (budget_spent) return;
+  if (budget_spent()) return;
   const int target = assigner_->next(returning, [&](int r) { return available(r); });
   if (target < 0) return;
   ++worker(target).jobs;

@@ -111,6 +111,7 @@ class ParameterServer {
   };
   WorkerStats& worker(int rank);
   bool available(int rank) const;
+  bool budget_spent() const;  // max_gradients reached
   void handle_gradient(const Message& m);
   void issue_job(int returning);
   void send_job(int rank, Job job);

@@ -57,9 +57,7 @@ SyncSGD::SyncSGD(std::vector<torch::optim::OptimizerParamGroup> groups, SyncSGDO
     : Optimizer(groups, std::make_unique<SyncSGDOptions>(defaults)),
       options_(std::move(defaults)),
       world_(std::move(world)) {
-  for (size_t i = 0; i < groups.size(); ++i) {
-    if (groups[i].has_options()) param_groups_[i].set_options(groups[i].options().clone());
-  }
+  detail::reapply_group_options(groups, param_groups_);
   detail::check_groups<SyncSGDOptions>(param_groups_, "SyncSGD");
   flat_ = std::make_unique<detail::FlatParams>(param_groups_, std::move(names));
   stats_.rank = world_ ? world_->rank() : 0;

@@ -62,6 +62,16 @@ bool for_each_sgd_update(std::vector<torch::optim::OptimizerParamGroup>& groups,
   return any;
 }
 
+// Gives the constructed optimizer's groups the options the caller gave: some LibTorch
+// versions replace a custom optimizer's per-group options with the defaults in
+// add_param_group.
+inline void reapply_group_options(const std::vector<torch::optim::OptimizerParamGroup>& given,
+                                  std::vector<torch::optim::OptimizerParamGroup>& groups) {
+  for (size_t i = 0; i < given.size(); ++i) {
+    if (given[i].has_options()) groups[i].set_options(given[i].options().clone());
+  }
+}
+
 // Throws ConfigError unless every group has options of type Options (named
 // `optimizer`Options), and checks each group's rule.
 template <typename Options>
