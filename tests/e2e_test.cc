@@ -14,12 +14,7 @@ using testing::Proc;
 std::string peer() { return testing::bin_dir() + "/asgd-test-peer"; }
 std::string launcher() { return testing::bin_dir() + "/asgd-launch"; }
 
-std::map<std::string, std::string> rank_env(int rank, int size, int port,
-                                            const std::string& timeout = "20") {
-  return {{"RANK", std::to_string(rank)},        {"WORLD_SIZE", std::to_string(size)},
-          {"MASTER_ADDR", "127.0.0.1"},          {"MASTER_PORT", std::to_string(port)},
-          {"TORCH_ASGD_TIMEOUT", timeout},       {"TORCHELASTIC_RUN_ID", "e2e"}};
-}
+using testing::rank_env;
 
 class LaunchedExchange : public ::testing::TestWithParam<int> {};
 

@@ -74,6 +74,13 @@ std::string slurp(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
+// "asgd-pure" -> "asgd_pure": test names cannot hold '-'.
+std::string algo_test_name(const ::testing::TestParamInfo<std::string>& info) {
+  std::string n = info.param;
+  std::replace(n.begin(), n.end(), '-', '_');
+  return n;
+}
+
 class MnistEveryAlgo : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(MnistEveryAlgo, TrainsAndWritesMetrics) {
@@ -110,11 +117,7 @@ TEST_P(MnistEveryAlgo, TrainsAndWritesMetrics) {
 INSTANTIATE_TEST_SUITE_P(Algos, MnistEveryAlgo,
                          ::testing::Values("dasgd", "gossip", "asgd-pure", "asgd-random",
                                            "asgd-shuffle", "sync", "local"),
-                         [](const auto& info) {
-                           std::string n = info.param;
-                           std::replace(n.begin(), n.end(), '-', '_');
-                           return n;
-                         });
+                         algo_test_name);
 
 // Each bad input: one clear line on every rank that sees it, a non-zero exit, no hang.
 Proc mnist(const std::vector<std::string>& args, int nproc = 2) {
@@ -201,8 +204,7 @@ TEST(AsGradProcesses, ServerThatDiesIsAClearErrorOnEveryWorker) {
     ranks.push_back(testing::start(
         {bin("asgd-mnist"), "--data", dir, "--algo", "asgd-shuffle", "--epochs", "1000",
          "--batch-size", "10", "--eval-every", "100000"},
-        {{"RANK", std::to_string(r)}, {"WORLD_SIZE", "3"}, {"MASTER_ADDR", "127.0.0.1"},
-         {"MASTER_PORT", std::to_string(port)}, {"TORCH_ASGD_TIMEOUT", "20"}}));
+        testing::rank_env(r, 3, port)));
   }
   // Let training run, then kill the server without warning.
   ASSERT_TRUE(testing::wait_for_output(ranks[0], "progress:", 60s)) << ranks[0].err_buf;
@@ -232,8 +234,7 @@ TEST(DASGDProcesses, SurvivorsOfAKilledPeerFinishCloseToACleanRun) {
           {bin("asgd-mnist"), "--data", dir, "--algo", "dasgd", "--epochs", "150",
            "--batch-size", "10", "--lr", "0.02", "--eval-every", "100000",
            "--metrics-out", dir + "/" + tag + ".json"},
-          {{"RANK", std::to_string(r)}, {"WORLD_SIZE", "3"}, {"MASTER_ADDR", "127.0.0.1"},
-           {"MASTER_PORT", std::to_string(port)}, {"TORCH_ASGD_TIMEOUT", "30"}}));
+          testing::rank_env(r, 3, port, "30")));
     }
     return ranks;
   };
@@ -319,11 +320,7 @@ TEST_P(CifarEveryAlgo, TrainsFromBinaryFiles) {
 INSTANTIATE_TEST_SUITE_P(Algos, CifarEveryAlgo,
                          ::testing::Values("dasgd", "gossip", "asgd-pure", "asgd-random",
                                            "asgd-shuffle", "sync", "local"),
-                         [](const auto& info) {
-                           std::string n = info.param;
-                           std::replace(n.begin(), n.end(), '-', '_');
-                           return n;
-                         });
+                         algo_test_name);
 
 TEST(Cifar, SyntheticDataLearns) {
   Proc p = testing::run({bin("asgd-launch"), "--nproc", "2", "--master-port", "0", "--",

@@ -161,6 +161,15 @@ inline Proc run(const std::vector<std::string>& argv,
   return p;
 }
 
+// torchrun's variables for rank `rank` of `size` meeting at 127.0.0.1:`port`, with
+// the rendezvous timeout in seconds.
+inline std::map<std::string, std::string> rank_env(int rank, int size, int port,
+                                                   const std::string& timeout = "20") {
+  return {{"RANK", std::to_string(rank)},    {"WORLD_SIZE", std::to_string(size)},
+          {"MASTER_ADDR", "127.0.0.1"},      {"MASTER_PORT", std::to_string(port)},
+          {"TORCH_ASGD_TIMEOUT", timeout},   {"TORCHELASTIC_RUN_ID", "e2e"}};
+}
+
 // A TCP port on 127.0.0.1 that nobody listens on right now.
 inline int free_port() {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
