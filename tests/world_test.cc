@@ -1,6 +1,10 @@
 #include <gtest/gtest.h>
 
+#include <signal.h>
+#include <sys/socket.h>
 #include <unistd.h>
+
+#include <cerrno>
 
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -61,6 +65,30 @@ TEST(World, WorldOfOneNeedsNoStore) {
   EXPECT_EQ(w->size(), 1);
   w->barrier("nothing to wait for");
   w->check_fingerprint("anything", Fingerprint());
+}
+
+TEST(World, AWriteToADeadPeerIsAnErrorNotAKill) {
+  // Writing to a connection whose peer is gone raises SIGPIPE, which by default kills
+  // the process: a dead rank must not take its peers down that way.
+  auto w = World::create(testing::thread_world_options(0, 1));
+  int fds[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0);
+  close(fds[1]);
+  const char byte = 1;
+  errno = 0;
+  EXPECT_EQ(write(fds[0], &byte, 1), -1);
+  EXPECT_EQ(errno, EPIPE);
+  close(fds[0]);
+}
+
+TEST(World, AProgramsOwnSigpipeHandlerIsKept) {
+  struct sigaction mine {};
+  mine.sa_handler = [](int) {};
+  ASSERT_EQ(sigaction(SIGPIPE, &mine, nullptr), 0);
+  auto w = World::create(testing::thread_world_options(0, 1));
+  struct sigaction now {};
+  ASSERT_EQ(sigaction(SIGPIPE, nullptr, &now), 0);
+  EXPECT_EQ(now.sa_handler, mine.sa_handler);
 }
 
 TEST(World, BarrierAndCollectivesComplete) {

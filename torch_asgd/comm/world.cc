@@ -1,5 +1,6 @@
 #include "torch_asgd/comm/world.h"
 
+#include <signal.h>
 #include <unistd.h>
 
 #include <fmt/format.h>
@@ -92,6 +93,20 @@ c10::intrusive_ptr<c10d::Store> open_store(const WorldOptions& o) {
         o.use_agent_store ? "the torchelastic agent's store" : "rank 0"));
   }
 }
+// A write to a connection whose peer has died raises SIGPIPE, whose default action
+// kills the process: one dead rank would then kill its peers, the opposite of what an
+// asynchronous optimizer promises. Like Python, ignore it, so that the write fails with
+// EPIPE and the channel reports the peer. A handler the program installed itself stays.
+void ignore_sigpipe_unless_handled() {
+  static const bool once = [] {
+    struct sigaction current {};
+    if (sigaction(SIGPIPE, nullptr, &current) == 0 && current.sa_handler == SIG_DFL) {
+      signal(SIGPIPE, SIG_IGN);
+    }
+    return true;
+  }();
+  (void)once;
+}
 
 }  // namespace
 
@@ -118,6 +133,7 @@ std::shared_ptr<World> World::create(const WorldOptions& options,
 
 World::World(WorldOptions options, c10::intrusive_ptr<c10d::Store> store)
     : options_(std::move(options)) {
+  ignore_sigpipe_unless_handled();
   if (store) {
     store->setTimeout(options_.timeout);
     store_ = c10::make_intrusive<c10d::PrefixStore>("torch_asgd/" + options_.job_id, store);
