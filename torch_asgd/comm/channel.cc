@@ -1,5 +1,6 @@
 #include "torch_asgd/comm/channel.h"
 
+#include <algorithm>
 #include <cstring>
 #include <optional>
 
@@ -573,7 +574,9 @@ void Channel::peer_failed(PeerLink& l, const std::string& what) {
         "rank {}: channel '{}': connection to rank {} failed: {}; is rank {} still running? "
         "check its output",
         rank_, options_.name, l.peer, what, l.peer);
-    if (options_.on_peer_failure == PeerFailure::kThrow) {
+    const bool critical = std::find(options_.critical_peers.begin(), options_.critical_peers.end(),
+                                    l.peer) != options_.critical_peers.end();
+    if (options_.on_peer_failure == PeerFailure::kThrow || critical) {
       std::lock_guard<std::mutex> lock(error_mu_);
       if (!error_) error_ = std::make_exception_ptr(CommError(msg));
     } else {

@@ -84,6 +84,9 @@ struct ChannelOptions {
   // (measured in benchmarks/results/channel_loopback.md).
   bool verify_payload = false;
   PeerFailure on_peer_failure = PeerFailure::kThrow;
+  // Peers whose failure is always thrown, whatever on_peer_failure says (an AsGrad
+  // worker tolerates a dead fellow worker, never a dead server). May differ by rank.
+  std::vector<int> critical_peers;
   NonFinite on_non_finite = NonFinite::kReject;
 };
 

@@ -49,9 +49,10 @@ AsyncSGD::AsyncSGD(const torch::OrderedDict<std::string, torch::Tensor>& named,
   }
   stats_.rank = world_->rank();
   flat_ = std::make_unique<detail::FlatParams>(param_groups_, named.keys());
-  channel_ = world_->open_channel(
-      detail::asgrad_channel_options(*flat_, PeerFailure::kThrow),
-      detail::asgrad_fingerprint(*flat_, server));
+  // A dead fellow worker is no concern of this one; a dead server ends its work.
+  ChannelOptions channel_options = detail::asgrad_channel_options(*flat_, PeerFailure::kContinue);
+  channel_options.critical_peers = {server};
+  channel_ = world_->open_channel(channel_options, detail::asgrad_fingerprint(*flat_, server));
   grads_ = torch::zeros({flat_->numel()}, torch::TensorOptions().dtype(flat_->dtype()));
   wait_for_job();
 }

@@ -30,7 +30,9 @@ JobAssigner::JobAssigner(AssignPolicy policy, std::vector<int> workers, uint64_t
 int JobAssigner::next(int returning, const std::function<bool(int)>& available) {
   switch (policy_) {
     case AssignPolicy::kPure:
-      return available(returning) ? returning : -1;
+      // A job lost with its worker (returning < 0) is not replaced: under pure
+      // assignment every live worker already holds its own.
+      return returning >= 0 && available(returning) ? returning : -1;
     case AssignPolicy::kRandom: {
       if (std::none_of(workers_.begin(), workers_.end(), available)) return -1;
       std::uniform_int_distribution<size_t> pick(0, workers_.size() - 1);

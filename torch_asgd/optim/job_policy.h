@@ -24,8 +24,9 @@ class JobAssigner {
  public:
   JobAssigner(AssignPolicy policy, std::vector<int> workers, uint64_t seed);
 
-  // The worker for the next job, given the one that just returned a gradient; -1
-  // when no worker can take it. `available(w)` says whether worker w takes jobs.
+  // The worker for the next job, given the one that just returned a gradient (-1:
+  // none did; the job replaces one lost with a failed worker); -1 when no worker can
+  // take it. `available(w)` says whether worker w takes jobs.
   int next(int returning, const std::function<bool(int)>& available);
 
   AssignPolicy policy() const { return policy_; }

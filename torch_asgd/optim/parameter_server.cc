@@ -130,13 +130,13 @@ bool ParameterServer::serve(std::chrono::milliseconds timeout) {
     } else if (m.header.kind == MessageKind::kControl &&
                m.header.sender_step == detail::kDoneSignal) {
       worker(w).done = true;
-      queues_[w].clear();
+      reissue_jobs_of(w);
     }
   }
   for (const auto& c : channel_->counters()) {
     if (c.failed && !workers_[c.peer].failed) {
       workers_[c.peer].failed = true;
-      queues_[c.peer].clear();
+      reissue_jobs_of(c.peer);
     }
   }
   const bool nobody_left =
@@ -188,6 +188,16 @@ void ParameterServer::handle_gradient(const Message& m) {
     send_job(w, std::move(next));
   }
   issue_job(w);
+}
+
+void ParameterServer::reissue_jobs_of(int rank) {
+  // Its gradient in flight is not waited for, and what waited for it is dropped. So
+  // that as many jobs as live workers stay in flight, each lost job is issued anew
+  // (from the current model) to another worker, as the policy picks.
+  const size_t lost = queues_[rank].size() + (busy_[rank] ? 1 : 0);
+  queues_[rank].clear();
+  busy_[rank] = false;
+  for (size_t k = 0; k < lost; ++k) issue_job(-1);
 }
 
 void ParameterServer::issue_job(int returning) {

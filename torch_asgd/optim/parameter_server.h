@@ -53,7 +53,10 @@ struct ServerOptions {
   TORCH_ARG(int, server_rank) = 0;
   // Keep the worker of every job issued and of every gradient applied (for analysis).
   TORCH_ARG(bool, keep_log) = false;
-  TORCH_ARG(PeerFailure, on_worker_failure) = PeerFailure::kThrow;
+  // kContinue (default): a worker whose connection fails is logged once and gets no
+  // more jobs; its job in flight is not waited for; the others train on. kThrow: the
+  // next serve() throws CommError.
+  TORCH_ARG(PeerFailure, on_worker_failure) = PeerFailure::kContinue;
 };
 
 struct WorkerStats {
@@ -113,6 +116,7 @@ class ParameterServer {
   bool available(int rank) const;
   bool budget_spent() const;  // max_gradients reached
   void handle_gradient(const Message& m);
+  void reissue_jobs_of(int rank);  // a worker failed or finished
   void issue_job(int returning);
   void send_job(int rank, Job job);
   void stop();
