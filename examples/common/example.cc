@@ -6,12 +6,16 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <optional>
 #include <stdexcept>
 #include <thread>
 
 #include <fmt/format.h>
+#include <gloo/allreduce.h>
+#include <gloo/math.h>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
+#include "common/checkpoint.h"
 #include "torch_asgd/torch_asgd.h"
 
 namespace torch_asgd {
@@ -95,6 +99,27 @@ class Sampler {
 
   int64_t size() const { return shard_.size(0); }
   torch::Generator& generator() { return gen_; }
+
+  void save(torch::serialize::OutputArchive& a) const {
+    a.write("sampler/generator", gen_.get_state());
+    a.write("sampler/order", order_.defined() ? order_ : torch::empty({0}, torch::kLong));
+    a.write("sampler/pos", torch::tensor({pos_}, torch::kLong));
+  }
+  void load(torch::serialize::InputArchive& a) {
+    torch::Tensor state, order, pos;
+    a.read("sampler/generator", state);
+    a.read("sampler/order", order);
+    a.read("sampler/pos", pos);
+    if (pos.numel() != 1 || order.scalar_type() != torch::kLong || order.dim() != 1 ||
+        pos.item<int64_t>() < 0 || pos.item<int64_t>() > shard_.size(0) ||
+        (order.numel() != 0 && order.numel() != shard_.size(0))) {
+      throw std::runtime_error("the checkpoint's sampler state does not fit this rank's data shard "
+                               "(was the data or --batch-size changed?)");
+    }
+    gen_.set_state(state);
+    order_ = order.numel() == 0 ? torch::Tensor() : order;
+    pos_ = pos.item<int64_t>();
+  }
 
  private:
   torch::Tensor shard_;
@@ -185,6 +210,35 @@ void add_counters(RankReport& r, const Counters& s) {
 
 std::string json_number(double v) { return fmt::format("{:.6g}", v); }
 
+// One all-reduce over every rank: the mean of their parameters, and the smallest and
+// largest of their steps (returned as {min, max}).
+std::pair<int64_t, int64_t> average_models(World& world, torch::nn::Module& model, int64_t step) {
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> params;
+  for (auto& p : model.parameters()) params.push_back(p.detach().reshape({-1}).to(torch::kDouble));
+  auto flat = torch::cat(params);
+  auto steps = torch::tensor({static_cast<double>(step), -static_cast<double>(step)}, torch::kDouble);
+  for (auto* t : {&flat, &steps}) {
+    gloo::AllreduceOptions opts(world.gloo_context());
+    opts.setInput(t->data_ptr<double>(), static_cast<size_t>(t->numel()));
+    opts.setOutput(t->data_ptr<double>(), static_cast<size_t>(t->numel()));
+    opts.setReduceFunction(
+        t == &flat ? static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::sum<double>)
+                   : static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::min<double>));
+    opts.setTag(t == &flat ? 7001 : 7002);
+    opts.setTimeout(world.options().timeout);
+    gloo::allreduce(opts);
+  }
+  flat /= world.size();
+  int64_t at = 0;
+  for (auto& p : model.parameters()) {
+    const int64_t n = p.numel();
+    p.copy_(flat.narrow(0, at, n).view_as(p));
+    at += n;
+  }
+  return {static_cast<int64_t>(steps[0].item<double>()), -static_cast<int64_t>(steps[1].item<double>())};
+}
+
 }  // namespace
 
 std::string usage(const Task& task) {
@@ -209,6 +263,9 @@ std::string usage(const Task& task) {
       "  --device D           cpu | cuda (cpu; cuda is not implemented yet)\n"
       "  --threads T          intra-op threads per rank (1)\n"
       "  --synthetic N        (CIFAR) generate N labelled images instead of reading --data\n"
+      "  --checkpoint-dir D   each rank writes D/rank-R.pt (atomically: temporary file + rename)\n"
+      "  --checkpoint-every N steps of each rank (the server: gradients) between checkpoints (500)\n"
+      "  --resume             continue from the checkpoints in --checkpoint-dir\n"
       "  --help               this text\n",
       task.program, task.default_data);
 }
@@ -220,6 +277,10 @@ ExampleOptions parse_options(int argc, char** argv, const Task& task) {
     const std::string a = argv[i];
     if (a == "--help" || a == "-h") {
       o.help = true;
+      continue;
+    }
+    if (a == "--resume") {
+      o.resume = true;
       continue;
     }
     if (i + 1 >= argc) throw std::invalid_argument(a + " needs a value (or is unknown)");
@@ -271,9 +332,16 @@ ExampleOptions parse_options(int argc, char** argv, const Task& task) {
       o.threads = to_int(a, v, 1);
     } else if (a == "--synthetic") {
       o.synthetic = to_int(a, v, 1);
+    } else if (a == "--checkpoint-dir") {
+      o.checkpoint_dir = v;
+    } else if (a == "--checkpoint-every") {
+      o.checkpoint_every = to_int(a, v, 1);
     } else {
       throw std::invalid_argument("unknown option " + a);
     }
+  }
+  if (o.resume && o.checkpoint_dir.empty()) {
+    throw std::invalid_argument("--resume needs --checkpoint-dir DIR, the directory of the run to continue");
   }
   return o;
 }
@@ -347,6 +415,10 @@ int run(const Task& task, int argc, char** argv) {
                                     trainers, per_shard, o.batch_size));
     }
 
+    std::optional<RankCheckpoint> checkpoint;
+    if (!o.checkpoint_dir.empty()) checkpoint.emplace(o.checkpoint_dir, rank);
+    CheckpointMeta meta{o.algo, n, rank, 0};
+
     if (is_server) {
       const int64_t total = int64_t{o.epochs} * (train.labels.size(0) / o.batch_size);
       ParameterServer server(model->named_parameters(),
@@ -356,16 +428,41 @@ int run(const Task& task, int argc, char** argv) {
                                  .max_gradients(total)
                                  .seed(o.seed),
                              world);
+      if (o.resume) {
+        torch::serialize::InputArchive a, server_state, model_state;
+        const int64_t at = checkpoint->read(a, meta);
+        a.read("server", server_state);
+        server.load(server_state);  // first: it names what differs for another model
+        a.read("model", model_state);
+        model->load(model_state);
+        std::printf("rank 0: resumed from %s at gradient %ld\n", checkpoint->path().c_str(),
+                    static_cast<long>(at));
+      }
+      auto save_checkpoint = [&] {
+        torch::serialize::OutputArchive a, server_state, model_state;
+        server.save(server_state);
+        model->save(model_state);
+        a.write("server", server_state);
+        a.write("model", model_state);
+        meta.step = server.stats().gradients;
+        checkpoint->write(a, meta);
+      };
       Progress progress(true, total);
-      int64_t next_eval = o.eval_every;
+      int64_t next_eval = server.stats().gradients + o.eval_every;
+      int64_t next_checkpoint = server.stats().gradients + o.checkpoint_every;
       while (server.serve(std::chrono::milliseconds(50))) {
         const int64_t done = server.stats().gradients;
         if (done >= next_eval) {
           evaluate_rank0();
           next_eval += o.eval_every;
         }
+        if (checkpoint && done >= next_checkpoint) {
+          save_checkpoint();
+          next_checkpoint = done + o.checkpoint_every;
+        }
         progress.update(done, 0, last_acc);
       }
+      if (checkpoint) save_checkpoint();
       progress.update(server.stats().gradients, 0, last_acc, true);
       progress.finish();
       auto s = server.stats();
@@ -401,10 +498,45 @@ int run(const Task& task, int argc, char** argv) {
         worker = w.get();
         opt = std::move(w);
       }
+      int64_t step = 0;
+      if (o.resume) {
+        torch::serialize::InputArchive a, optimizer_state, model_state;
+        step = checkpoint->read(a, meta);
+        a.read("optimizer", optimizer_state);
+        opt->load(optimizer_state);  // first: it names what differs for another model
+        a.read("model", model_state);
+        model->load(model_state);
+        sampler.load(a);
+        if (n > 1 && (o.algo == "dasgd" || o.algo == "gossip" || o.algo == "sync")) {
+          // The ranks' checkpoints are from different moments and what was in flight
+          // is gone: restart from their mean, which every replica then shares.
+          auto [lo, hi] = average_models(*world, *model, step);
+          if (o.algo == "sync" && lo != hi) {
+            // Killed between two ranks' writes: sync steps in lock-step, so every rank
+            // goes on from the oldest step (with the mean model).
+            std::printf("rank %d: the checkpoints are from steps %ld to %ld; sync resumes "
+                        "every rank at step %ld\n",
+                        rank, static_cast<long>(lo), static_cast<long>(hi), static_cast<long>(lo));
+            step = lo;
+          }
+        }
+        std::printf("rank %d: resumed from %s at step %ld\n", rank, checkpoint->path().c_str(),
+                    static_cast<long>(step));
+      }
+      const int64_t first_step = step;
+      auto save_checkpoint = [&] {
+        torch::serialize::OutputArchive a, optimizer_state, model_state;
+        opt->save(optimizer_state);
+        model->save(model_state);
+        a.write("optimizer", optimizer_state);
+        a.write("model", model_state);
+        sampler.save(a);
+        meta.step = step;
+        checkpoint->write(a, meta);
+      };
       const int64_t total = server_algo ? -1 : int64_t{o.epochs} * steps_per_epoch;
       Progress progress(rank == 0, total);
       const bool straggle = rank == o.straggler_rank && o.straggler_factor > 1;
-      int64_t step = 0;
       double loss_avg = 0;
       double compute_seconds = 0;
       while (server_algo ? !worker->done() : step < total) {
@@ -423,6 +555,7 @@ int run(const Task& task, int argc, char** argv) {
         opt->step();
         compute_seconds += compute;
         ++step;
+        if (checkpoint && step % o.checkpoint_every == 0) save_checkpoint();
         loss_avg = 0.95 * loss_avg + 0.05 * loss.item<double>();
         if (rank == 0) {
           if (step % o.eval_every == 0) evaluate_rank0();
@@ -449,7 +582,8 @@ int run(const Task& task, int argc, char** argv) {
         worker->finish();
         detail = worker->stats().str();
       }
-      report.samples_per_second = static_cast<double>(step) * o.batch_size / train_seconds;
+      if (checkpoint) save_checkpoint();
+      report.samples_per_second = static_cast<double>(step - first_step) * o.batch_size / train_seconds;
     }
 
     // Every rank evaluates its model on the full test set.

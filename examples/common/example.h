@@ -34,6 +34,9 @@ struct ExampleOptions {
   std::string device = "cpu";
   int threads = 1;
   int64_t synthetic = 0;  // CIFAR: generate this many labelled images instead of reading
+  std::string checkpoint_dir;  // empty: no checkpoints
+  int checkpoint_every = 500;  // steps of each rank (gradients of the server)
+  bool resume = false;
   bool help = false;
 };
 
