@@ -11,6 +11,7 @@ PACKAGES=(
   libfmt-dev
   libgtest-dev libgmock-dev
   libbenchmark-dev
+  clang libclang-rt-14-dev  # libFuzzer, for the message decoder's fuzz test
   dataset-fashion-mnist # the real Fashion-MNIST in IDX format, for the examples and the demo
 )
 

@@ -6,6 +6,12 @@
 //                        stopped; rank 0 prints its counters and RSS growth, rank 1 verifies
 //                        the exact sum it received
 //   mismatch             rank 1 declares another model; every rank must fail
+//   train STEPS NUMEL    DASGD (delta mode, momentum 0) over NUMEL float parameters: each
+//                        step of rank r applies the gradient (r+1)/1024 after 2 ms of
+//                        "compute", so that after finish() every replica must equal
+//                        -lr/1024 * STEPS * (1 + 2 + ... + size) exactly. Prints a
+//                        "tick <steady ms> <step> <rss kb>" line every 25 steps, then
+//                        "final ... exact" or "... WRONG"
 // Exit code 0 when the mode's checks pass; errors print one line and exit 1.
 #include <unistd.h>
 
@@ -13,6 +19,7 @@
 #include <fstream>
 #include <iostream>
 #include <string>
+#include <thread>
 
 #include <torch/torch.h>
 
@@ -127,6 +134,34 @@ int flood(World& world, int n, int64_t bytes) {
   return ok && exact && updates == n ? 0 : 1;
 }
 
+int train(const std::shared_ptr<World>& world, int64_t steps, int64_t numel) {
+  torch::NoGradGuard no_grad;
+  auto x = torch::zeros({numel});
+  const double lr = 0.125;
+  DASGD opt(std::vector<torch::Tensor>{x}, DASGDOptions(lr), world);
+  x.mutable_grad() = torch::full({numel}, (world->rank() + 1) / 1024.0);
+  for (int64_t s = 1; s <= steps; ++s) {
+    std::this_thread::sleep_for(2ms);
+    opt.step();
+    if (s % 25 == 0 || s == steps) {
+      const auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
+          std::chrono::steady_clock::now().time_since_epoch());
+      std::printf("tick %ld %ld %ld\n", static_cast<long>(now.count()), static_cast<long>(s), rss_kb());
+      std::fflush(stdout);
+    }
+  }
+  const bool finished = opt.finish(120s);
+  const int n = world->size();
+  const double expected = -lr / 1024.0 * static_cast<double>(steps) * n * (n + 1) / 2;
+  const double max_diff = (x - expected).abs().max().item<double>();
+  auto st = opt.stats();
+  std::printf("final rank %d version %ld remote %ld coalesced %lu max_diff %g %s\n", world->rank(),
+              static_cast<long>(st.version), static_cast<long>(st.remote_updates),
+              static_cast<unsigned long>(st.coalesced), max_diff,
+              finished && max_diff == 0 && st.version == steps * n ? "exact" : "WRONG");
+  return finished && max_diff == 0 && st.version == steps * n ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -140,6 +175,7 @@ int main(int argc, char** argv) {
     }
     if (mode == "exchange") return exchange(*world);
     if (mode == "flood") return flood(*world, std::stoi(argv[2]), std::stoll(argv[3]));
+    if (mode == "train") return train(world, std::stoll(argv[2]), std::stoll(argv[3]));
     if (mode == "mismatch") {
       Fingerprint fp;
       fp.add("fc1.weight", {50, world->rank() == 1 ? 321 : 320}, c10::kFloat);

@@ -91,6 +91,41 @@ TEST(World, AProgramsOwnSigpipeHandlerIsKept) {
   EXPECT_EQ(now.sa_handler, mine.sa_handler);
 }
 
+TEST(World, TwoJobsOnOneStoreStayApart) {
+  // Two jobs of 2 ranks each meet in the same store at the same time (as two jobs
+  // pointed at one MASTER_ADDR:MASTER_PORT would): each forms its own world, and every
+  // message a rank receives comes from its own job.
+  auto store = c10::make_intrusive<c10d::HashStore>();
+  std::vector<std::string> results(4);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([&, i] {
+      const int rank = i % 2;
+      const std::string job = i < 2 ? "job-a" : "job-b";
+      try {
+        auto o = testing::thread_world_options(rank, 2);
+        o.job_id = job;
+        auto w = World::create(o, store);
+        ChannelOptions co;
+        co.name = "shared-name";
+        auto ch = w->open_channel(co);
+        Outgoing m;
+        m.payload = torch::full({16}, job == "job-a" ? 1.0f : 2.0f);
+        ch->send(1 - rank, m);
+        std::vector<Message> got;
+        for (int k = 0; k < 100 && got.empty(); ++k) got = ch->wait(100ms);
+        EXPECT_TRUE(ch->close(10s));
+        results[i] = got.size() == 1 ? (got[0].payload[0].item<float>() == 1.0f ? "job-a" : "job-b")
+                                     : "nothing";
+      } catch (const std::exception& e) {
+        results[i] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(results, (std::vector<std::string>{"job-a", "job-a", "job-b", "job-b"}));
+}
+
 TEST(World, BarrierAndCollectivesComplete) {
   testing::spawn(3, [](std::shared_ptr<World> w) {
     w->barrier("one");

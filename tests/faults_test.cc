@@ -1,0 +1,397 @@
+// Faults injected into real processes on loopback: a stalled peer, a dead worker,
+// stray connections, jobs killed and resumed from checkpoints, and bad checkpoints.
+// (A killed DASGD peer and a killed parameter server are in examples_test.cc.)
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "common/checkpoint.h"
+#include "example_data.h"
+#include "process.h"
+
+namespace torch_asgd {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::Proc;
+
+struct Tick {
+  long ms, step, rss_kb;
+};
+
+std::vector<Tick> ticks(const std::string& out) {
+  std::vector<Tick> t;
+  std::istringstream in(out);
+  std::string line;
+  while (std::getline(in, line)) {
+    Tick k{};
+    if (std::sscanf(line.c_str(), "tick %ld %ld %ld", &k.ms, &k.step, &k.rss_kb) == 3) t.push_back(k);
+  }
+  return t;
+}
+
+long now_ms() {
+  return static_cast<long>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                               std::chrono::steady_clock::now().time_since_epoch())
+                               .count());
+}
+
+// Steps per second of the ticks within [from, to] (steady-clock ms).
+double rate(const std::vector<Tick>& t, long from, long to) {
+  const Tick* first = nullptr;
+  const Tick* last = nullptr;
+  for (const auto& k : t) {
+    if (k.ms < from || k.ms > to) continue;
+    if (first == nullptr) first = &k;
+    last = &k;
+  }
+  if (first == nullptr || last == first) return 0;
+  return 1000.0 * static_cast<double>(last->step - first->step) / static_cast<double>(last->ms - first->ms);
+}
+
+std::vector<Proc> start_training(int n, int port, const std::string& steps, const std::string& numel) {
+  std::vector<Proc> ranks;
+  for (int r = 0; r < n; ++r) {
+    ranks.push_back(testing::start({bin("asgd-test-peer"), "train", steps, numel},
+                                   testing::rank_env(r, n, port, "60")));
+  }
+  return ranks;
+}
+
+// A peer stopped with SIGSTOP for 4 s: the others keep their pace, their memory stays
+// bounded, and after SIGCONT every replica ends exactly equal to the sum of every
+// rank's every update.
+TEST(StalledPeer, NobodySlowsDownMemoryStaysBoundedNoUpdateIsLost) {
+  const int port = testing::free_port();
+  auto ranks = start_training(3, port, "3000", "1000000");  // 4 MB of parameters
+  // Past the start-up, rank 0 at step 400 (a tick is "tick <ms> <step> <rss>").
+  ASSERT_TRUE(testing::wait_for_output(ranks[0], " 400 ", 60s)) << ranks[0].err_buf;
+  const long stop_at = now_ms();
+  ::kill(ranks[2].pid, SIGSTOP);
+  std::this_thread::sleep_for(4s);
+  const long cont_at = now_ms();
+  ::kill(ranks[2].pid, SIGCONT);
+  for (auto& p : ranks) testing::finish(p, 120s);
+  for (int r = 0; r < 3; ++r) {
+    EXPECT_EQ(ranks[r].exit_code, 0) << "rank " << r << ": " << ranks[r].out_buf.substr(
+                                            ranks[r].out_buf.rfind("final") == std::string::npos
+                                                ? 0 : ranks[r].out_buf.rfind("final"))
+                                     << ranks[r].err_buf;
+    EXPECT_NE(ranks[r].out_buf.find("exact"), std::string::npos) << "rank " << r;
+  }
+  for (int r = 0; r < 2; ++r) {
+    const auto t = ticks(ranks[r].out_buf);
+    const double before = rate(t, stop_at - 1500, stop_at);
+    const double during = rate(t, stop_at + 500, cont_at);
+    RecordProperty("rank" + std::to_string(r) + "_steps_per_s_before", std::to_string(before));
+    RecordProperty("rank" + std::to_string(r) + "_steps_per_s_stalled", std::to_string(during));
+    EXPECT_GT(before, 0) << "rank " << r << " made no steps before the stall";
+    EXPECT_GT(during, 0.7 * before) << "rank " << r << " slowed down while rank 2 was stopped";
+    long rss_before = -1, rss_max = -1;
+    for (const auto& k : t) {
+      if (k.ms <= stop_at) rss_before = k.rss_kb;
+      if (k.ms > stop_at && k.ms <= cont_at) rss_max = std::max(rss_max, k.rss_kb);
+    }
+    RecordProperty("rank" + std::to_string(r) + "_rss_growth_kb", std::to_string(rss_max - rss_before));
+    EXPECT_LT(rss_max - rss_before, 16 * 1024) << "rank " << r << " grew while rank 2 was stopped";
+  }
+}
+
+// The TCP ports a process listens on, from /proc.
+std::vector<int> listening_ports(pid_t pid) {
+  std::set<std::string> inodes;
+  const std::string fd_dir = "/proc/" + std::to_string(pid) + "/fd";
+  if (DIR* d = ::opendir(fd_dir.c_str())) {
+    while (dirent* e = ::readdir(d)) {
+      char target[256];
+      const ssize_t n = ::readlink((fd_dir + "/" + e->d_name).c_str(), target, sizeof(target) - 1);
+      if (n <= 0) continue;
+      const std::string t(target, static_cast<size_t>(n));
+      if (t.rfind("socket:[", 0) == 0) inodes.insert(t.substr(8, t.size() - 9));
+    }
+    ::closedir(d);
+  }
+  std::vector<int> ports;
+  for (const char* table : {"tcp", "tcp6"}) {
+    std::istringstream tcp(slurp("/proc/" + std::to_string(pid) + "/net/" + table));
+    std::string line;
+    std::getline(tcp, line);  // header
+    while (std::getline(tcp, line)) {
+      std::istringstream f(line);
+      std::string sl, local, remote, state, queues, timer, retr, uid, timeout, inode;
+      f >> sl >> local >> remote >> state >> queues >> timer >> retr >> uid >> timeout >> inode;
+      if (state == "0A" && inodes.count(inode) > 0) {
+        ports.push_back(std::stoi(local.substr(local.rfind(':') + 1), nullptr, 16));
+      }
+    }
+  }
+  return ports;
+}
+
+// Connects to 127.0.0.1:port; -1 if nobody listens.
+int connect_to(int port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// Processes that are not part of the job connect to every port the ranks listen on
+// while they train: some send garbage and hang up, some send nothing and stay. The job
+// finishes anyway, every replica exact.
+TEST(StrayConnections, AreRefusedWithoutDisturbingTheJob) {
+  const int port = testing::free_port();
+  auto ranks = start_training(3, port, "1500", "100000");
+  ASSERT_TRUE(testing::wait_for_output(ranks[0], " 100 ", 60s)) << ranks[0].err_buf;
+  std::vector<int> ports = listening_ports(ranks[0].pid);
+  for (int p : listening_ports(ranks[1].pid)) ports.push_back(p);
+  // Gloo (Debian's 2022 release) listens only while its pairs connect; once the job
+  // runs, rank 0's store is what a stray process can reach.
+  ASSERT_GE(ports.size(), 1u) << "found no listening ports";
+  std::vector<int> idle;
+  uint32_t x = 12345;
+  for (int p : ports) {
+    for (int k = 0; k < 3; ++k) {
+      const int fd = connect_to(p);
+      if (fd < 0) continue;
+      if (k == 2) {
+        idle.push_back(fd);  // connected, silent, kept open
+        continue;
+      }
+      std::vector<uint8_t> junk(k == 0 ? 16 : 100000);
+      for (auto& b : junk) b = static_cast<uint8_t>((x = x * 1664525u + 1013904223u) >> 24);
+      ssize_t unused = ::send(fd, junk.data(), junk.size(), MSG_NOSIGNAL);
+      (void)unused;
+      ::close(fd);
+    }
+  }
+  for (auto& p : ranks) testing::finish(p, 120s);
+  for (int fd : idle) ::close(fd);
+  for (int r = 0; r < 3; ++r) {
+    EXPECT_EQ(ranks[r].exit_code, 0) << "rank " << r << ": " << ranks[r].err_buf;
+    EXPECT_NE(ranks[r].out_buf.find("exact"), std::string::npos) << "rank " << r;
+  }
+  RecordProperty("ports_probed", std::to_string(ports.size()));
+}
+
+// ---- AsGrad: a worker dies --------------------------------------------------------------
+
+TEST(DeadWorker, TheServerStopsAssigningToItAndTrainingEndsNormally) {
+  const std::string dir = make_mnist_dir("worker_dies", false);
+  const int port = testing::free_port();
+  std::vector<Proc> ranks;
+  for (int r = 0; r < 4; ++r) {
+    ranks.push_back(testing::start(
+        {bin("asgd-mnist"), "--data", dir, "--algo", "asgd-shuffle", "--epochs", "60",
+         "--batch-size", "10", "--lr", "0.02", "--eval-every", "100000"},
+        testing::rank_env(r, 4, port, "30")));
+  }
+  ASSERT_TRUE(testing::wait_for_output(ranks[0], "progress:", 60s)) << ranks[0].err_buf;
+  std::this_thread::sleep_for(1s);
+  ::kill(ranks[3].pid, SIGKILL);
+  for (int r = 0; r < 3; ++r) {
+    testing::finish(ranks[r], 120s);
+    EXPECT_FALSE(ranks[r].timed_out) << "rank " << r << " hung";
+    EXPECT_EQ(ranks[r].exit_code, 0) << "rank " << r << ": " << ranks[r].err_buf;
+  }
+  testing::finish(ranks[3], 10s);
+  const std::string& server = ranks[0].out_buf;
+  EXPECT_NE(server.find("worker 3:"), std::string::npos) << server;
+  EXPECT_NE(server.find("(failed)"), std::string::npos) << server;
+  // Training reached its budget with the two others: 60 epochs of 600 samples / 10.
+  EXPECT_NE(server.find("server: 3600 gradients"), std::string::npos) << server;
+  const auto at = server.find("test_accuracy=");
+  ASSERT_NE(at, std::string::npos) << server;
+  EXPECT_GT(std::stod(server.substr(at + 14)), 0.5) << server;
+}
+
+// ---- checkpoints ------------------------------------------------------------------------
+
+double accuracy_in(const std::string& metrics_file) {
+  const std::string m = slurp(metrics_file);
+  const auto at = m.find("\"test_accuracy\": ");
+  return at == std::string::npos ? -1.0 : std::stod(m.substr(at + 17));
+}
+
+// Killed with SIGKILL at random moments while it writes a checkpoint after every step,
+// a rank never leaves a torn checkpoint: each time, the file reads back whole.
+TEST(Checkpoints, AKillMidWriteNeverLeavesATornCheckpoint) {
+  const std::string dir = make_mnist_dir("ckpt_atomic", false);
+  const std::string ckpt_dir = dir + "/ckpt";
+  uint32_t x = 7;
+  int leftovers = 0;
+  for (int round = 0; round < 6; ++round) {
+    std::vector<std::string> argv = {bin("asgd-mnist"), "--data", dir, "--algo", "local",
+                                     "--epochs", "1000", "--batch-size", "10", "--checkpoint-dir",
+                                     ckpt_dir, "--checkpoint-every", "1", "--eval-every", "100000"};
+    if (round > 0) argv.push_back("--resume");
+    auto p = testing::start(argv);
+    ASSERT_TRUE(testing::wait_for_output(p, "progress:", 60s)) << p.err_buf;
+    x = x * 1664525u + 1013904223u;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100 + (x >> 24)));
+    ::kill(p.pid, SIGKILL);
+    testing::finish(p, 10s);
+    if (DIR* d = ::opendir(ckpt_dir.c_str())) {
+      while (dirent* e = ::readdir(d)) leftovers += std::string(e->d_name).find(".tmp-") != std::string::npos;
+      ::closedir(d);
+    }
+    examples::RankCheckpoint ckpt(ckpt_dir, 0);  // removes the leftover
+    torch::serialize::InputArchive a;
+    int64_t step = -1;
+    EXPECT_NO_THROW(step = ckpt.read(a, {"local", 1, 0, 0})) << "round " << round;
+    EXPECT_GT(step, 0);
+  }
+  // How often a kill landed mid-write (the temporary file stays behind).
+  RecordProperty("kills_mid_write", std::to_string(leftovers));
+}
+
+// A job killed as a whole (every rank, or only the parameter server), then started again
+// with --resume, continues from its checkpoints and ends in the accuracy band of a run
+// that was never interrupted (asserted: within 10 points).
+class KilledAndResumed : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(KilledAndResumed, EndsCloseToAnUninterruptedRun) {
+  const std::string algo = GetParam();
+  const bool server_algo = algo.rfind("asgd-", 0) == 0;
+  const std::string dir = make_mnist_dir("resume_" + algo, false);
+  const int n = 3;
+  auto start_job = [&](const std::string& tag, bool resume) {
+    const int port = testing::free_port();
+    std::vector<Proc> ranks;
+    for (int r = 0; r < n; ++r) {
+      std::vector<std::string> argv = {
+          bin("asgd-mnist"), "--data", dir, "--algo", algo, "--epochs", "40", "--batch-size", "10",
+          "--lr", "0.02", "--eval-every", "100000", "--metrics-out", dir + "/" + tag + ".json",
+          "--checkpoint-dir", dir + "/ckpt-" + (tag == "clean" ? "clean" : "killed"),
+          "--checkpoint-every", "20"};
+      if (resume) argv.push_back("--resume");
+      ranks.push_back(testing::start(argv, testing::rank_env(r, n, port, "20")));
+    }
+    return ranks;
+  };
+  auto clean = start_job("clean", false);
+  for (auto& p : clean) testing::finish(p, 120s);
+  for (auto& p : clean) ASSERT_EQ(p.exit_code, 0) << p.err_buf;
+
+  auto killed = start_job("killed", false);
+  ASSERT_TRUE(testing::wait_for_output(killed[0], "progress:", 60s)) << killed[0].err_buf;
+  std::this_thread::sleep_for(2s);
+  if (server_algo) {
+    ::kill(killed[0].pid, SIGKILL);  // the workers then fail on their own
+  } else {
+    for (auto& p : killed) ::kill(p.pid, SIGKILL);
+  }
+  for (auto& p : killed) testing::finish(p, 60s);
+  for (int r = 1; r < n && server_algo; ++r) EXPECT_EQ(killed[r].exit_code, 1) << killed[r].err_buf;
+
+  auto resumed = start_job("resumed", true);
+  for (auto& p : resumed) testing::finish(p, 120s);
+  for (int r = 0; r < n; ++r) {
+    EXPECT_EQ(resumed[r].exit_code, 0) << "rank " << r << ": " << resumed[r].err_buf;
+    EXPECT_NE(resumed[r].out_buf.find("resumed from"), std::string::npos) << resumed[r].out_buf;
+  }
+  const double a_clean = accuracy_in(dir + "/clean.json");
+  const double a_resumed = accuracy_in(dir + "/resumed.json");
+  RecordProperty("accuracy_clean", std::to_string(a_clean));
+  RecordProperty("accuracy_resumed", std::to_string(a_resumed));
+  EXPECT_GT(a_clean, 0.5);
+  EXPECT_GT(a_resumed, a_clean - 0.10) << "clean " << a_clean << ", resumed " << a_resumed;
+}
+
+std::string algo_name(const ::testing::TestParamInfo<std::string>& info) {
+  std::string s = info.param;
+  std::replace(s.begin(), s.end(), '-', '_');
+  return s;
+}
+
+INSTANTIATE_TEST_SUITE_P(Algos, KilledAndResumed,
+                         ::testing::Values("dasgd", "gossip", "sync", "asgd-shuffle"), algo_name);
+
+// Bad checkpoints: one clear line naming the file and what is wrong, exit 1.
+class BadCheckpoint : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = make_mnist_dir("bad_ckpt", false);
+    ckpt_ = dir_ + "/ckpt";
+    auto p = testing::run({bin("asgd-mnist"), "--data", dir_, "--algo", "local", "--epochs", "1",
+                           "--batch-size", "10", "--checkpoint-dir", ckpt_});
+    ASSERT_EQ(p.exit_code, 0) << p.err_buf;
+  }
+  Proc resume(const std::string& program = "asgd-mnist", const std::string& algo = "local") {
+    std::vector<std::string> argv = {bin(program), "--algo", algo, "--epochs", "2",
+                                     "--batch-size", "10", "--checkpoint-dir", ckpt_, "--resume"};
+    if (program == "asgd-mnist") {
+      argv.insert(argv.end(), {"--data", dir_});
+    } else {
+      argv.insert(argv.end(), {"--synthetic", "200"});
+    }
+    return testing::run(argv);
+  }
+  std::string dir_, ckpt_;
+};
+
+TEST_F(BadCheckpoint, ResumeFromAFinishedRunContinues) {
+  auto p = resume();
+  EXPECT_EQ(p.exit_code, 0) << p.err_buf;
+  EXPECT_NE(p.out_buf.find("resumed from " + ckpt_ + "/rank-0.pt at step 60"), std::string::npos)
+      << p.out_buf;
+}
+
+TEST_F(BadCheckpoint, GarbageIsNamedAsCorrupt) {
+  write(ckpt_ + "/rank-0.pt", std::vector<uint8_t>(5000, 0x5a), false);
+  auto p = resume();
+  EXPECT_EQ(p.exit_code, 1);
+  EXPECT_NE(p.err_buf.find("checkpoint " + ckpt_ + "/rank-0.pt is unreadable"), std::string::npos)
+      << p.err_buf;
+}
+
+TEST_F(BadCheckpoint, TruncatedIsNamedAsCorrupt) {
+  const std::string path = ckpt_ + "/rank-0.pt";
+  const std::string whole = slurp(path);
+  ASSERT_GT(whole.size(), 1000u);
+  write(path, std::vector<uint8_t>(whole.begin(), whole.begin() + whole.size() / 2), false);
+  auto p = resume();
+  EXPECT_EQ(p.exit_code, 1);
+  EXPECT_NE(p.err_buf.find("is unreadable"), std::string::npos) << p.err_buf;
+}
+
+TEST_F(BadCheckpoint, AnotherModelsCheckpointNamesTheDifference) {
+  // The CIFAR example's checkpoint, same algorithm and ranks, but another network.
+  auto p = resume("asgd-cifar");
+  EXPECT_EQ(p.exit_code, 1);
+  EXPECT_NE(p.err_buf.find("belongs to another model"), std::string::npos) << p.err_buf;
+}
+
+TEST_F(BadCheckpoint, AnotherAlgorithmIsRefused) {
+  auto p = resume("asgd-mnist", "dasgd");
+  EXPECT_EQ(p.exit_code, 1);
+  EXPECT_NE(p.err_buf.find("running --algo local, but this is rank 0 of 1 running --algo dasgd"),
+            std::string::npos)
+      << p.err_buf;
+}
+
+TEST_F(BadCheckpoint, MissingCheckpointIsNamed) {
+  ::unlink((ckpt_ + "/rank-0.pt").c_str());
+  auto p = resume();
+  EXPECT_EQ(p.exit_code, 1);
+  EXPECT_NE(p.err_buf.find("there is no checkpoint " + ckpt_ + "/rank-0.pt"), std::string::npos)
+      << p.err_buf;
+}
+
+}  // namespace
+}  // namespace torch_asgd
