@@ -8,6 +8,8 @@
 
 #include <thread>
 
+#include <torch/torch.h>
+
 #include "example_data.h"
 #include "process.h"
 
@@ -128,13 +130,22 @@ TEST(MnistBadInput, ServerAlgorithmNeedsTwoRanks) {
       << p.err_buf;
 }
 
+TEST(MnistBadInput, CudaWithoutAGpuSaysSo) {
+  if (torch::cuda::is_available()) GTEST_SKIP() << "this LibTorch has a CUDA device";
+  auto p = testing::run({bin("asgd-mnist"), "--device", "cuda"});
+  EXPECT_EQ(p.exit_code, 1);
+  EXPECT_NE(p.err_buf.find("--device cuda: this LibTorch sees no CUDA device"), std::string::npos)
+      << p.err_buf;
+}
+
 TEST(Mnist, HelpListsEveryOption) {
   Proc p = testing::run({bin("asgd-mnist"), "--help"}, {}, 30s);
   EXPECT_EQ(p.exit_code, 0);
   for (const char* opt : {"--algo", "--data", "--epochs", "--batch-size", "--lr", "--momentum",
                           "--step-rule", "--broadcast-every", "--partition", "--sampling",
                           "--straggler", "--target-accuracy", "--eval-every", "--metrics-out",
-                          "--seed", "--device", "--threads"}) {
+                          "--seed", "--device", "--threads", "--checkpoint-dir",
+                          "--checkpoint-every", "--resume"}) {
     EXPECT_NE(p.out_buf.find(opt), std::string::npos) << opt;
   }
 }

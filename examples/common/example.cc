@@ -131,13 +131,15 @@ class Sampler {
 
 double accuracy(const Task& task, torch::nn::Module& model, const Dataset& set, int64_t limit) {
   torch::NoGradGuard no_grad;
+  const auto params = model.parameters();
+  const torch::Device device = params.empty() ? torch::Device(torch::kCPU) : params[0].device();
   model.eval();
   const int64_t n = std::min<int64_t>(limit, set.labels.size(0));
   int64_t correct = 0;
   for (int64_t start = 0; start < n; start += 1000) {
     const int64_t len = std::min<int64_t>(1000, n - start);
-    auto out = task.forward(model, set.images.narrow(0, start, len));
-    correct += out.argmax(1).eq(set.labels.narrow(0, start, len)).sum().item<int64_t>();
+    auto out = task.forward(model, set.images.narrow(0, start, len).to(device));
+    correct += out.argmax(1).eq(set.labels.narrow(0, start, len).to(device)).sum().item<int64_t>();
   }
   model.train();
   return static_cast<double>(correct) / static_cast<double>(n);
@@ -216,7 +218,7 @@ std::pair<int64_t, int64_t> average_models(World& world, torch::nn::Module& mode
   torch::NoGradGuard no_grad;
   std::vector<torch::Tensor> params;
   for (auto& p : model.parameters()) params.push_back(p.detach().reshape({-1}).to(torch::kDouble));
-  auto flat = torch::cat(params);
+  auto flat = torch::cat(params).to(torch::kCPU).contiguous();  // Gloo reduces host memory
   auto steps = torch::tensor({static_cast<double>(step), -static_cast<double>(step)}, torch::kDouble);
   for (auto* t : {&flat, &steps}) {
     gloo::AllreduceOptions opts(world.gloo_context());
@@ -260,7 +262,7 @@ std::string usage(const Task& task) {
       "  --eval-every N       rank 0 evaluates every N steps (server: gradients) (200)\n"
       "  --metrics-out FILE   rank 0 writes the run's metrics as JSON\n"
       "  --seed S             seed of the model, the shards and the sampling (1)\n"
-      "  --device D           cpu | cuda (cpu; cuda is not implemented yet)\n"
+      "  --device D           cpu | cuda: the model on GPU local_rank % GPUs (cpu)\n"
       "  --threads T          intra-op threads per rank (1)\n"
       "  --synthetic N        (CIFAR) generate N labelled images instead of reading --data\n"
       "  --checkpoint-dir D   each rank writes D/rank-R.pt (atomically: temporary file + rename)\n"
@@ -360,14 +362,18 @@ int run(const Task& task, int argc, char** argv) {
   }
   try {
     torch::set_num_threads(o.threads);
-    if (o.device == "cuda") {
-      throw ConfigError(torch::cuda::is_available()
-                            ? "--device cuda: torch_asgd's CUDA path is not implemented yet; use "
-                              "--device cpu"
-                            : "--device cuda: no CUDA device is available to this LibTorch; use "
-                              "--device cpu");
+    if (o.device == "cuda" && !torch::cuda::is_available()) {
+      throw ConfigError(
+          "--device cuda: this LibTorch sees no CUDA device (Debian's LibTorch is CPU-only: "
+          "build against a CUDA LibTorch as the README's GPU section says); use --device cpu");
     }
     auto world = World::from_env();
+    // Ranks on one machine share its GPUs round-robin by local rank.
+    const torch::Device device =
+        o.device == "cuda"
+            ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(
+                                              world->local_rank() % torch::cuda::device_count()))
+            : torch::Device(torch::kCPU);
     const int n = world->size(), rank = world->rank();
     const bool server_algo = is_server_algo(o.algo);
     if (server_algo && n < 2) {
@@ -388,6 +394,7 @@ int run(const Task& task, int argc, char** argv) {
     // Same initial model everywhere.
     torch::manual_seed(o.seed);
     auto model = task.make_model();
+    model->to(device);
     const bool is_server = server_algo && rank == 0;
     const int trainers = server_algo ? n - 1 : n;
     const int my_shard = server_algo ? rank - 1 : rank;
@@ -544,7 +551,8 @@ int run(const Task& task, int argc, char** argv) {
         auto idx = sampler.next(o.batch_size);
         auto x = train.images.index_select(0, idx);
         if (task.augment) x = task.augment(x, sampler.generator());
-        auto y = train.labels.index_select(0, idx);
+        x = x.to(device);
+        auto y = train.labels.index_select(0, idx).to(device);
         opt->zero_grad();
         auto loss = torch::nll_loss(task.forward(*model, x), y);
         loss.backward();

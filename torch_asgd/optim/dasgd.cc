@@ -100,7 +100,8 @@ void DASGD::init() {
     fp.set("algorithm", "dasgd").set("mode", to_string(options_.mode()));
     channel_ = world_->open_channel(co, fp);
     if (options_.mode() == DASGDMode::kDelta) {
-      delta_ = torch::zeros({flat_->numel()}, torch::TensorOptions().dtype(flat_->dtype()));
+      delta_ = torch::zeros({flat_->numel()},
+                            torch::TensorOptions().dtype(flat_->dtype()).device(flat_->device()));
     }
   }
 }
@@ -166,7 +167,7 @@ void DASGD::send_delta() {
   Outgoing msg;
   msg.kind = MessageKind::kDelta;
   msg.delivery = Delivery::kAdditive;
-  msg.payload = delta_;
+  msg.payload = delta_.to(torch::kCPU);  // one copy to the host (none on CPU)
   msg.sender_step = local_steps_;
   msg.model_version = version_;
   msg.updates = pending_;

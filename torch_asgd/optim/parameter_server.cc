@@ -172,8 +172,9 @@ void ParameterServer::handle_gradient(const Message& m) {
     }
     torch::NoGradGuard no_grad;
     const auto& params = flat_->params();
+    const at::Tensor grad = flat_->on_device(m.payload);
     for (size_t i = 0; i < params.size(); ++i) {
-      params[i].data().add_(flat_->view(m.payload, i), -1 * gamma);
+      params[i].data().add_(flat_->view(grad, i), -1 * gamma);
     }
     ws.staleness.add(totals_.version, m.header.model_version);
     totals_.staleness.add(totals_.version, m.header.model_version);

@@ -106,8 +106,9 @@ void SyncSGD::allreduce_gradients() {
   stats_.bytes_reduced += static_cast<uint64_t>(flat_->bytes());
   grads_.div_(world_->size());
   const auto& params = flat_->params();
+  const at::Tensor mean = flat_->on_device(grads_);  // one copy to the device (none on CPU)
   for (size_t i = 0; i < params.size(); ++i) {
-    auto v = flat_->view(grads_, i);
+    auto v = flat_->view(mean, i);
     auto p = params[i];
     if (p.grad().defined()) {
       p.mutable_grad().copy_(v);

@@ -4,6 +4,10 @@
 #include <torch/torch.h>
 
 #include "torch_asgd/comm/error.h"
+#ifdef TORCH_ASGD_WITH_CUDA
+#include "torch_asgd/cuda/fused.h"
+#include "torch_asgd/cuda/kernels.h"
+#endif
 
 namespace torch_asgd {
 namespace detail {
@@ -22,7 +26,16 @@ FlatParams::FlatParams(const std::vector<torch::optim::OptimizerParamGroup>& gro
   names_ = std::move(names);
   for (size_t i = 0; i < params_.size(); ++i) {
     const auto& p = params_[i];
-    if (i == 0) dtype_ = p.scalar_type();
+    if (i == 0) {
+      dtype_ = p.scalar_type();
+      device_ = p.device();
+    }
+    if (p.device() != device_) {
+      throw ConfigError(fmt::format(
+          "parameter '{}' is on {} but '{}' is on {}: all parameters must be on one device "
+          "(move the model with module->to(device) before creating the optimizer)",
+          names_[i], p.device().str(), names_[0], device_.str()));
+    }
     if (p.scalar_type() != dtype_) {
       throw ConfigError(fmt::format(
           "parameter '{}' is {} but '{}' is {}: all parameters must share one dtype", names_[i],
@@ -34,19 +47,41 @@ FlatParams::FlatParams(const std::vector<torch::optim::OptimizerParamGroup>& gro
     offsets_.push_back(numel_);
     numel_ += p.numel();
   }
+#ifdef TORCH_ASGD_WITH_CUDA
+  fused_ = cuda::make_param_table(*this);
+#endif
 }
 
 at::Tensor FlatParams::view(const at::Tensor& flat, size_t i) const {
   return flat.narrow(0, offsets_[i], params_[i].numel()).view(params_[i].sizes());
 }
 
+at::Tensor FlatParams::on_device(const at::Tensor& flat) const {
+  return flat.device() == device_ ? flat : flat.to(device_);
+}
+
 at::Tensor FlatParams::flatten() const {
+  if (!on_cpu()) {
+    // One gather on the device, one copy to the host.
+    std::vector<at::Tensor> parts;
+    for (const auto& p : params_) parts.push_back(p.detach().reshape({-1}));
+    return parts.empty() ? torch::empty({0}, torch::TensorOptions().dtype(dtype_))
+                         : torch::cat(parts).to(torch::kCPU);
+  }
   auto out = torch::empty({numel_}, torch::TensorOptions().dtype(dtype_));
   for (size_t i = 0; i < params_.size(); ++i) view(out, i).copy_(params_[i].detach());
   return out;
 }
 
 void FlatParams::gather_grads(const at::Tensor& flat) const {
+  if (!on_cpu() && flat.device() != device_) {
+    std::vector<at::Tensor> parts;
+    for (const auto& p : params_) {
+      parts.push_back(p.grad().defined() ? p.grad().reshape({-1}) : torch::zeros({p.numel()}, p.options()));
+    }
+    if (!parts.empty()) flat.copy_(torch::cat(parts));
+    return;
+  }
   for (size_t i = 0; i < params_.size(); ++i) {
     auto v = view(flat, i);
     if (params_[i].grad().defined()) {
@@ -59,12 +94,18 @@ void FlatParams::gather_grads(const at::Tensor& flat) const {
 
 void FlatParams::add_(const at::Tensor& flat) const {
   torch::NoGradGuard no_grad;
-  for (size_t i = 0; i < params_.size(); ++i) params_[i].add_(view(flat, i));
+  const at::Tensor here = on_device(flat);
+#ifdef TORCH_ASGD_WITH_CUDA
+  // One launch over every parameter instead of one per parameter.
+  if (fused_ && cuda::fused_add(*this, fused_.get(), here.contiguous(), 1.0f)) return;
+#endif
+  for (size_t i = 0; i < params_.size(); ++i) params_[i].add_(view(here, i));
 }
 
 void FlatParams::copy_(const at::Tensor& flat) const {
   torch::NoGradGuard no_grad;
-  for (size_t i = 0; i < params_.size(); ++i) params_[i].copy_(view(flat, i));
+  const at::Tensor here = on_device(flat);
+  for (size_t i = 0; i < params_.size(); ++i) params_[i].copy_(view(here, i));
 }
 
 Fingerprint FlatParams::fingerprint() const {

@@ -1,7 +1,13 @@
 // The parameters of an optimizer seen as one flat vector, in parameter-group order:
 // what travels between ranks is always this vector (or a delta of it).
+//
+// Flat vectors that travel are CPU tensors; the parameters may live on another device
+// (CUDA). flatten() and gather_grads() then gather on that device and copy the whole
+// vector to the host at once, and add_() and copy_() move a host vector to the device
+// at once, not one small copy per parameter.
 #pragma once
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -11,6 +17,9 @@
 #include "torch_asgd/comm/fingerprint.h"
 
 namespace torch_asgd {
+namespace cuda {
+class ParamTable;
+}  // namespace cuda
 namespace detail {
 
 class FlatParams {
@@ -26,15 +35,21 @@ class FlatParams {
   const std::vector<at::Tensor>& params() const { return params_; }
   const std::vector<std::string>& names() const { return names_; }
   int64_t offset(size_t i) const { return offsets_[i]; }
+  // Where the parameters live (all on one device; the constructor checks).
+  const c10::Device& device() const { return device_; }
+  bool on_cpu() const { return device_.is_cpu(); }
+  // `flat` on the parameters' device (itself when it already is).
+  at::Tensor on_device(const at::Tensor& flat) const;
 
   // The slice of a flat vector that belongs to parameter i, shaped like it.
   at::Tensor view(const at::Tensor& flat, size_t i) const;
 
-  at::Tensor flatten() const;                // a copy of all parameters
-  // Copies every parameter's gradient into `flat` (zeros where a parameter has none).
+  at::Tensor flatten() const;                // a CPU copy of all parameters
+  // Copies every parameter's gradient into the CPU vector `flat` (zeros where a
+  // parameter has none).
   void gather_grads(const at::Tensor& flat) const;
-  void add_(const at::Tensor& flat) const;   // params += flat
-  void copy_(const at::Tensor& flat) const;  // params = flat
+  void add_(const at::Tensor& flat) const;   // params += flat (any device)
+  void copy_(const at::Tensor& flat) const;  // params = flat (any device)
 
   Fingerprint fingerprint() const;
 
@@ -44,6 +59,9 @@ class FlatParams {
   std::vector<int64_t> offsets_;
   int64_t numel_ = 0;
   c10::ScalarType dtype_ = c10::ScalarType::Float;
+  c10::Device device_ = c10::Device(c10::kCPU);
+  // The fused kernels' table of the parameters (CUDA builds, CUDA parameters only).
+  std::shared_ptr<cuda::ParamTable> fused_;
 };
 
 // Parameters named "param[0]", "param[1]", ... for optimizers given no names.
