@@ -1,5 +1,7 @@
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include <cstdio>
 #include <map>
 #include <set>
@@ -24,6 +26,19 @@ TEST(JobPolicy, PureReturnsTheReturningWorker) {
   JobAssigner a(AssignPolicy::kPure, kWorkers, 1);
   for (int w : kWorkers) EXPECT_EQ(a.next(w, all_available), w);
   EXPECT_EQ(a.next(3, [](int w) { return w != 3; }), -1);
+  // A job lost with a failed worker is not replaced: every live worker holds its own.
+  EXPECT_EQ(a.next(-1, all_available), -1);
+}
+
+TEST(JobPolicy, ALostJobGoesToAnAvailableWorker) {
+  for (auto policy : {AssignPolicy::kRandom, AssignPolicy::kShuffle}) {
+    JobAssigner a(policy, kWorkers, 3);
+    for (int k = 0; k < 50; ++k) {
+      const int w = a.next(-1, [](int r) { return r != 2; });
+      EXPECT_NE(w, 2);
+      EXPECT_NE(std::find(kWorkers.begin(), kWorkers.end(), w), kWorkers.end());
+    }
+  }
 }
 
 TEST(JobPolicy, ShuffleNamesEveryWorkerOncePerWindow) {

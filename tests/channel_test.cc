@@ -452,5 +452,33 @@ TEST(Channel, PeerFailureCanBeTolerated) {
   });
 }
 
+TEST(Channel, ACriticalPeersFailureIsThrownEvenWhenOthersAreTolerated) {
+  // As an AsGrad worker sees it: rank 1 tolerates rank 2 (a fellow worker) but not
+  // rank 0 (its server).
+  spawn(3, [&](std::shared_ptr<World> world) {
+    ChannelOptions opts;
+    opts.on_peer_failure = PeerFailure::kContinue;
+    if (world->rank() == 1) opts.critical_peers = {0};
+    auto ch = world->open_channel(opts);
+    world->barrier("opened");
+    if (world->rank() == 2) {
+      ch.reset();
+      world.reset();
+      return;
+    }
+    EXPECT_TRUE(eventually([&] { return ch->counters(2).failed; }));
+    EXPECT_NO_THROW(ch->poll()) << "rank 2 is not critical";
+    if (world->rank() == 1) world->store().set("rank 1 saw rank 2 go", std::vector<uint8_t>{1});
+    if (world->rank() == 0) {
+      world->store().wait({"rank 1 saw rank 2 go"});
+      ch.reset();
+      world.reset();
+      return;
+    }
+    EXPECT_TRUE(eventually([&] { return ch->counters(0).failed; }));
+    EXPECT_THROW(ch->poll(), CommError);
+  });
+}
+
 }  // namespace
 }  // namespace torch_asgd
