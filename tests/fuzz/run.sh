@@ -28,7 +28,9 @@ if ! "$cxx" -std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-
   cat "$work/build.log"
   exit 1
 fi
-# A crash, a sanitizer report or a failed invariant ends the run non-zero and leaves
-# the input as crash-* in WORK_DIR.
+# A crash, a sanitizer report or a failed invariant ends the run with exit code 1 and
+# leaves the input as crash-* in WORK_DIR. (libFuzzer's own default error code is 77,
+# which ctest would take for "skipped".)
 cd "$work"
-exec ./decode_header_fuzz -max_total_time="$seconds" -print_final_stats=1 -rss_limit_mb=1024 corpus
+exec ./decode_header_fuzz -max_total_time="$seconds" -print_final_stats=1 -rss_limit_mb=1024 \
+  -error_exitcode=1 -timeout_exitcode=1 corpus
