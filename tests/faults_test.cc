@@ -189,6 +189,53 @@ TEST(StrayConnections, AreRefusedWithoutDisturbingTheJob) {
   RecordProperty("ports_probed", std::to_string(ports.size()));
 }
 
+// The process of rank `rank` among the children of `parent` (by its RANK variable); -1.
+pid_t child_with_rank(pid_t parent, int rank) {
+  DIR* d = ::opendir("/proc");
+  if (d == nullptr) return -1;
+  pid_t found = -1;
+  while (dirent* e = ::readdir(d)) {
+    const pid_t pid = static_cast<pid_t>(std::atoi(e->d_name));
+    if (pid <= 0) continue;
+    const std::string stat = slurp("/proc/" + std::to_string(pid) + "/stat");
+    const auto close_paren = stat.rfind(')');
+    if (close_paren == std::string::npos) continue;
+    char state = 0;
+    int ppid = 0;
+    if (std::sscanf(stat.c_str() + close_paren + 1, " %c %d", &state, &ppid) != 2 || ppid != parent) continue;
+    // environ is NUL-separated "NAME=value" entries; put a NUL in front of the first.
+    const std::string env = std::string(1, '\0') + slurp("/proc/" + std::to_string(pid) + "/environ");
+    const std::string entry = std::string(1, '\0') + "RANK=" + std::to_string(rank) + std::string(1, '\0');
+    if (env.find(entry) != std::string::npos) found = pid;
+  }
+  ::closedir(d);
+  return found;
+}
+
+// Under asgd-launch (without --fail-fast), a DASGD rank killed mid-run: the others
+// finish and rank 0 prints its summary, and the launcher's exit code still reports
+// the killed rank (128 + SIGKILL).
+TEST(LaunchedJob, AKilledRankLeavesTheOthersRunningAndTheExitCodeReportsIt) {
+  const std::string dir = make_mnist_dir("launched_kill", false);
+  auto launcher = testing::start(
+      {bin("asgd-launch"), "--nproc", "3", "--master-port", "0", "--", bin("asgd-mnist"), "--data",
+       dir, "--algo", "dasgd", "--epochs", "150", "--batch-size", "10", "--lr", "0.02",
+       "--eval-every", "100000"},
+      {{"TORCH_ASGD_TIMEOUT", "30"}});
+  ASSERT_TRUE(testing::wait_for_output(launcher, "progress:", 60s)) << launcher.err_buf;
+  const pid_t victim = child_with_rank(launcher.pid, 2);
+  ASSERT_GT(victim, 0) << "rank 2's process not found";
+  ::kill(victim, SIGKILL);
+  testing::finish(launcher, 120s);
+  EXPECT_FALSE(launcher.timed_out);
+  EXPECT_EQ(launcher.exit_code, 128 + SIGKILL) << launcher.out_buf << launcher.err_buf;
+  const std::string all = launcher.out_buf + launcher.err_buf;
+  EXPECT_NE(all.find("asgd-launch: rank 2 was killed by signal 9"), std::string::npos) << all;
+  EXPECT_NE(all.find("asgd-mnist: algo=dasgd ranks=3"), std::string::npos)
+      << "rank 0 did not finish: " << all;
+  EXPECT_NE(all.find("failed peers 2"), std::string::npos) << all;
+}
+
 // ---- AsGrad: a worker dies --------------------------------------------------------------
 
 TEST(DeadWorker, TheServerStopsAssigningToItAndTrainingEndsNormally) {
