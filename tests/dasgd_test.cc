@@ -8,6 +8,7 @@
 #include "testing.h"
 #include "torch_asgd/comm/error.h"
 #include "torch_asgd/optim/dasgd.h"
+#include "torch_asgd/optim/detail/device_pipeline.h"
 
 namespace torch_asgd {
 
@@ -419,6 +420,25 @@ TEST(DASGD, ModesMustAgree) {
               world);
   });
   for (const auto& e : errors) EXPECT_NE(e.find("mode is"), std::string::npos) << e;
+}
+
+TEST(DASGD, OverlapIsIgnoredForCpuParameters) {
+  // The device pipeline is for GPU parameters; on the CPU the option changes nothing.
+  auto run = [](bool overlap) {
+    torch::manual_seed(3);
+    auto x = torch::randn({10}, torch::kDouble);
+    testing::spawn(2, [&](std::shared_ptr<World> world) {
+      auto p = x.clone();
+      DASGD opt(std::vector<torch::Tensor>{p}, DASGDOptions(0.1).overlap(overlap), world);
+      p.mutable_grad() = torch::ones_like(p) * (world->rank() + 1);
+      for (int s = 0; s < 5; ++s) opt.step();
+      ASSERT_TRUE(opt.finish(std::chrono::seconds(20)));
+      EXPECT_TRUE(p.allclose(x - 0.1 * 5 * 3)) << "rank " << world->rank();
+    });
+  };
+  run(false);
+  run(true);
+  EXPECT_THROW(detail::DevicePipeline(c10::Device(c10::kCPU), 4, c10::kFloat), ConfigError);
 }
 
 }  // namespace

@@ -268,6 +268,7 @@ std::string usage(const Task& task) {
       "  --checkpoint-dir D   each rank writes D/rank-R.pt (atomically: temporary file + rename)\n"
       "  --checkpoint-every N steps of each rank (the server: gradients) between checkpoints (500)\n"
       "  --resume             continue from the checkpoints in --checkpoint-dir\n"
+      "  --overlap            dasgd on cuda: copies and hand-over on a side stream (unverified)\n"
       "  --help               this text\n",
       task.program, task.default_data);
 }
@@ -283,6 +284,10 @@ ExampleOptions parse_options(int argc, char** argv, const Task& task) {
     }
     if (a == "--resume") {
       o.resume = true;
+      continue;
+    }
+    if (a == "--overlap") {
+      o.overlap = true;
       continue;
     }
     if (i + 1 >= argc) throw std::invalid_argument(a + " needs a value (or is unknown)");
@@ -489,8 +494,11 @@ int run(const Task& task, int argc, char** argv) {
       if (o.algo == "dasgd" || o.algo == "gossip") {
         auto d = std::make_unique<DASGD>(
             model->named_parameters(),
-            DASGDOptions(o.lr).momentum(o.momentum).broadcast_every(o.broadcast_every).mode(
-                o.algo == "dasgd" ? DASGDMode::kDelta : DASGDMode::kGossip),
+            DASGDOptions(o.lr)
+                .momentum(o.momentum)
+                .broadcast_every(o.broadcast_every)
+                .mode(o.algo == "dasgd" ? DASGDMode::kDelta : DASGDMode::kGossip)
+                .overlap(o.overlap),
             world);
         dasgd = d.get();
         opt = std::move(d);

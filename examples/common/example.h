@@ -37,6 +37,7 @@ struct ExampleOptions {
   std::string checkpoint_dir;  // empty: no checkpoints
   int checkpoint_every = 500;  // steps of each rank (gradients of the server)
   bool resume = false;
+  bool overlap = false;  // dasgd on cuda: DASGDOptions::overlap
   bool help = false;
 };
 

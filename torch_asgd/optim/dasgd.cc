@@ -11,6 +11,7 @@
 #include "torch_asgd/comm/detail/log.h"
 #include "torch_asgd/comm/error.h"
 #include "torch_asgd/optim/detail/checkpoint.h"
+#include "torch_asgd/optim/detail/device_pipeline.h"
 #include "torch_asgd/optim/detail/flat_params.h"
 #include "torch_asgd/optim/detail/sgd_rule.h"
 
@@ -99,7 +100,11 @@ void DASGD::init() {
     Fingerprint fp = flat_->fingerprint();
     fp.set("algorithm", "dasgd").set("mode", to_string(options_.mode()));
     channel_ = world_->open_channel(co, fp);
-    if (options_.mode() == DASGDMode::kDelta) {
+    if (options_.mode() == DASGDMode::kDelta && options_.overlap() && !flat_->on_cpu()) {
+      pipeline_ = std::make_unique<detail::DevicePipeline>(flat_->device(), flat_->numel(),
+                                                           flat_->dtype());
+      delta_ = pipeline_->current();
+    } else if (options_.mode() == DASGDMode::kDelta) {
       delta_ = torch::zeros({flat_->numel()},
                             torch::TensorOptions().dtype(flat_->dtype()).device(flat_->device()));
     }
@@ -167,13 +172,22 @@ void DASGD::send_delta() {
   Outgoing msg;
   msg.kind = MessageKind::kDelta;
   msg.delivery = Delivery::kAdditive;
-  msg.payload = delta_.to(torch::kCPU);  // one copy to the host (none on CPU)
   msg.sender_step = local_steps_;
   msg.model_version = version_;
   msg.updates = pending_;
+  pending_ = UpdateStats();
+  if (pipeline_) {
+    // Copied to the host on the side stream, handed over from the pipeline's thread.
+    pipeline_->ship([this, msg](const at::Tensor& host) mutable {
+      msg.payload = host;
+      channel_->broadcast(msg);
+    });
+    delta_ = pipeline_->current();
+    return;
+  }
+  msg.payload = delta_.to(torch::kCPU);  // one copy to the host (none on CPU)
   channel_->broadcast(msg);
   delta_.zero_();
-  pending_ = UpdateStats();
 }
 
 void DASGD::gossip_request() {
@@ -204,7 +218,7 @@ void DASGD::apply_one(const Message& m) {
   torch::NoGradGuard no_grad;
   const MessageHeader& h = m.header;
   if (h.kind == MessageKind::kDelta) {
-    flat_->add_(m.payload);
+    flat_->add_(pipeline_ ? pipeline_->to_device(m.payload) : m.payload);
     staleness_.add(version_, h.updates);
     version_ += h.updates.count;
     remote_updates_ += h.updates.count;
@@ -245,6 +259,7 @@ bool DASGD::finish(std::chrono::milliseconds timeout) {
     return true;
   }
   if (options_.mode() == DASGDMode::kDelta) send_delta();
+  if (pipeline_) pipeline_->drain();  // every delta handed to the channel before goodbye
   // Requests that still arrive are mixed but not answered: our goodbye is sent.
   finished_ = true;
   bool clean = channel_->close(timeout);

@@ -36,6 +36,7 @@
 
 namespace torch_asgd {
 namespace detail {
+class DevicePipeline;
 class FlatParams;
 }
 
@@ -59,6 +60,12 @@ struct DASGDOptions : public torch::optim::OptimizerCloneableOptions<DASGDOption
   // A peer whose connection fails is logged once and left behind; the others train
   // on (kThrow: step() throws CommError instead).
   TORCH_ARG(PeerFailure, on_peer_failure) = PeerFailure::kContinue;
+  // Delta mode, parameters on a GPU: copy outgoing deltas on a side stream into pinned
+  // buffers and hand them over from a background thread, and stage arrivals through
+  // pinned memory on that stream (detail::DevicePipeline), so that the training thread
+  // waits for neither. Off by default: written without a GPU and never run (README,
+  // "GPU"). Ignored for parameters on the CPU.
+  TORCH_ARG(bool, overlap) = false;
 
  public:
   void serialize(torch::serialize::InputArchive& archive) override;
@@ -127,6 +134,8 @@ class DASGD : public torch::optim::Optimizer {
   DASGDOptions options_;
   std::shared_ptr<World> world_;
   std::unique_ptr<Channel> channel_;
+  // After channel_: destroyed (its hand-off thread stopped) before the channel.
+  std::unique_ptr<detail::DevicePipeline> pipeline_;
   std::vector<std::string> names_;
   std::unique_ptr<detail::FlatParams> flat_;
   at::Tensor delta_;       // accumulated local change not yet handed over
