@@ -176,16 +176,20 @@ TEST(AsGradProcesses, ServerThatDiesIsAClearErrorOnEveryWorker) {
   testing::finish(ranks[0], 10s);
 }
 
-// DASGD survives a peer killed mid-run: the others notice, say so once, train on, exit 0,
-// and end close to a clean run (asserted: within 10 points of test accuracy).
-TEST(DASGDProcesses, SurvivorsOfAKilledPeerFinishCloseToACleanRun) {
-  const std::string dir = make_mnist_dir("peer_dies", false);
+// DASGD (both modes) survives a peer killed mid-run: the others notice, say so once,
+// train on, exit 0, and end close to a clean run (asserted: within 10 points of test
+// accuracy).
+class KilledPeer : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(KilledPeer, SurvivorsFinishCloseToACleanRun) {
+  const std::string algo = GetParam();
+  const std::string dir = make_mnist_dir("peer_dies_" + algo, false);
   auto start_job = [&](const std::string& tag) {
     const int port = testing::free_port();
     std::vector<Proc> ranks;
     for (int r = 0; r < 3; ++r) {
       ranks.push_back(testing::start(
-          {bin("asgd-mnist"), "--data", dir, "--algo", "dasgd", "--epochs", "150",
+          {bin("asgd-mnist"), "--data", dir, "--algo", algo, "--epochs", "100",
            "--batch-size", "10", "--lr", "0.02", "--eval-every", "100000",
            "--metrics-out", dir + "/" + tag + ".json"},
           testing::rank_env(r, 3, port, "30")));
@@ -224,6 +228,8 @@ TEST(DASGDProcesses, SurvivorsOfAKilledPeerFinishCloseToACleanRun) {
   EXPECT_GT(a_clean, 0.5);
   EXPECT_GT(a_killed, a_clean - 0.10) << "clean " << a_clean << ", with a killed peer " << a_killed;
 }
+
+INSTANTIATE_TEST_SUITE_P(Modes, KilledPeer, ::testing::Values("dasgd", "gossip"), algo_test_name);
 
 // ---- CIFAR ---------------------------------------------------------------------------
 
