@@ -145,7 +145,7 @@ TEST(Mnist, HelpListsEveryOption) {
                           "--step-rule", "--broadcast-every", "--partition", "--sampling",
                           "--straggler", "--target-accuracy", "--eval-every", "--metrics-out",
                           "--seed", "--device", "--threads", "--checkpoint-dir",
-                          "--checkpoint-every", "--resume"}) {
+                          "--checkpoint-every", "--resume", "--overlap"}) {
     EXPECT_NE(p.out_buf.find(opt), std::string::npos) << opt;
   }
 }
