@@ -6,6 +6,7 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <fstream>
 #include <iterator>
@@ -74,6 +75,20 @@ inline std::string make_mnist_dir(const std::string& name, bool gz) {
 inline std::string slurp(const std::string& path) {
   std::ifstream in(path);
   return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// The test accuracy in an example's --metrics-out file; -1 if there is none.
+inline double test_accuracy_in(const std::string& metrics_file) {
+  const std::string m = slurp(metrics_file);
+  const auto at = m.find("\"test_accuracy\": ");
+  return at == std::string::npos ? -1.0 : std::stod(m.substr(at + 17));
+}
+
+// "asgd-pure" -> "asgd_pure": test names cannot hold '-'.
+inline std::string algo_test_name(const ::testing::TestParamInfo<std::string>& info) {
+  std::string n = info.param;
+  std::replace(n.begin(), n.end(), '-', '_');
+  return n;
 }
 
 }  // namespace

@@ -19,13 +19,6 @@ namespace {
 using namespace std::chrono_literals;
 using testing::Proc;
 
-// "asgd-pure" -> "asgd_pure": test names cannot hold '-'.
-std::string algo_test_name(const ::testing::TestParamInfo<std::string>& info) {
-  std::string n = info.param;
-  std::replace(n.begin(), n.end(), '-', '_');
-  return n;
-}
-
 class MnistEveryAlgo : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(MnistEveryAlgo, TrainsAndWritesMetrics) {
@@ -196,11 +189,6 @@ TEST_P(KilledPeer, SurvivorsFinishCloseToACleanRun) {
     }
     return ranks;
   };
-  auto accuracy_of = [&](const std::string& tag) {
-    const std::string m = slurp(dir + "/" + tag + ".json");
-    const auto at = m.find("\"test_accuracy\": ");
-    return at == std::string::npos ? -1.0 : std::stod(m.substr(at + 17));
-  };
 
   auto clean = start_job("clean");
   for (auto& p : clean) testing::finish(p, 120s);
@@ -222,7 +210,8 @@ TEST_P(KilledPeer, SurvivorsFinishCloseToACleanRun) {
   }
   testing::finish(killed[2], 10s);
   EXPECT_NE(killed[0].out_buf.find("failed peers 2"), std::string::npos) << killed[0].out_buf;
-  const double a_clean = accuracy_of("clean"), a_killed = accuracy_of("killed");
+  const double a_clean = test_accuracy_in(dir + "/clean.json");
+  const double a_killed = test_accuracy_in(dir + "/killed.json");
   RecordProperty("accuracy_clean", std::to_string(a_clean));
   RecordProperty("accuracy_killed", std::to_string(a_killed));
   EXPECT_GT(a_clean, 0.5);

@@ -274,12 +274,6 @@ TEST(DeadWorker, TheServerStopsAssigningToItAndTrainingEndsNormally) {
 
 // ---- checkpoints ------------------------------------------------------------------------
 
-double accuracy_in(const std::string& metrics_file) {
-  const std::string m = slurp(metrics_file);
-  const auto at = m.find("\"test_accuracy\": ");
-  return at == std::string::npos ? -1.0 : std::stod(m.substr(at + 17));
-}
-
 // Killed with SIGKILL at random moments while it writes a checkpoint after every step,
 // a rank never leaves a torn checkpoint: each time, the file reads back whole.
 TEST(Checkpoints, AKillMidWriteNeverLeavesATornCheckpoint) {
@@ -364,22 +358,16 @@ TEST_P(KilledAndResumed, EndsCloseToAnUninterruptedRun) {
     EXPECT_EQ(resumed[r].exit_code, 0) << "rank " << r << ": " << resumed[r].err_buf;
     EXPECT_NE(resumed[r].out_buf.find("resumed from"), std::string::npos) << resumed[r].out_buf;
   }
-  const double a_clean = accuracy_in(dir + "/clean.json");
-  const double a_resumed = accuracy_in(dir + "/resumed.json");
+  const double a_clean = test_accuracy_in(dir + "/clean.json");
+  const double a_resumed = test_accuracy_in(dir + "/resumed.json");
   RecordProperty("accuracy_clean", std::to_string(a_clean));
   RecordProperty("accuracy_resumed", std::to_string(a_resumed));
   EXPECT_GT(a_clean, 0.5);
   EXPECT_GT(a_resumed, a_clean - 0.10) << "clean " << a_clean << ", resumed " << a_resumed;
 }
 
-std::string algo_name(const ::testing::TestParamInfo<std::string>& info) {
-  std::string s = info.param;
-  std::replace(s.begin(), s.end(), '-', '_');
-  return s;
-}
-
 INSTANTIATE_TEST_SUITE_P(Algos, KilledAndResumed,
-                         ::testing::Values("dasgd", "gossip", "sync", "asgd-shuffle"), algo_name);
+                         ::testing::Values("dasgd", "gossip", "sync", "asgd-shuffle"), algo_test_name);
 
 // Bad checkpoints: one clear line naming the file and what is wrong, exit 1.
 class BadCheckpoint : public ::testing::Test {

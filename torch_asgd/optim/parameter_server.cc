@@ -170,12 +170,7 @@ void ParameterServer::handle_gradient(const Message& m) {
     if (options_.step_rule() == StepRule::kDelayAdaptive && tau > 0) {
       gamma *= std::min(1.0, n / static_cast<double>(tau));
     }
-    torch::NoGradGuard no_grad;
-    const auto& params = flat_->params();
-    const at::Tensor grad = flat_->on_device(m.payload);
-    for (size_t i = 0; i < params.size(); ++i) {
-      params[i].data().add_(flat_->view(grad, i), -1 * gamma);
-    }
+    flat_->add_(m.payload, -1 * gamma);
     ws.staleness.add(totals_.version, m.header.model_version);
     totals_.staleness.add(totals_.version, m.header.model_version);
     ++ws.applied;

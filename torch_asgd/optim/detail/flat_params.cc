@@ -92,14 +92,16 @@ void FlatParams::gather_grads(const at::Tensor& flat) const {
   }
 }
 
-void FlatParams::add_(const at::Tensor& flat) const {
+void FlatParams::add_(const at::Tensor& flat, double alpha) const {
   torch::NoGradGuard no_grad;
   const at::Tensor here = on_device(flat);
 #ifdef TORCH_ASGD_WITH_CUDA
   // One launch over every parameter instead of one per parameter.
-  if (fused_ && cuda::fused_add(*this, fused_.get(), here.contiguous(), 1.0f)) return;
+  if (fused_ && cuda::fused_add(*this, fused_.get(), here.contiguous(), static_cast<float>(alpha))) {
+    return;
+  }
 #endif
-  for (size_t i = 0; i < params_.size(); ++i) params_[i].add_(view(here, i));
+  for (size_t i = 0; i < params_.size(); ++i) params_[i].add_(view(here, i), alpha);
 }
 
 void FlatParams::copy_(const at::Tensor& flat) const {

@@ -48,7 +48,7 @@ class FlatParams {
   // Copies every parameter's gradient into the CPU vector `flat` (zeros where a
   // parameter has none).
   void gather_grads(const at::Tensor& flat) const;
-  void add_(const at::Tensor& flat) const;   // params += flat (any device)
+  void add_(const at::Tensor& flat, double alpha = 1) const;  // params += alpha * flat (any device)
   void copy_(const at::Tensor& flat) const;  // params = flat (any device)
 
   Fingerprint fingerprint() const;
