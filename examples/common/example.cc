@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <optional>
 #include <stdexcept>
 #include <thread>
@@ -212,6 +213,37 @@ void add_counters(RankReport& r, const Counters& s) {
 
 std::string json_number(double v) { return fmt::format("{:.6g}", v); }
 
+// A rank's checkpoint: `key` (its optimizer's or the server's state), the model, and
+// what `more` adds (the sampler).
+template <typename State>
+void save_rank(const RankCheckpoint& checkpoint, const CheckpointMeta& meta, const char* key,
+               const State& state, const torch::nn::Module& model,
+               const std::function<void(torch::serialize::OutputArchive&)>& more = {}) {
+  torch::serialize::OutputArchive a, state_archive, model_archive;
+  state.save(state_archive);
+  model.save(model_archive);
+  a.write(key, state_archive);
+  a.write("model", model_archive);
+  if (more) more(a);
+  checkpoint.write(a, meta);
+}
+
+// Loads what save_rank() wrote; returns the step it was written at. The state goes
+// first: for another model's checkpoint it names what differs.
+template <typename State>
+int64_t load_rank(const RankCheckpoint& checkpoint, const CheckpointMeta& meta, const char* key,
+                  State& state, torch::nn::Module& model,
+                  const std::function<void(torch::serialize::InputArchive&)>& more = {}) {
+  torch::serialize::InputArchive a, state_archive, model_archive;
+  const int64_t step = checkpoint.read(a, meta);
+  a.read(key, state_archive);
+  state.load(state_archive);
+  a.read("model", model_archive);
+  model.load(model_archive);
+  if (more) more(a);
+  return step;
+}
+
 // One all-reduce over every rank: the mean of their parameters, and the smallest and
 // largest of their steps (returned as {min, max}).
 std::pair<int64_t, int64_t> average_models(World& world, torch::nn::Module& model, int64_t step) {
@@ -220,17 +252,18 @@ std::pair<int64_t, int64_t> average_models(World& world, torch::nn::Module& mode
   for (auto& p : model.parameters()) params.push_back(p.detach().reshape({-1}).to(torch::kDouble));
   auto flat = torch::cat(params).to(torch::kCPU).contiguous();  // Gloo reduces host memory
   auto steps = torch::tensor({static_cast<double>(step), -static_cast<double>(step)}, torch::kDouble);
-  for (auto* t : {&flat, &steps}) {
+  using Reduce = void (*)(void*, const void*, const void*, size_t);
+  auto allreduce = [&](torch::Tensor& t, Reduce fn, uint32_t tag) {
     gloo::AllreduceOptions opts(world.gloo_context());
-    opts.setInput(t->data_ptr<double>(), static_cast<size_t>(t->numel()));
-    opts.setOutput(t->data_ptr<double>(), static_cast<size_t>(t->numel()));
-    opts.setReduceFunction(
-        t == &flat ? static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::sum<double>)
-                   : static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::min<double>));
-    opts.setTag(t == &flat ? 7001 : 7002);
+    opts.setInput(t.data_ptr<double>(), static_cast<size_t>(t.numel()));
+    opts.setOutput(t.data_ptr<double>(), static_cast<size_t>(t.numel()));
+    opts.setReduceFunction(fn);
+    opts.setTag(tag);
     opts.setTimeout(world.options().timeout);
     gloo::allreduce(opts);
-  }
+  };
+  allreduce(flat, &gloo::sum<double>, 7001);
+  allreduce(steps, &gloo::min<double>, 7002);  // {min, -max}
   flat /= world.size();
   int64_t at = 0;
   for (auto& p : model.parameters()) {
@@ -441,23 +474,13 @@ int run(const Task& task, int argc, char** argv) {
                                  .seed(o.seed),
                              world);
       if (o.resume) {
-        torch::serialize::InputArchive a, server_state, model_state;
-        const int64_t at = checkpoint->read(a, meta);
-        a.read("server", server_state);
-        server.load(server_state);  // first: it names what differs for another model
-        a.read("model", model_state);
-        model->load(model_state);
+        const int64_t at = load_rank(*checkpoint, meta, "server", server, *model);
         std::printf("rank 0: resumed from %s at gradient %ld\n", checkpoint->path().c_str(),
                     static_cast<long>(at));
       }
       auto save_checkpoint = [&] {
-        torch::serialize::OutputArchive a, server_state, model_state;
-        server.save(server_state);
-        model->save(model_state);
-        a.write("server", server_state);
-        a.write("model", model_state);
         meta.step = server.stats().gradients;
-        checkpoint->write(a, meta);
+        save_rank(*checkpoint, meta, "server", server, *model);
       };
       Progress progress(true, total);
       int64_t next_eval = server.stats().gradients + o.eval_every;
@@ -515,13 +538,8 @@ int run(const Task& task, int argc, char** argv) {
       }
       int64_t step = 0;
       if (o.resume) {
-        torch::serialize::InputArchive a, optimizer_state, model_state;
-        step = checkpoint->read(a, meta);
-        a.read("optimizer", optimizer_state);
-        opt->load(optimizer_state);  // first: it names what differs for another model
-        a.read("model", model_state);
-        model->load(model_state);
-        sampler.load(a);
+        step = load_rank(*checkpoint, meta, "optimizer", *opt, *model,
+                         [&](torch::serialize::InputArchive& a) { sampler.load(a); });
         if (n > 1 && (o.algo == "dasgd" || o.algo == "gossip" || o.algo == "sync")) {
           // The ranks' checkpoints are from different moments and what was in flight
           // is gone: restart from their mean, which every replica then shares.
@@ -540,14 +558,9 @@ int run(const Task& task, int argc, char** argv) {
       }
       const int64_t first_step = step;
       auto save_checkpoint = [&] {
-        torch::serialize::OutputArchive a, optimizer_state, model_state;
-        opt->save(optimizer_state);
-        model->save(model_state);
-        a.write("optimizer", optimizer_state);
-        a.write("model", model_state);
-        sampler.save(a);
         meta.step = step;
-        checkpoint->write(a, meta);
+        save_rank(*checkpoint, meta, "optimizer", *opt, *model,
+                  [&](torch::serialize::OutputArchive& a) { sampler.save(a); });
       };
       const int64_t total = server_algo ? -1 : int64_t{o.epochs} * steps_per_epoch;
       Progress progress(rank == 0, total);
