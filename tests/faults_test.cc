@@ -58,21 +58,15 @@ double rate(const std::vector<Tick>& t, long from, long to) {
   return 1000.0 * static_cast<double>(last->step - first->step) / static_cast<double>(last->ms - first->ms);
 }
 
-std::vector<Proc> start_training(int n, int port, const std::string& steps, const std::string& numel) {
-  std::vector<Proc> ranks;
-  for (int r = 0; r < n; ++r) {
-    ranks.push_back(testing::start({bin("asgd-test-peer"), "train", steps, numel},
-                                   testing::rank_env(r, n, port, "60")));
-  }
-  return ranks;
+std::vector<Proc> start_training(int n, const std::string& steps, const std::string& numel) {
+  return testing::start_ranks(n, {bin("asgd-test-peer"), "train", steps, numel}, "60");
 }
 
 // A peer stopped with SIGSTOP for 4 s: the others keep their pace, their memory stays
 // bounded, and after SIGCONT every replica ends exactly equal to the sum of every
 // rank's every update.
 TEST(StalledPeer, NobodySlowsDownMemoryStaysBoundedNoUpdateIsLost) {
-  const int port = testing::free_port();
-  auto ranks = start_training(3, port, "3000", "1000000");  // 4 MB of parameters
+  auto ranks = start_training(3, "3000", "1000000");  // 4 MB of parameters
   // Past the start-up, rank 0 at step 400 (a tick is "tick <ms> <step> <rss>").
   ASSERT_TRUE(testing::wait_for_output(ranks[0], " 400 ", 60s)) << ranks[0].err_buf;
   const long stop_at = now_ms();
@@ -160,8 +154,7 @@ int connect_to(int port) {
 // while they train: some send garbage and hang up, some send nothing and stay. The job
 // finishes anyway, every replica exact.
 TEST(StrayConnections, AreRefusedWithoutDisturbingTheJob) {
-  const int port = testing::free_port();
-  auto ranks = start_training(3, port, "1500", "100000");
+  auto ranks = start_training(3, "1500", "100000");
   ASSERT_TRUE(testing::wait_for_output(ranks[0], " 100 ", 60s)) << ranks[0].err_buf;
   std::vector<int> ports = listening_ports(ranks[0].pid);
   for (int p : listening_ports(ranks[1].pid)) ports.push_back(p);
@@ -245,14 +238,11 @@ TEST(LaunchedJob, AKilledRankLeavesTheOthersRunningAndTheExitCodeReportsIt) {
 
 TEST(DeadWorker, TheServerStopsAssigningToItAndTrainingEndsNormally) {
   const std::string dir = make_mnist_dir("worker_dies", false);
-  const int port = testing::free_port();
-  std::vector<Proc> ranks;
-  for (int r = 0; r < 4; ++r) {
-    ranks.push_back(testing::start(
-        {bin("asgd-mnist"), "--data", dir, "--algo", "asgd-shuffle", "--epochs", "60",
-         "--batch-size", "10", "--lr", "0.02", "--eval-every", "100000"},
-        testing::rank_env(r, 4, port, "30")));
-  }
+  auto ranks = testing::start_ranks(4,
+                                    {bin("asgd-mnist"), "--data", dir, "--algo", "asgd-shuffle",
+                                     "--epochs", "60", "--batch-size", "10", "--lr", "0.02",
+                                     "--eval-every", "100000"},
+                                    "30");
   ASSERT_TRUE(testing::wait_for_output(ranks[0], "progress:", 60s)) << ranks[0].err_buf;
   std::this_thread::sleep_for(1s);
   ::kill(ranks[3].pid, SIGKILL);
@@ -317,18 +307,13 @@ TEST_P(KilledAndResumed, EndsCloseToAnUninterruptedRun) {
   const std::string dir = make_mnist_dir("resume_" + algo, false);
   const int n = 3;
   auto start_job = [&](const std::string& tag, bool resume) {
-    const int port = testing::free_port();
-    std::vector<Proc> ranks;
-    for (int r = 0; r < n; ++r) {
-      std::vector<std::string> argv = {
-          bin("asgd-mnist"), "--data", dir, "--algo", algo, "--epochs", "60", "--batch-size", "10",
-          "--lr", "0.02", "--eval-every", "100000", "--metrics-out", dir + "/" + tag + ".json",
-          "--checkpoint-dir", dir + "/ckpt-" + (tag == "clean" ? "clean" : "killed"),
-          "--checkpoint-every", "20"};
-      if (resume) argv.push_back("--resume");
-      ranks.push_back(testing::start(argv, testing::rank_env(r, n, port, "20")));
-    }
-    return ranks;
+    std::vector<std::string> argv = {
+        bin("asgd-mnist"), "--data", dir, "--algo", algo, "--epochs", "60", "--batch-size", "10",
+        "--lr", "0.02", "--eval-every", "100000", "--metrics-out", dir + "/" + tag + ".json",
+        "--checkpoint-dir", dir + "/ckpt-" + (tag == "clean" ? "clean" : "killed"),
+        "--checkpoint-every", "20"};
+    if (resume) argv.push_back("--resume");
+    return testing::start_ranks(n, argv);
   };
   auto clean = start_job("clean", false);
   for (auto& p : clean) testing::finish(p, 120s);

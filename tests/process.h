@@ -183,5 +183,14 @@ inline int free_port() {
   return ntohs(a.sin_port);
 }
 
+// Starts `size` ranks of `argv` on loopback, each with rank_env() at a free port.
+inline std::vector<Proc> start_ranks(int size, const std::vector<std::string>& argv,
+                                     const std::string& timeout = "20") {
+  const int port = free_port();
+  std::vector<Proc> ranks;
+  for (int r = 0; r < size; ++r) ranks.push_back(start(argv, rank_env(r, size, port, timeout)));
+  return ranks;
+}
+
 }  // namespace testing
 }  // namespace torch_asgd
