@@ -9,6 +9,7 @@ PACKAGES=(
   libtorch-dev          # LibTorch 1.13 (CPU), with c10d built against the system Gloo
   libgloo-dev           # Gloo headers (the library comes with libtorch-dev's dependencies)
   libfmt-dev
+  libxxhash-dev         # XXH3: header and payload checksums of the wire format
   libgtest-dev libgmock-dev
   libbenchmark-dev
   clang libclang-rt-14-dev  # libFuzzer, for the message decoder's fuzz test

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the message-decoder fuzzer with clang's libFuzzer and runs it for a bounded
-# time (ctest test fuzz_decode_header). Exits 77 (ctest: skipped) when clang or its
+# Builds the frame-decoder fuzzer with clang's libFuzzer and runs it for a bounded
+# time (ctest test fuzz_decode_frame). Exits 77 (ctest: skipped) when clang or its
 # fuzzer runtime is missing; scripts/deps.sh installs both.
 # usage: run.sh SOURCE_DIR WORK_DIR SECONDS [INCLUDE_DIR...]
 set -euo pipefail
@@ -18,8 +18,8 @@ includes=(-I"$src")
 for d in "$@"; do includes+=(-I"$d"); done
 mkdir -p "$work/corpus"
 if ! "$cxx" -std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-    "${includes[@]}" "$src/tests/fuzz/decode_header_fuzz.cc" "$src/torch_asgd/comm/message.cc" \
-    -o "$work/decode_header_fuzz" 2>"$work/build.log"; then
+    "${includes[@]}" "$src/tests/fuzz/decode_frame_fuzz.cc" "$src/torch_asgd/comm/wire.cc" \
+    "$src/torch_asgd/comm/metadata.cc" -o "$work/decode_frame_fuzz" 2>"$work/build.log"; then
   if grep -q "libclang_rt.fuzzer\|fsanitize=fuzzer" "$work/build.log"; then
     cat "$work/build.log"
     echo "clang's libFuzzer runtime is missing: skipped (install libclang-rt-14-dev)"
@@ -32,5 +32,5 @@ fi
 # leaves the input as crash-* in WORK_DIR. (libFuzzer's own default error code is 77,
 # which ctest would take for "skipped".)
 cd "$work"
-exec ./decode_header_fuzz -max_total_time="$seconds" -print_final_stats=1 -rss_limit_mb=1024 \
+exec ./decode_frame_fuzz -max_total_time="$seconds" -print_final_stats=1 -rss_limit_mb=1024 \
   -error_exitcode=1 -timeout_exitcode=1 corpus

@@ -1,48 +1,62 @@
 // Channel: asynchronous point-to-point messages between the ranks of a World, over
-// Gloo's TCP transport.
+// Gloo's TCP transport. It knows delivery, sizes and checks; what the messages mean is
+// the business of the optimizer that speaks them, whose fields travel as opaque
+// Metadata (metadata.h) beside the payload.
+//
+// Delivery
+// - kOrdered: every message is delivered once, in the order it was sent. At most
+//   ChannelOptions::max_ordered wait per peer on either side: send() throws ConfigError
+//   beyond that on the sender, and a peer that sends more than the receiver has polled
+//   is failed (it broke the protocol that bounds them).
+// - kAdditive: for numeric updates that may be summed (deltas, gradients). Each additive
+//   stream is declared when the channel opens (dtype, size, and how its metadata
+//   merges). A sender whose peer is still receiving the previous message adds the next
+//   into a pending one instead of queueing it, and a receiver sums what arrives into
+//   one buffer per stream until the training thread polls: nothing is lost, and memory
+//   does not grow with the number of messages.
+// - kReplace: only the newest message of a stream counts, on either side.
 //
 // Contract
 // - send()/broadcast() copy the payload and return at once: they never wait for the
-//   network or for a peer. The training thread never touches Gloo.
-// - Per peer, outgoing data is bounded. A kAdditive message is added into the
-//   not-yet-sent message of the same kind (coalesced); a kReplace message overwrites
-//   it; kOrdered messages queue, at most ChannelOptions::max_ordered per peer (send()
-//   throws ConfigError beyond that). Memory per peer is therefore O(capacity) however
-//   slow the peer is: one pending message per kind, one in flight, and the posted
-//   receive buffers.
-// - Background threads (one sender and one receiver per peer) own the Gloo traffic:
-//   every peer always has `recv_depth` receive buffers posted, so a sender never
-//   waits for its receiver to ask. Arrivals are validated (message.h), then queued
-//   for poll()/wait(); kAdditive arrivals that the training thread has not taken yet
-//   are coalesced there too, so the receive side is bounded the same way.
-// - A message that fails validation is counted in PeerCounters::rejected and never
-//   delivered.
+//   network or for a peer. A broadcast is copied once and the copy is shared by every
+//   peer's transmission; a peer needs an additive buffer of its own only while it lags.
+// - Memory and threads do not grow with peers x model: receive buffers are chunk-sized
+//   and shared by all peers, additive arrivals are summed into one buffer per stream,
+//   and three threads (a sender, a receiver and a watcher of the connections) serve
+//   every peer. Messages larger than a chunk travel as several chunks; a receiver may
+//   hand part of an additive message to the training thread before the rest arrives
+//   (its metadata comes with the last chunk).
+// - Every frame is checked (wire.h): sizes, sender, sequence, token, header checksum,
+//   and by default an XXH3 checksum of every payload. What fails a check is counted in
+//   PeerCounters::rejected, logged once per reason, and never delivered. Floating-point
+//   payloads holding NaN or Inf are rejected too (on_non_finite).
 // - An error on a background thread (a peer's connection failing) is stored and
 //   rethrown, as CommError, by the next call on the training thread. With
-//   PeerFailure::kContinue it is logged once instead, that peer is marked failed,
-//   and messages to it are dropped (counted).
-// - Thread safety: all public members may be called from any thread, but the
-//   intended use is one training thread per Channel.
-// - Closing: close() sends what is pending, then a goodbye to every peer, and waits
-//   (bounded) for every peer's goodbye, so that every message sent before a peer's
-//   close() has been delivered here. The destructor aborts without waiting.
+//   PeerFailure::kContinue it is logged once instead, that peer is marked failed, and
+//   messages to it are dropped (counted).
+// - Closing: close() sends what is pending and a goodbye to every peer, acknowledges
+//   each peer's goodbye, and waits (bounded) until every peer has acknowledged ours: when
+//   it returns true every peer has received everything this rank sent, and this rank
+//   everything every peer sent, so that either side may exit at once. The destructor
+//   aborts without waiting.
+// - Thread safety: all public members may be called from any thread, but the intended
+//   use is one training thread per Channel.
 #pragma once
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
-#include <deque>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
 
-#include "torch_asgd/comm/message.h"
+#include "torch_asgd/comm/metadata.h"
+#include "torch_asgd/comm/wire.h"
 
 namespace gloo {
 class Context;
@@ -64,25 +78,37 @@ enum class NonFinite {
   kFatal,   // reject it and make the next call on the training thread throw CommError
 };
 
+enum class Delivery : uint8_t { kOrdered = 0, kAdditive = 1, kReplace = 2 };
+
+struct AdditiveStream {
+  uint8_t id = 0;  // 0..15, distinct
+  c10::ScalarType dtype = c10::ScalarType::Float;
+  int64_t numel = 0;
+  MetaSchema meta;  // how the metadata of two coalesced messages merges
+};
+
 struct ChannelOptions {
   // Both sides of a channel must agree on all of these; World::open_channel checks.
   std::string name = "default";
-  // Largest payload a message on this channel may carry, in bytes.
+  // Largest payload an ordered or replace message may carry, in bytes.
   int64_t capacity_bytes = 1 << 20;
-  // Receive buffers kept posted per peer (>= 1). Two let one arrive while the other
-  // is handed over.
-  int recv_depth = 2;
-  // Sends posted to Gloo at once per peer (>= 1). More keep the connection busy
-  // while the sender thread wakes up, at one more frame each and less coalescing;
-  // on the 2-core reference machine 2 measured no better than 1.
-  size_t max_in_flight = 1;
-  // Ordered messages that may wait per peer before send() refuses more.
-  size_t max_ordered = 64;
-  // Checksum every payload (sender computes, receiver verifies). Off by default: TCP
-  // already checksums what it carries and the trailer exposes truncation; on, it
-  // catches corruption above TCP at the cost of two passes over every payload
-  // (measured in benchmarks/results/channel_loopback.md).
-  bool verify_payload = false;
+  std::vector<AdditiveStream> additive;
+  // Bytes of one Gloo transfer, and of each shared receive buffer (a multiple of 8).
+  int64_t chunk_bytes = 4 << 20;
+  // Receive buffers kept posted, shared by all peers (>= 1).
+  int recv_depth = 4;
+  // Ordered and replace messages posted to Gloo at once per peer (>= 1).
+  size_t max_in_flight = 2;
+  // Ordered messages that may wait per peer, on the sending and on the receiving side.
+  size_t max_ordered = 16;
+  // Largest metadata block of a message, in bytes.
+  size_t max_meta_bytes = 64 << 10;
+  // Payloads at most this large travel inside their header frame (one transfer).
+  int64_t inline_bytes = 64 << 10;
+  // Checksum every payload (XXH3-64: the sender computes, the receiver verifies). TCP
+  // checksums what it carries; this catches corruption above it and payload chunks cut
+  // short by a broken peer, at about a tenth of a memory pass per side.
+  bool verify_payload = true;
   PeerFailure on_peer_failure = PeerFailure::kThrow;
   // Peers whose failure is always thrown, whatever on_peer_failure says (an AsGrad
   // worker tolerates a dead fellow worker, never a dead server). May differ by rank.
@@ -91,43 +117,61 @@ struct ChannelOptions {
 };
 
 struct Outgoing {
-  MessageKind kind = MessageKind::kData;
   Delivery delivery = Delivery::kOrdered;
-  // CPU tensor, any shape; its elements travel as one contiguous run. May be
-  // undefined for a message with no payload. Copied by send(): the caller may reuse
-  // it at once.
+  uint8_t stream = 0;
+  // CPU tensor, any shape; its elements travel as one contiguous run. May be undefined
+  // for a message with no payload. Copied by send(): the caller may reuse it at once.
+  // Additive: dtype and numel of the declared stream.
   at::Tensor payload;
-  int64_t sender_step = 0;
-  int64_t model_version = 0;
-  UpdateStats updates;
+  Metadata meta;  // additive: must conform to the stream's schema
 };
 
+// An ordered or replace message as it arrived.
 struct Message {
-  MessageHeader header;
-  // 1-D tensor of header.dtype with header.payload_bytes bytes; owned by the caller.
-  at::Tensor payload;
-  int sender() const { return header.sender; }
+  int sender = -1;
+  Delivery delivery = Delivery::kOrdered;
+  uint8_t stream = 0;
+  at::Tensor payload;  // 1-D, the dtype it was sent with; owned by the caller
+  Metadata meta;
+};
+
+// What arrived on one additive stream since the last poll: the sum of the payloads and
+// the metadata of each message whose last chunk is in it. The buffer returns to the
+// channel when `sum` is released.
+struct AdditiveArrival {
+  uint8_t stream = 0;
+  at::Tensor sum;
+  std::vector<std::pair<int, Metadata>> parts;  // (sender, metadata), oldest first per sender
+};
+
+struct Arrivals {
+  std::vector<Message> messages;         // ordered and replace, in arrival order
+  std::vector<AdditiveArrival> additive;  // streams that received something
+  bool empty() const { return messages.empty() && additive.empty(); }
 };
 
 struct PeerCounters {
   int peer = -1;
   uint64_t sent_messages = 0;
-  uint64_t sent_bytes = 0;  // header and payload bytes handed to the network
+  uint64_t sent_bytes = 0;  // header frames and payloads handed to the network
   uint64_t received_messages = 0;
   uint64_t received_bytes = 0;
   uint64_t coalesced = 0;           // outgoing messages merged into a pending one
   uint64_t coalesced_received = 0;  // arrivals merged into one not yet polled
-  uint64_t rejected = 0;            // arrivals that failed validation
+  uint64_t rejected = 0;            // frames that failed validation
   uint64_t dropped = 0;             // outgoing messages to a failed peer
   uint64_t queued = 0;              // messages waiting for or in transmission now
+  bool lagging = false;             // its previous message was still in flight at the last send
   bool closed = false;              // the peer said goodbye
   bool failed = false;              // the peer's connection failed
-  std::string last_reject;          // why the last rejected message was rejected
+  std::string last_reject;          // why the last rejected frame was rejected
 };
 
 namespace detail {
-class FramePool;
-struct PeerLink;
+struct ChannelCore;
+class Sender;
+class Receiver;
+class Watcher;
 }  // namespace detail
 
 class Channel {
@@ -138,78 +182,60 @@ class Channel {
   Channel(const Channel&) = delete;
   Channel& operator=(const Channel&) = delete;
 
-  int rank() const { return rank_; }
-  int size() const { return size_; }
-  const ChannelOptions& options() const { return options_; }
+  int rank() const;
+  int size() const;
+  const ChannelOptions& options() const;
 
-  // Hands `msg` to the sender of `peer` and returns at once (see the contract above).
-  // Throws ConfigError for a bad peer, a payload over capacity, additive payloads of
-  // different size or dtype, or a full ordered queue; CommError for a stored error.
+  // Hands `msg` to the sender thread and returns at once (see the contract above).
+  // Throws ConfigError for a bad peer, a payload that does not fit, metadata that does
+  // not conform, or a full ordered queue; CommError for a stored error.
   void send(int peer, const Outgoing& msg);
-  // send() to every other rank, with one copy of the payload per peer.
+  // send() to every other rank; the payload is copied once for all of them.
   void broadcast(const Outgoing& msg);
+  // An additive broadcast whose payload `fill` writes straight into the channel's
+  // buffer: fill(buffer, accumulate) must add its values into `buffer` when
+  // `accumulate` (a previous broadcast is still pending there), else overwrite it.
+  void broadcast_additive(uint8_t stream, const Metadata& meta,
+                          const std::function<void(at::Tensor& buffer, bool accumulate)>& fill);
 
   // Everything that has arrived, without waiting. Rethrows a stored error.
-  std::vector<Message> poll();
-  // Waits up to `timeout` for at least one message; returns what has arrived (maybe
-  // nothing). Rethrows a stored error.
-  std::vector<Message> wait(std::chrono::milliseconds timeout);
+  Arrivals poll();
+  // Waits up to `timeout` for something to arrive; returns what has (maybe nothing).
+  Arrivals wait(std::chrono::milliseconds timeout);
 
   // Waits up to `timeout` until everything sent so far has been handed to the network
-  // and accepted by the receiving side's posted buffers (or its peer failed). Returns
-  // false on timeout.
+  // (or its peer failed). Returns false on timeout.
   bool flush(std::chrono::milliseconds timeout);
 
   // Waits up to `timeout` until at most `max_queued` messages wait for or are in
-  // transmission to `peer` (backpressure for callers that must not coalesce). Returns
-  // false on timeout.
+  // transmission to `peer`. Returns false on timeout.
   bool wait_for_room(int peer, size_t max_queued, std::chrono::milliseconds timeout);
 
-  // Sends what is pending and a goodbye to every live peer, then waits up to
-  // `timeout` for every live peer's goodbye. Arrivals stay available to poll().
-  // Returns false (and logs the peers) if some peer did not finish in time. After
-  // close(), send() throws.
+  // Sends what is pending and a goodbye to every live peer, acknowledges theirs, and
+  // waits up to `timeout` for every live peer's goodbye and acknowledgement. Arrivals
+  // stay available to poll(). Returns false (and logs the peers) if some peer did not
+  // finish in time. After close(), send() throws.
   bool close(std::chrono::milliseconds timeout);
 
   std::vector<PeerCounters> counters() const;
   PeerCounters counters(int peer) const;
   // Peers that are neither failed nor closed.
   std::vector<int> live_peers() const;
+  // Peers whose connection failed.
+  std::vector<int> failed_peers() const;
+  // Background threads serving this channel (for tests and benchmarks).
+  int threads() const { return 3; }
 
   // Throws the first error stored by a background thread, if any.
   void rethrow_if_failed();
 
  private:
-  friend struct detail::PeerLink;
+  friend struct ChannelTestAccess;  // tests: hold the receiver thread
 
-  void send_locked_peer(detail::PeerLink& link, const Outgoing& msg, const at::Tensor& flat);
-  void sender_loop(detail::PeerLink& link);
-  void receiver_loop(detail::PeerLink& link);
-  void deliver(detail::PeerLink& link, at::Tensor frame, const MessageHeader& h);
-  void peer_failed(detail::PeerLink& link, const std::string& what);
-  void abort_and_join();
-
-  std::shared_ptr<World> world_;
-  std::shared_ptr<gloo::Context> context_;
-  ChannelOptions options_;
-  const int rank_;
-  const int size_;
-  const uint64_t slot_;
-  const uint64_t token_;
-  std::shared_ptr<detail::FramePool> pool_;
-  std::vector<std::unique_ptr<detail::PeerLink>> links_;  // indexed by rank; null for self
-
-  // Guards inbox_ and is what wait() sleeps on.
-  std::mutex inbox_mu_;
-  std::condition_variable inbox_cv_;
-  std::deque<Message> inbox_;
-
-  // Guards error_.
-  std::mutex error_mu_;
-  std::exception_ptr error_;
-
-  std::atomic<bool> closing_{false};
-  std::atomic<bool> stopping_{false};
+  std::shared_ptr<detail::ChannelCore> core_;
+  std::unique_ptr<detail::Receiver> receiver_;
+  std::unique_ptr<detail::Sender> sender_;
+  std::unique_ptr<detail::Watcher> watcher_;
 };
 
 }  // namespace torch_asgd

@@ -275,19 +275,68 @@ void World::barrier(const std::string& name) {
   wait_for_all(prefix, fmt::format("barrier '{}'", name));
 }
 
-std::unique_ptr<Channel> World::open_channel(const ChannelOptions& options, const Fingerprint& fp) {
-  if (options.capacity_bytes < 0 || options.recv_depth < 1) {
-    throw ConfigError(fmt::format("channel '{}': capacity_bytes must be >= 0 and recv_depth >= 1",
-                                  options.name));
+namespace {
+
+// Refuses options no channel can work with, naming the field.
+void validate(const ChannelOptions& o) {
+  auto bad = [&](const std::string& what) {
+    throw ConfigError(fmt::format("channel '{}': {}", o.name, what));
+  };
+  if (o.capacity_bytes < 0) bad("capacity_bytes must be >= 0");
+  if (o.recv_depth < 1) bad("recv_depth must be >= 1");
+  if (o.max_in_flight < 1) bad("max_in_flight must be >= 1");
+  if (o.max_ordered < 1) bad("max_ordered must be >= 1");
+  if (o.chunk_bytes < 4096 || o.chunk_bytes % 8 != 0) {
+    bad(fmt::format("chunk_bytes {} must be a multiple of 8 and >= 4096", o.chunk_bytes));
   }
+  if (o.max_meta_bytes + kFrameHeaderBytes > static_cast<size_t>(o.chunk_bytes)) {
+    bad("max_meta_bytes must leave room for the frame header within chunk_bytes");
+  }
+  if (o.inline_bytes < 0) bad("inline_bytes must be >= 0");
+  std::vector<bool> seen(kMaxStreams, false);
+  for (const auto& s : o.additive) {
+    if (s.id >= kMaxStreams || seen[s.id]) {
+      bad(fmt::format("additive stream ids must be distinct and < {} (got {})", kMaxStreams,
+                      static_cast<int>(s.id)));
+    }
+    seen[s.id] = true;
+    if (s.numel < 0 || dtype_size(s.dtype) == 0) {
+      bad(fmt::format("additive stream {} needs numel >= 0 and a dtype that can travel",
+                      static_cast<int>(s.id)));
+    }
+    const size_t meta = 8 * (s.meta.fields.size() +
+                             static_cast<size_t>(std::max(0, s.meta.max_records)) *
+                                 static_cast<size_t>(std::max(0, s.meta.record_width)));
+    if (s.meta.record_width < 0 || s.meta.max_records < 0 || meta > o.max_meta_bytes ||
+        s.meta.fields.size() > 65535 || s.meta.record_width > 65535 || s.meta.max_records > 65535) {
+      bad(fmt::format("additive stream {}: its metadata ({} bytes at most) exceeds max_meta_bytes "
+                      "({})",
+                      static_cast<int>(s.id), meta, o.max_meta_bytes));
+    }
+  }
+}
+
+}  // namespace
+
+std::unique_ptr<Channel> World::open_channel(const ChannelOptions& options, const Fingerprint& fp) {
+  validate(options);
   Fingerprint full = fp;
-  full.set("channel", options.name)
+  full.set("wire protocol", fmt::format("torch_asgd v{}", kProtocolVersion))
+      .set("channel", options.name)
       .set("capacity_bytes", std::to_string(options.capacity_bytes))
+      .set("chunk_bytes", std::to_string(options.chunk_bytes))
+      .set("max_meta_bytes", std::to_string(options.max_meta_bytes))
+      .set("inline_bytes", std::to_string(options.inline_bytes))
       .set("verify_payload", options.verify_payload ? "1" : "0")
       .set("channel_index", std::to_string(channels_opened_));
+  for (const auto& s : options.additive) {
+    full.set(fmt::format("additive stream {}", static_cast<int>(s.id)),
+             fmt::format("{} x {}, metadata {}", s.numel, c10::toString(s.dtype), s.meta.describe()));
+  }
   check_fingerprint("channel/" + options.name, full);
-  // Channel slots live far above the slots Gloo's collectives count up from.
-  const uint64_t slot = (uint64_t{1} << 48) + static_cast<uint64_t>(channels_opened_++);
+  // Channel slots live far above the slots Gloo's collectives count up from; each
+  // channel takes two (its frames, and the watch slot nobody sends on).
+  const uint64_t slot = (uint64_t{1} << 48) + 2 * static_cast<uint64_t>(channels_opened_++);
   const uint64_t token = token_of(options_.job_id + "/" + options.name);
   return std::make_unique<Channel>(shared_from_this(), options, slot, token);
 }

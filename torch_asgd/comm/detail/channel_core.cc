@@ -1,0 +1,175 @@
+#include "torch_asgd/comm/detail/channel_core.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+
+#include "torch_asgd/comm/detail/log.h"
+#include "torch_asgd/comm/detail/receiver.h"
+#include "torch_asgd/comm/detail/sender.h"
+#include "torch_asgd/comm/error.h"
+#include "torch_asgd/comm/world.h"
+
+namespace torch_asgd {
+namespace detail {
+
+ChannelCore::ChannelCore(std::shared_ptr<World> w, ChannelOptions o, uint64_t slot, uint64_t tok)
+    : world(std::move(w)),
+      context(world->gloo_context()),
+      options(std::move(o)),
+      rank(world->rank()),
+      size(world->size()),
+      data_slot(slot),
+      watch_slot(slot + 1),
+      token(tok) {
+  peers.resize(size);
+  for (const auto& s : options.additive) {
+    streams[s.id] = &s;
+    limits.additive_bytes[s.id] = static_cast<uint64_t>(s.numel) * dtype_size(s.dtype);
+    limits.additive_dtype[s.id] = s.dtype;
+  }
+  limits.world_size = size;
+  limits.receiver = rank;
+  limits.token = token;
+  limits.max_payload_bytes = static_cast<uint64_t>(options.capacity_bytes);
+  limits.max_meta_bytes = options.max_meta_bytes;
+  limits.frame_capacity = static_cast<size_t>(options.chunk_bytes);
+}
+
+std::string ChannelCore::prefix() const {
+  return fmt::format("rank {}: channel '{}'", rank, options.name);
+}
+
+bool ChannelCore::critical(int peer) const {
+  return std::find(options.critical_peers.begin(), options.critical_peers.end(), peer) !=
+         options.critical_peers.end();
+}
+
+bool ChannelCore::failed(int peer) const {
+  std::lock_guard<std::mutex> lock(mu);
+  return peers[peer].failed;
+}
+
+std::vector<int> ChannelCore::live_peers() const {
+  std::vector<int> out;
+  std::lock_guard<std::mutex> lock(mu);
+  for (int p = 0; p < size; ++p) {
+    if (p != rank && !peers[p].failed) out.push_back(p);
+  }
+  return out;
+}
+
+void ChannelCore::peer_failed(int peer, const std::string& what) {
+  bool normal_end;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (peers[peer].failed || stopping) return;
+    peers[peer].failed = true;
+    // A peer that said goodbye has sent everything: its connection closing then is
+    // the normal end, not an error.
+    normal_end = peers[peer].bye_received;
+  }
+  cv.notify_all();
+  if (!normal_end) {
+    std::string msg = fmt::format(
+        "{}: connection to rank {} failed: {}; is rank {} still running? check its output",
+        prefix(), peer, what, peer);
+    if (options.on_peer_failure == PeerFailure::kThrow || critical(peer)) {
+      fail(std::make_exception_ptr(CommError(msg)));
+    } else {
+      log_warning(msg + "; continuing without it");
+    }
+  }
+  if (sender != nullptr) sender->peer_failed(peer);
+  if (receiver != nullptr) receiver->peer_failed(peer);
+}
+
+void ChannelCore::rejected(int peer, Reject why, const std::string& detail) {
+  bool first;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    PeerStatus& p = peers[peer];
+    ++p.rejected;
+    p.last_reject = to_string(why);
+    first = !p.rejects_logged[static_cast<int>(why)];
+    p.rejects_logged[static_cast<int>(why)] = true;
+  }
+  if (first) {
+    log_warning(fmt::format(
+        "{}: rejected a frame from rank {}: {}{} (counted; further rejections for this reason are "
+        "not logged)",
+        prefix(), peer, to_string(why), detail.empty() ? "" : " (" + detail + ")"));
+  }
+}
+
+void ChannelCore::fail(std::exception_ptr e) {
+  {
+    std::lock_guard<std::mutex> lock(error_mu);
+    if (!error) error = std::move(e);
+  }
+  if (receiver != nullptr) receiver->notify();
+}
+
+void ChannelCore::rethrow_if_failed() {
+  std::lock_guard<std::mutex> lock(error_mu);
+  if (error) std::rethrow_exception(error);
+}
+
+void ChannelCore::retire(std::shared_ptr<void> resource) { world->retire(std::move(resource)); }
+
+namespace {
+
+// Exponent all ones: NaN or infinity. Tight loops over the bits, which compilers vectorize.
+template <typename Bits>
+bool finite_bits(const uint8_t* p, size_t n, Bits mask) {
+  Bits bad = 0;
+  const size_t count = n / sizeof(Bits);
+  for (size_t i = 0; i < count; ++i) {
+    Bits v;
+    std::memcpy(&v, p + i * sizeof(Bits), sizeof(Bits));
+    bad |= static_cast<Bits>((v & mask) == mask);
+  }
+  return bad == 0;
+}
+
+template <typename T>
+void add_loop(uint8_t* dst, const uint8_t* src, size_t bytes) {
+  const size_t n = bytes / sizeof(T);
+  T* d = reinterpret_cast<T*>(dst);
+  const T* s = reinterpret_cast<const T*>(src);
+  for (size_t i = 0; i < n; ++i) d[i] += s[i];
+}
+
+}  // namespace
+
+bool all_finite(const void* data, size_t bytes, c10::ScalarType dtype) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  switch (dtype) {
+    case c10::ScalarType::Float: return finite_bits<uint32_t>(p, bytes, 0x7f800000u);
+    case c10::ScalarType::Double: return finite_bits<uint64_t>(p, bytes, 0x7ff0000000000000ull);
+    case c10::ScalarType::Half: return finite_bits<uint16_t>(p, bytes, 0x7c00u);
+    case c10::ScalarType::BFloat16: return finite_bits<uint16_t>(p, bytes, 0x7f80u);
+    default: return true;
+  }
+}
+
+void add_into(void* dst, const void* src, size_t bytes, c10::ScalarType dtype) {
+  auto* d = static_cast<uint8_t*>(dst);
+  const auto* s = static_cast<const uint8_t*>(src);
+  switch (dtype) {
+    case c10::ScalarType::Float: add_loop<float>(d, s, bytes); return;
+    case c10::ScalarType::Double: add_loop<double>(d, s, bytes); return;
+    case c10::ScalarType::Long: add_loop<int64_t>(d, s, bytes); return;
+    case c10::ScalarType::Int: add_loop<int32_t>(d, s, bytes); return;
+    default: {
+      const int64_t n = static_cast<int64_t>(bytes / dtype_size(dtype));
+      auto opts = at::TensorOptions().dtype(dtype);
+      at::from_blob(d, {n}, opts).add_(at::from_blob(const_cast<uint8_t*>(s), {n}, opts));
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace torch_asgd

@@ -1,0 +1,102 @@
+// What the parts of a Channel share: its options and identity, the status of every peer
+// (failed, said goodbye, acknowledged ours), the error to rethrow on the training
+// thread, and small helpers on payload bytes. Internal.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "torch_asgd/comm/channel.h"
+#include "torch_asgd/comm/wire.h"
+
+namespace gloo {
+class Context;
+namespace transport {
+class UnboundBuffer;
+}
+}  // namespace gloo
+
+namespace torch_asgd {
+class World;
+namespace detail {
+
+class Sender;
+class Receiver;
+
+// Gloo's waits cannot poll: a wait that times out poisons every connection of the
+// context. Background waits are therefore unbounded and ended by abortWait*(); a
+// peer's death shows as a connection error instead.
+constexpr std::chrono::milliseconds kForever = std::chrono::hours(24 * 365);
+
+struct PeerStatus {
+  bool failed = false;
+  bool bye_received = false;  // the peer sends nothing more but acknowledgements
+  bool bye_acked = false;     // the peer has everything this rank sent, goodbye included
+  std::string last_reject;
+  uint64_t rejected = 0;
+  bool rejects_logged[static_cast<int>(Reject::kCount_)] = {};
+};
+
+struct ChannelCore {
+  ChannelCore(std::shared_ptr<World> w, ChannelOptions o, uint64_t slot, uint64_t tok);
+
+  std::shared_ptr<World> world;
+  std::shared_ptr<gloo::Context> context;
+  const ChannelOptions options;
+  const int rank;
+  const int size;
+  const uint64_t data_slot;   // frames of messages
+  const uint64_t watch_slot;  // never sent on: its posted receives fail with their connection
+  const uint64_t token;
+  // Declared additive streams, by id (nullptr: not declared).
+  std::array<const AdditiveStream*, kMaxStreams> streams{};
+  DecodeLimits limits;  // what the receiver accepts (expected_sender is set per frame)
+
+  Sender* sender = nullptr;
+  Receiver* receiver = nullptr;
+
+  // Guards peers and is what close() sleeps on.
+  mutable std::mutex mu;
+  std::condition_variable cv;
+  std::vector<PeerStatus> peers;
+
+  std::atomic<bool> stopping{false};
+  std::atomic<bool> closing{false};
+  // Tests: the receiver thread takes no frame while set (a peer that stalls).
+  std::atomic<bool> hold_receiver{false};
+
+  std::mutex error_mu;  // guards error
+  std::exception_ptr error;
+
+  bool critical(int peer) const;
+  bool failed(int peer) const;
+  std::vector<int> live_peers() const;  // not failed (goodbyes included)
+  // A peer's connection failed, as seen by any thread: log or store the error (not if
+  // the peer had said goodbye: then it is the normal end), and tell sender and receiver.
+  void peer_failed(int peer, const std::string& what);
+  // A frame from `peer` failed a check: count it, log the reason once.
+  void rejected(int peer, Reject why, const std::string& detail = "");
+  // Stores an error for the training thread (the first one wins).
+  void fail(std::exception_ptr e);
+  void rethrow_if_failed();
+  // Keeps `resource` alive as long as the Gloo connections (memory Gloo may still touch).
+  void retire(std::shared_ptr<void> resource);
+  std::string prefix() const;  // "rank R: channel 'name'"
+};
+
+// True when no element of the floating-point payload is NaN or infinite.
+bool all_finite(const void* data, size_t bytes, c10::ScalarType dtype);
+// dst += src over `bytes` bytes of `dtype` (tight loops for float and double).
+void add_into(void* dst, const void* src, size_t bytes, c10::ScalarType dtype);
+
+}  // namespace detail
+}  // namespace torch_asgd

@@ -1,0 +1,494 @@
+#include "torch_asgd/comm/detail/sender.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include <ATen/Functions.h>
+#include <fmt/format.h>
+#include <gloo/context.h>
+#include <gloo/transport/unbound_buffer.h>
+
+#include "torch_asgd/comm/detail/receiver.h"
+#include "torch_asgd/comm/error.h"
+
+namespace torch_asgd {
+namespace detail {
+
+uint64_t OutMsg::bytes() const {
+  return payload.defined() ? static_cast<uint64_t>(payload.numel()) * payload.element_size() : 0;
+}
+
+// A frame posted to one peer, kept until the peer acknowledges it.
+struct Sender::Posted {
+  uint64_t seq = 0;
+  OutRef msg;  // null for control frames
+  FrameType type = FrameType::kOrdered;
+  uint8_t stream = 0;
+  at::Tensor header;  // the header frame's bytes
+  std::unique_ptr<gloo::transport::UnboundBuffer> header_buf, payload_buf;
+};
+
+struct Sender::PeerOut {
+  explicit PeerOut(int r) : rank(r) {}
+  const int rank;
+  std::deque<OutRef> ordered;                  // waiting, oldest first
+  std::array<OutRef, kMaxStreams> replace{};   // waiting: the newest of each stream
+  std::array<OutRef, kMaxStreams> additive{};  // waiting: the sum of what came meanwhile
+  std::array<bool, kMaxStreams> additive_own{};  // additive[s] is this peer's own buffer
+  std::array<bool, kMaxStreams> additive_in_flight{};
+  size_t ordered_in_flight = 0;  // ordered and replace messages not yet acknowledged
+  std::deque<Posted> unacked;    // by sequence number
+  uint64_t next_seq = 1;
+  bool ack_due = false;     // the peer asked for an acknowledgement
+  bool bye_wanted = false;  // close() asked for a goodbye
+  bool bye_posted = false;
+  bool lagging = false;
+  bool failed = false;
+  Sender::Counts counts;
+
+  bool waiting() const {
+    if (!ordered.empty()) return true;
+    for (int s = 0; s < kMaxStreams; ++s) {
+      if (replace[s] || additive[s]) return true;
+    }
+    return false;
+  }
+  size_t queued() const {
+    size_t n = ordered.size();
+    for (const auto& u : unacked) n += u.msg ? 1 : 0;
+    for (int s = 0; s < kMaxStreams; ++s) n += (replace[s] ? 1 : 0) + (additive[s] ? 1 : 0);
+    return n;
+  }
+};
+
+Sender::Sender(ChannelCore& core) : core_(core), free_(std::make_shared<FreeList>()) {
+  peers_.resize(core_.size);
+  for (int p = 0; p < core_.size; ++p) {
+    if (p != core_.rank) peers_[p] = std::make_unique<PeerOut>(p);
+  }
+}
+
+Sender::~Sender() { stop_and_join(); }
+
+void Sender::start() {
+  thread_ = std::thread([this] { run(); });
+}
+
+void Sender::stop_and_join() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    wake_locked();
+  }
+  if (thread_.joinable()) thread_.join();
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto& p : peers_) {
+    if (p) drop_locked(*p);
+  }
+}
+
+void Sender::wake_locked() {
+  work_ = true;
+  cv_.notify_all();
+}
+
+OutRef Sender::new_message(FrameType type, uint8_t stream, c10::ScalarType dtype, int64_t numel) {
+  at::Tensor buffer;
+  if (type == FrameType::kAdditive) {
+    std::lock_guard<std::mutex> lock(free_->mu);
+    auto& free = free_->buffers[stream];
+    if (!free.empty()) {
+      buffer = std::move(free.back());
+      free.pop_back();
+    }
+  }
+  if (!buffer.defined()) buffer = at::empty({numel}, at::TensorOptions().dtype(dtype));
+  // Additive buffers come back for the next message once nobody references them (a
+  // retired message may outlive the sender: the free list is shared with it).
+  auto recycle = [free = free_](OutMsg* m) {
+    if (m->type == FrameType::kAdditive && m->payload.defined()) {
+      std::lock_guard<std::mutex> lock(free->mu);
+      auto& list = free->buffers[m->stream];
+      if (list.size() < 2) list.push_back(std::move(m->payload));
+    }
+    delete m;
+  };
+  OutRef m(new OutMsg, recycle);
+  m->type = type;
+  m->stream = stream;
+  m->dtype = dtype;
+  m->payload = std::move(buffer);
+  return m;
+}
+
+void Sender::enqueue(int peer, OutRef msg) {
+  std::lock_guard<std::mutex> lock(mu_);
+  PeerOut& p = *peers_[peer];
+  if (p.failed || core_.failed(peer)) {  // (the core may know before peer_failed() came)
+    ++p.counts.dropped;
+    return;
+  }
+  if (msg->type == FrameType::kOrdered) {
+    if (p.ordered.size() >= core_.options.max_ordered) {
+      throw ConfigError(fmt::format(
+          "{}: {} ordered messages already wait for rank {}, which is not receiving; send large "
+          "or frequent data as additive or replace messages, or raise max_ordered",
+          core_.prefix(), p.ordered.size(), peer));
+    }
+    p.ordered.push_back(std::move(msg));
+  } else if (msg->type == FrameType::kReplace) {
+    if (p.replace[msg->stream]) ++p.counts.coalesced;
+    p.replace[msg->stream] = std::move(msg);
+  } else {
+    coalesce_locked(p, msg->stream, msg, /*own=*/true);
+  }
+  wake_locked();
+}
+
+void Sender::enqueue_all(OutRef msg) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto& p : peers_) {
+    if (p && !p->failed && msg->type == FrameType::kOrdered &&
+        p->ordered.size() >= core_.options.max_ordered) {
+      throw ConfigError(fmt::format(
+          "{}: {} ordered messages already wait for rank {}, which is not receiving",
+          core_.prefix(), p->ordered.size(), p->rank));
+    }
+  }
+  for (auto& p : peers_) {
+    if (!p) continue;
+    if (p->failed) {
+      ++p->counts.dropped;
+    } else if (msg->type == FrameType::kOrdered) {
+      p->ordered.push_back(msg);
+    } else {
+      if (p->replace[msg->stream]) ++p->counts.coalesced;
+      p->replace[msg->stream] = msg;
+    }
+  }
+  wake_locked();
+}
+
+void Sender::broadcast_additive(uint8_t stream, const Metadata& meta,
+                                const std::function<void(at::Tensor&, bool)>& fill) {
+  const AdditiveStream& spec = *core_.streams[stream];
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (OutRef& pending = pending_broadcast_[stream]) {
+      // The thread has not handed the previous one out yet: add into it.
+      fill(pending->payload, true);
+      merge(pending->meta, meta, spec.meta);
+      for (auto& p : peers_) {
+        if (p && !p->failed) ++p->counts.coalesced;
+      }
+      wake_locked();
+      return;
+    }
+  }
+  OutRef m = new_message(FrameType::kAdditive, stream, spec.dtype, spec.numel);
+  fill(m->payload, false);
+  m->meta = meta;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (OutRef& pending = pending_broadcast_[stream]) {  // raced with another caller
+    pending->payload.add_(m->payload);
+    merge(pending->meta, meta, spec.meta);
+  } else {
+    pending_broadcast_[stream] = std::move(m);
+  }
+  wake_locked();
+}
+
+void Sender::request_close() {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto& p : peers_) {
+    if (p) p->bye_wanted = true;
+  }
+  wake_locked();
+}
+
+bool Sender::on_ack(int peer, uint64_t ack) {
+  std::lock_guard<std::mutex> lock(mu_);
+  PeerOut& p = *peers_[peer];
+  // An acknowledgement of frames not sent yet is a broken or hostile peer's: freeing
+  // what Gloo is still sending would corrupt memory.
+  if (ack >= p.next_seq) return false;
+  if (p.unacked.empty() || p.unacked.front().seq > ack) return true;
+  release_locked(p, ack);
+  wake_locked();
+  return true;
+}
+
+void Sender::ack_due(int peer) {
+  std::lock_guard<std::mutex> lock(mu_);
+  peers_[peer]->ack_due = true;
+  wake_locked();
+}
+
+void Sender::peer_failed(int peer) {
+  std::lock_guard<std::mutex> lock(mu_);
+  PeerOut& p = *peers_[peer];
+  p.failed = true;
+  drop_locked(p);
+  wake_locked();
+}
+
+size_t Sender::queued(int peer) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return peers_[peer]->queued();
+}
+
+bool Sender::idle_locked(const PeerOut& p) const {
+  if (p.failed) return true;
+  for (const auto& b : pending_broadcast_) {
+    if (b) return false;
+  }
+  return p.queued() == 0;
+}
+
+bool Sender::idle(int peer) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return idle_locked(*peers_[peer]);
+}
+
+Sender::Counts Sender::counts(int peer) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return peers_[peer]->counts;
+}
+
+bool Sender::lagging(int peer) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return peers_[peer]->lagging;
+}
+
+bool Sender::wait_idle(int peer, std::chrono::steady_clock::time_point deadline) {
+  std::unique_lock<std::mutex> lock(mu_);
+  return done_cv_.wait_until(lock, deadline, [&] { return idle_locked(*peers_[peer]); });
+}
+
+bool Sender::wait_room(int peer, size_t max_queued, std::chrono::steady_clock::time_point deadline) {
+  std::unique_lock<std::mutex> lock(mu_);
+  const PeerOut& p = *peers_[peer];
+  return done_cv_.wait_until(lock, deadline, [&] { return p.failed || p.queued() <= max_queued; });
+}
+
+// ---- the thread ---------------------------------------------------------------------
+
+void Sender::coalesce_locked(PeerOut& p, uint8_t s, const OutRef& msg, bool own) {
+  const AdditiveStream& spec = *core_.streams[s];
+  OutRef& waiting = p.additive[s];
+  if (!waiting) {
+    // The first one while nothing waits: posted as soon as the one in flight is
+    // acknowledged (at once if none is).
+    waiting = msg;
+    p.additive_own[s] = own;
+    if (p.additive_in_flight[s]) p.lagging = true;
+    return;
+  }
+  ++p.counts.coalesced;
+  p.lagging = true;
+  if (!p.additive_own[s]) {
+    // Shared with other peers: this peer lags and needs a buffer of its own.
+    OutRef mine = new_message(FrameType::kAdditive, s, spec.dtype, spec.numel);
+    at::add_out(mine->payload, waiting->payload, msg->payload);
+    mine->meta = waiting->meta;
+    merge(mine->meta, msg->meta, spec.meta);
+    waiting = std::move(mine);
+    p.additive_own[s] = true;
+    return;
+  }
+  waiting->payload.add_(msg->payload);
+  waiting->checksummed = false;
+  merge(waiting->meta, msg->meta, spec.meta);
+}
+
+void Sender::distribute_broadcasts_locked(std::unique_lock<std::mutex>& lock) {
+  for (int s = 0; s < kMaxStreams; ++s) {
+    if (!pending_broadcast_[s]) continue;
+    OutRef m = std::move(pending_broadcast_[s]);
+    if (core_.options.verify_payload) {
+      // Immutable from now on: one checksum serves every peer. Outside the lock, so
+      // that the training thread can go on sending.
+      lock.unlock();
+      m->checksum = checksum64(m->payload.data_ptr(), m->bytes());
+      m->checksummed = true;
+      lock.lock();
+    }
+    for (auto& p : peers_) {
+      if (!p) continue;
+      if (p->failed) {
+        ++p->counts.dropped;
+        continue;
+      }
+      coalesce_locked(*p, static_cast<uint8_t>(s), m, /*own=*/false);
+    }
+  }
+}
+
+void Sender::post_ready_locked(PeerOut& p) {
+  if (p.failed) return;
+  const size_t window = std::max<size_t>(1, core_.options.max_in_flight);
+  while (!p.ordered.empty() && p.ordered_in_flight < window) {
+    OutRef m = std::move(p.ordered.front());
+    p.ordered.pop_front();
+    ++p.ordered_in_flight;
+    // Ask for an acknowledgement before the window fills, so that it never stalls, and
+    // for the last one, so that nothing stays unacknowledged.
+    const bool ask = p.ordered_in_flight * 2 >= window || p.ordered.empty();
+    post_locked(p, std::move(m), FrameType::kOrdered, ask);
+    if (p.failed) return;
+  }
+  for (int s = 0; s < kMaxStreams && !p.failed; ++s) {
+    if (p.replace[s] && p.ordered_in_flight < window) {
+      ++p.ordered_in_flight;
+      OutRef m = std::move(p.replace[s]);
+      p.replace[s].reset();
+      post_locked(p, std::move(m), FrameType::kReplace, /*ack_requested=*/true);
+    }
+    if (p.additive[s] && !p.additive_in_flight[s]) {
+      p.additive_in_flight[s] = true;
+      OutRef m = std::move(p.additive[s]);
+      p.additive[s].reset();
+      p.additive_own[s] = false;
+      if (core_.options.verify_payload && !m->checksummed) {
+        m->checksum = checksum64(m->payload.data_ptr(), m->bytes());
+        m->checksummed = true;
+      }
+      post_locked(p, std::move(m), FrameType::kAdditive, /*ack_requested=*/true);
+    }
+  }
+  if (p.failed) return;
+  if (p.bye_wanted && !p.bye_posted && !p.waiting()) {
+    p.bye_posted = true;
+    post_locked(p, nullptr, FrameType::kBye, /*ack_requested=*/true);
+  }
+  // Nothing went out that carries the acknowledgement the peer asked for: send it alone.
+  if (p.ack_due && !p.failed) post_locked(p, nullptr, FrameType::kAck, false);
+}
+
+void Sender::post_locked(PeerOut& p, OutRef msg, FrameType type, bool ack_requested) {
+  Posted f;
+  f.seq = p.next_seq++;
+  f.type = type;
+  FrameHeader h;
+  h.type = f.type;
+  h.sender = core_.rank;
+  h.sequence = f.seq;
+  h.token = core_.token;
+  h.ack = core_.receiver->last_whole(p.rank);
+  if (ack_requested) h.flags |= kAckRequested;
+  const uint64_t bytes = msg ? msg->bytes() : 0;
+  const Metadata empty;
+  const Metadata& meta = msg ? msg->meta : empty;
+  if (msg) {
+    f.stream = msg->stream;
+    h.stream = msg->stream;
+    h.dtype = msg->dtype;
+    h.payload_bytes = bytes;
+    h.meta_fields = static_cast<uint16_t>(meta.fields.size());
+    h.record_width = msg->type == FrameType::kAdditive
+                         ? static_cast<uint16_t>(core_.streams[msg->stream]->meta.record_width)
+                         : 0;
+    h.meta_records = h.record_width > 0 ? static_cast<uint16_t>(meta.records.size() / h.record_width) : 0;
+    if (meta.records_overflowed) h.flags |= kRecordsOverflowed;
+    if (msg->checksummed) {
+      h.flags |= kChecksummed;
+      h.payload_checksum = msg->checksum;
+    }
+    const bool fits = kFrameHeaderBytes + h.meta_bytes() + bytes <=
+                      static_cast<uint64_t>(core_.options.chunk_bytes);
+    if (bytes > 0 && bytes <= static_cast<uint64_t>(core_.options.inline_bytes) && fits) {
+      h.flags |= kInlinePayload;
+    }
+  }
+  f.header = at::empty({static_cast<int64_t>(h.frame_bytes())}, at::TensorOptions().dtype(at::kByte));
+  auto* out = static_cast<uint8_t*>(f.header.data_ptr());
+  encode_frame_header(h, meta, out);
+  if (h.inline_payload()) {
+    std::memcpy(out + kFrameHeaderBytes + h.meta_bytes(), msg->payload.data_ptr(), bytes);
+  }
+  p.ack_due = false;  // every frame carries the acknowledgement
+  try {
+    f.header_buf = core_.context->createUnboundBuffer(out, h.frame_bytes());
+    f.header_buf->send(p.rank, core_.data_slot, 0, h.frame_bytes());
+    if (bytes > 0 && !h.inline_payload()) {
+      f.payload_buf = core_.context->createUnboundBuffer(msg->payload.data_ptr(), bytes);
+      const uint64_t chunk = static_cast<uint64_t>(core_.options.chunk_bytes);
+      for (uint64_t off = 0; off < bytes; off += chunk) {
+        f.payload_buf->send(p.rank, core_.data_slot, off, std::min(chunk, bytes - off));
+      }
+    }
+  } catch (const std::exception& e) {
+    p.failed = true;
+    failures_.emplace_back(p.rank, e.what());
+    core_.retire(std::make_shared<Posted>(std::move(f)));
+    return;
+  }
+  if (msg) {
+    ++p.counts.sent_messages;
+    p.counts.sent_bytes += h.frame_bytes() + (h.inline_payload() ? 0 : bytes);
+  } else if (f.type == FrameType::kBye) {
+    ++p.counts.sent_messages;
+    p.counts.sent_bytes += h.frame_bytes();
+  }
+  f.msg = std::move(msg);
+  p.unacked.push_back(std::move(f));
+}
+
+void Sender::release_locked(PeerOut& p, uint64_t ack) {
+  while (!p.unacked.empty() && p.unacked.front().seq <= ack) {
+    Posted& f = p.unacked.front();
+    if (f.type == FrameType::kAdditive) {
+      p.additive_in_flight[f.stream] = false;
+      if (!p.additive[f.stream]) p.lagging = false;
+    } else if (f.type == FrameType::kOrdered || f.type == FrameType::kReplace) {
+      --p.ordered_in_flight;
+    } else if (f.type == FrameType::kBye) {
+      std::lock_guard<std::mutex> lock(core_.mu);
+      core_.peers[p.rank].bye_acked = true;
+      core_.cv.notify_all();
+    }
+    p.unacked.pop_front();  // the peer has the bytes: Gloo is done with them
+  }
+  done_cv_.notify_all();
+}
+
+void Sender::drop_locked(PeerOut& p) {
+  // Gloo may still hold the posted sends of a failed connection: their memory lives as
+  // long as the connections do.
+  for (auto& f : p.unacked) core_.retire(std::make_shared<Posted>(std::move(f)));
+  p.unacked.clear();
+  p.counts.dropped += p.ordered.size();
+  p.ordered.clear();
+  for (int s = 0; s < kMaxStreams; ++s) {
+    if (p.additive[s]) ++p.counts.dropped;
+    if (p.replace[s]) ++p.counts.dropped;
+    p.additive[s].reset();
+    p.replace[s].reset();
+    p.additive_in_flight[s] = false;
+  }
+  p.ordered_in_flight = 0;
+  done_cv_.notify_all();
+}
+
+void Sender::run() {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    cv_.wait(lock, [&] { return work_ || core_.stopping; });
+    if (core_.stopping) return;
+    work_ = false;
+    distribute_broadcasts_locked(lock);
+    for (auto& p : peers_) {
+      if (p) post_ready_locked(*p);
+    }
+    done_cv_.notify_all();
+    if (!failures_.empty()) {
+      auto failures = std::move(failures_);
+      failures_.clear();
+      lock.unlock();
+      for (const auto& [peer, what] : failures) core_.peer_failed(peer, what);
+      lock.lock();
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace torch_asgd

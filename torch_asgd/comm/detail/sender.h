@@ -1,0 +1,120 @@
+// The sending half of a Channel: one thread that posts every peer's frames to Gloo and
+// never waits for Gloo. A message stays referenced until the peer acknowledges it
+// (wire.h), which is how this thread learns, for every peer at once, what was
+// delivered: a stopped or slow peer holds only its own messages, never the thread.
+//
+// Per peer and additive stream at most one message is in flight; what is sent meanwhile
+// is summed into the one pending message (a broadcast's buffer is shared by every peer
+// until one of them lags and needs a buffer of its own). Ordered and replace messages
+// are in flight up to max_in_flight per peer. Internal.
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "torch_asgd/comm/detail/channel_core.h"
+
+namespace torch_asgd {
+namespace detail {
+
+// A message to send, possibly shared by several peers. Immutable once posted.
+struct OutMsg {
+  FrameType type = FrameType::kOrdered;
+  uint8_t stream = 0;
+  c10::ScalarType dtype = c10::ScalarType::Byte;
+  at::Tensor payload;  // contiguous 1-D CPU tensor, or undefined (no payload)
+  Metadata meta;
+  bool checksummed = false;
+  uint64_t checksum = 0;  // of the payload, computed once when first posted
+
+  uint64_t bytes() const;
+};
+using OutRef = std::shared_ptr<OutMsg>;
+
+class Sender {
+ public:
+  explicit Sender(ChannelCore& core);
+  ~Sender();
+  Sender(const Sender&) = delete;
+  Sender& operator=(const Sender&) = delete;
+
+  void start();
+  void stop_and_join();  // sets nothing in the core; call after core.stopping
+
+  // Training thread. `msg` is already a private copy of the caller's data.
+  void enqueue(int peer, OutRef msg);
+  // One message for every live peer, sharing `msg`.
+  void enqueue_all(OutRef msg);
+  // The additive broadcast of Channel::broadcast_additive.
+  void broadcast_additive(uint8_t stream, const Metadata& meta,
+                          const std::function<void(at::Tensor&, bool)>& fill);
+  // Goodbyes to every live peer once what was sent before is posted.
+  void request_close();
+
+  // Receiver thread: the peer has processed our frames up to `ack` (false: we never sent
+  // that frame, and the acknowledgement is ignored); it asked for an acknowledgement of
+  // its own frames.
+  bool on_ack(int peer, uint64_t ack);
+  void ack_due(int peer);
+
+  // Any thread: drop what waits for a failed peer.
+  void peer_failed(int peer);
+
+  // A new message whose payload buffer (numel elements of dtype) is the caller's to fill;
+  // additive buffers are reused once no peer needs them any more.
+  OutRef new_message(FrameType type, uint8_t stream, c10::ScalarType dtype, int64_t numel);
+
+  // Messages waiting for or in transmission to `peer` (not yet acknowledged).
+  size_t queued(int peer) const;
+  bool idle(int peer) const;  // nothing queued or unacknowledged (or the peer failed)
+  bool lagging(int peer) const;
+  struct Counts {
+    uint64_t sent_messages = 0, sent_bytes = 0, coalesced = 0, dropped = 0;
+  };
+  Counts counts(int peer) const;
+  // Wait until the peer is idle / has at most `max_queued` messages queued (or failed).
+  bool wait_idle(int peer, std::chrono::steady_clock::time_point deadline);
+  bool wait_room(int peer, size_t max_queued, std::chrono::steady_clock::time_point deadline);
+
+ private:
+  struct Posted;
+  struct PeerOut;
+
+  void run();
+  void wake_locked();
+  bool idle_locked(const PeerOut& p) const;
+  void distribute_broadcasts_locked(std::unique_lock<std::mutex>& lock);
+  void coalesce_locked(PeerOut& p, uint8_t stream, const OutRef& msg, bool own);
+  void post_ready_locked(PeerOut& p);
+  void post_locked(PeerOut& p, OutRef msg, FrameType type, bool ack_requested);
+  void release_locked(PeerOut& p, uint64_t ack);
+  void drop_locked(PeerOut& p);
+
+  ChannelCore& core_;
+  std::thread thread_;
+
+  // Guards everything below; the thread sleeps on cv_, waiters on done_cv_.
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::condition_variable done_cv_;  // something was acknowledged, posted or dropped
+  bool work_ = false;  // something changed since the thread last looked
+  std::vector<std::unique_ptr<PeerOut>> peers_;  // by rank; null for self
+  // Broadcasts not yet handed to the peers, by additive stream (summed while waiting).
+  std::array<OutRef, kMaxStreams> pending_broadcast_{};
+  std::vector<std::pair<int, std::string>> failures_;  // posts that failed, to report unlocked
+
+  // Additive payload buffers to reuse, by stream.
+  struct FreeList {
+    std::mutex mu;  // guards buffers
+    std::array<std::vector<at::Tensor>, kMaxStreams> buffers;
+  };
+  std::shared_ptr<FreeList> free_;
+};
+
+}  // namespace detail
+}  // namespace torch_asgd

@@ -1,0 +1,37 @@
+// The watcher of a Channel's connections: one thread, one small receive posted on every
+// live peer's connection on a slot nobody sends on. Gloo fails a connection's pending
+// operations when the connection fails, so that receive fails the moment a peer dies,
+// whether or not anything was being sent to or received from it; the thread then finds
+// which connection it was and reports it (ChannelCore::peer_failed). Internal.
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include "torch_asgd/comm/detail/channel_core.h"
+
+namespace torch_asgd {
+namespace detail {
+
+class Watcher {
+ public:
+  explicit Watcher(ChannelCore& core);
+  ~Watcher();
+  Watcher(const Watcher&) = delete;
+  Watcher& operator=(const Watcher&) = delete;
+
+  void start();
+  void stop_and_join();  // after core.stopping
+
+ private:
+  void run();
+
+  ChannelCore& core_;
+  std::thread thread_;
+  std::mutex mu_;  // guards current_
+  gloo::transport::UnboundBuffer* current_ = nullptr;
+};
+
+}  // namespace detail
+}  // namespace torch_asgd
