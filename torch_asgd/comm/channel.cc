@@ -255,6 +255,7 @@ PeerCounters Channel::counters(int peer) const {
   c.sent_bytes = out.sent_bytes;
   c.coalesced = out.coalesced;
   c.dropped = out.dropped;
+  c.lost = out.lost;
   c.queued = sender_->queued(peer);
   c.lagging = sender_->lagging(peer);
   c.received_messages = in.received_messages;
@@ -284,6 +285,15 @@ std::vector<int> Channel::live_peers() const {
     if (p != core_->rank && !core_->peers[p].failed && !core_->peers[p].bye_received) {
       out.push_back(p);
     }
+  }
+  return out;
+}
+
+std::vector<int> Channel::closed_peers() const {
+  std::vector<int> out;
+  std::lock_guard<std::mutex> lock(core_->mu);
+  for (int p = 0; p < core_->size; ++p) {
+    if (p != core_->rank && core_->peers[p].bye_received) out.push_back(p);
   }
   return out;
 }

@@ -56,6 +56,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "torch_asgd/comm/metadata.h"
+#include "torch_asgd/comm/transport.h"
 #include "torch_asgd/comm/wire.h"
 
 namespace gloo {
@@ -160,6 +161,7 @@ struct PeerCounters {
   uint64_t coalesced_received = 0;  // arrivals merged into one not yet polled
   uint64_t rejected = 0;            // frames that failed validation
   uint64_t dropped = 0;             // outgoing messages to a failed peer
+  uint64_t lost = 0;                // sent messages the peer never acknowledged before it failed
   uint64_t queued = 0;              // messages waiting for or in transmission now
   bool lagging = false;             // its previous message was still in flight at the last send
   bool closed = false;              // the peer said goodbye
@@ -174,34 +176,34 @@ class Receiver;
 class Watcher;
 }  // namespace detail
 
-class Channel {
+class Channel : public Transport {
  public:
   // Use World::open_channel(), which checks that every rank opens the same channel.
   Channel(std::shared_ptr<World> world, ChannelOptions options, uint64_t slot, uint64_t token);
-  ~Channel();
+  ~Channel() override;
   Channel(const Channel&) = delete;
   Channel& operator=(const Channel&) = delete;
 
-  int rank() const;
-  int size() const;
+  int rank() const override;
+  int size() const override;
   const ChannelOptions& options() const;
 
   // Hands `msg` to the sender thread and returns at once (see the contract above).
   // Throws ConfigError for a bad peer, a payload that does not fit, metadata that does
   // not conform, or a full ordered queue; CommError for a stored error.
-  void send(int peer, const Outgoing& msg);
+  void send(int peer, const Outgoing& msg) override;
   // send() to every other rank; the payload is copied once for all of them.
   void broadcast(const Outgoing& msg);
   // An additive broadcast whose payload `fill` writes straight into the channel's
   // buffer: fill(buffer, accumulate) must add its values into `buffer` when
   // `accumulate` (a previous broadcast is still pending there), else overwrite it.
   void broadcast_additive(uint8_t stream, const Metadata& meta,
-                          const std::function<void(at::Tensor& buffer, bool accumulate)>& fill);
+                          const std::function<void(at::Tensor& buffer, bool accumulate)>& fill) override;
 
   // Everything that has arrived, without waiting. Rethrows a stored error.
-  Arrivals poll();
+  Arrivals poll() override;
   // Waits up to `timeout` for something to arrive; returns what has (maybe nothing).
-  Arrivals wait(std::chrono::milliseconds timeout);
+  Arrivals wait(std::chrono::milliseconds timeout) override;
 
   // Waits up to `timeout` until everything sent so far has been handed to the network
   // (or its peer failed). Returns false on timeout.
@@ -215,19 +217,21 @@ class Channel {
   // waits up to `timeout` for every live peer's goodbye and acknowledgement. Arrivals
   // stay available to poll(). Returns false (and logs the peers) if some peer did not
   // finish in time. After close(), send() throws.
-  bool close(std::chrono::milliseconds timeout);
+  bool close(std::chrono::milliseconds timeout) override;
 
-  std::vector<PeerCounters> counters() const;
+  std::vector<PeerCounters> counters() const override;
   PeerCounters counters(int peer) const;
   // Peers that are neither failed nor closed.
   std::vector<int> live_peers() const;
-  // Peers whose connection failed.
-  std::vector<int> failed_peers() const;
+  // Peers whose connection failed (not those that said goodbye first).
+  std::vector<int> failed_peers() const override;
+  // Peers that said goodbye.
+  std::vector<int> closed_peers() const override;
   // Background threads serving this channel (for tests and benchmarks).
   int threads() const { return 3; }
 
   // Throws the first error stored by a background thread, if any.
-  void rethrow_if_failed();
+  void rethrow_if_failed() override;
 
  private:
   friend struct ChannelTestAccess;  // tests: hold the receiver thread

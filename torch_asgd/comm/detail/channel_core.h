@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "torch_asgd/comm/channel.h"
+#include "torch_asgd/comm/detail/numeric.h"
 #include "torch_asgd/comm/wire.h"
 
 namespace gloo {
@@ -92,11 +93,6 @@ struct ChannelCore {
   void retire(std::shared_ptr<void> resource);
   std::string prefix() const;  // "rank R: channel 'name'"
 };
-
-// True when no element of the floating-point payload is NaN or infinite.
-bool all_finite(const void* data, size_t bytes, c10::ScalarType dtype);
-// dst += src over `bytes` bytes of `dtype` (tight loops for float and double).
-void add_into(void* dst, const void* src, size_t bytes, c10::ScalarType dtype);
 
 }  // namespace detail
 }  // namespace torch_asgd

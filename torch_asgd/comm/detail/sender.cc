@@ -454,7 +454,10 @@ void Sender::release_locked(PeerOut& p, uint64_t ack) {
 void Sender::drop_locked(PeerOut& p) {
   // Gloo may still hold the posted sends of a failed connection: their memory lives as
   // long as the connections do.
-  for (auto& f : p.unacked) core_.retire(std::make_shared<Posted>(std::move(f)));
+  for (auto& f : p.unacked) {
+    if (f.msg) ++p.counts.lost;
+    core_.retire(std::make_shared<Posted>(std::move(f)));
+  }
   p.unacked.clear();
   p.counts.dropped += p.ordered.size();
   p.ordered.clear();

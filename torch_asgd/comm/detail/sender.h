@@ -74,7 +74,7 @@ class Sender {
   bool idle(int peer) const;  // nothing queued or unacknowledged (or the peer failed)
   bool lagging(int peer) const;
   struct Counts {
-    uint64_t sent_messages = 0, sent_bytes = 0, coalesced = 0, dropped = 0;
+    uint64_t sent_messages = 0, sent_bytes = 0, coalesced = 0, dropped = 0, lost = 0;
   };
   Counts counts(int peer) const;
   // Wait until the peer is idle / has at most `max_queued` messages queued (or failed).
