@@ -1,7 +1,6 @@
-#include "torch_asgd/optim/async_sgd.h"
+#include "torch_asgd/optim/asgrad_worker.h"
 
 #include <fmt/format.h>
-#include <torch/optim/serialize.h>
 #include <torch/torch.h>
 
 #include "torch_asgd/comm/detail/log.h"
@@ -11,36 +10,37 @@
 #include "torch_asgd/optim/detail/flat_params.h"
 
 namespace torch_asgd {
+namespace {
 
-void AsyncSGDOptions::serialize(torch::serialize::OutputArchive& archive) const {
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(server_rank);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr);
-}
+// A worker's parameter groups have no learning rate: the server's rule steps.
+struct NoRuleOptions : public torch::optim::OptimizerCloneableOptions<NoRuleOptions> {
+  double get_lr() const override { throw refused(); }
+  void set_lr(const double) override { throw refused(); }
+  static ConfigError refused() {
+    return ConfigError("AsGradWorker has no learning rate: the parameter server's rule takes the "
+                       "steps; attach the LR scheduler to the ParameterServer");
+  }
+};
 
-void AsyncSGDOptions::serialize(torch::serialize::InputArchive& archive) {
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, server_rank);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);
-}
+}  // namespace
 
-std::string AsyncSGDStats::str() const {
+std::string AsGradWorkerStats::str() const {
   return fmt::format("worker {}: {} gradients returned, {} jobs, {:.2f} s waiting for jobs", rank,
                      gradients, jobs, wait_seconds);
 }
 
-AsyncSGD::AsyncSGD(std::vector<torch::Tensor> params, AsyncSGDOptions options,
-                   std::shared_ptr<World> world)
-    : AsyncSGD(
-          detail::default_names(params),
-          std::move(options), std::move(world)) {}
+AsGradWorker::AsGradWorker(std::vector<torch::Tensor> params, WorkerOptions options,
+                           std::shared_ptr<World> world)
+    : AsGradWorker(detail::default_names(params), std::move(options), std::move(world)) {}
 
-AsyncSGD::AsyncSGD(const torch::OrderedDict<std::string, torch::Tensor>& named,
-                   AsyncSGDOptions options, std::shared_ptr<World> world)
+AsGradWorker::AsGradWorker(const torch::OrderedDict<std::string, torch::Tensor>& named,
+                           WorkerOptions options, std::shared_ptr<World> world)
     : Optimizer({torch::optim::OptimizerParamGroup(named.values())},
-                std::make_unique<AsyncSGDOptions>(options)),
+                std::make_unique<NoRuleOptions>()),
       options_(std::move(options)),
       world_(std::move(world)) {
   if (!world_ || world_->size() < 2) {
-    throw ConfigError("an AsyncSGD worker needs a parameter server: start at least 2 ranks");
+    throw ConfigError("an AsGrad worker needs a parameter server: start at least 2 ranks");
   }
   const int server = options_.server_rank();
   if (server < 0 || server >= world_->size() || server == world_->rank()) {
@@ -57,34 +57,43 @@ AsyncSGD::AsyncSGD(const torch::OrderedDict<std::string, torch::Tensor>& named,
   wait_for_job();
 }
 
-AsyncSGD::~AsyncSGD() {
+AsGradWorker::~AsGradWorker() {
   try {
     finish(std::chrono::seconds(10));
   } catch (const std::exception& e) {
-    detail::log_warning(std::string("AsyncSGD: finish() in the destructor failed: ") + e.what());
+    detail::log_warning(std::string("AsGradWorker: finish() in the destructor failed: ") + e.what());
   }
 }
 
-void AsyncSGD::wait_for_job() {
+void AsGradWorker::wait_for_job() {
   const auto t0 = std::chrono::steady_clock::now();
   const auto deadline = t0 + world_->options().timeout;
+  auto take = [&](Arrivals a) {
+    for (auto& m : a.messages) {
+      if (m.sender == options_.server_rank() && detail::is_asgrad(m)) arrivals_.push_back(std::move(m));
+    }
+  };
   for (;;) {
     // Arrivals are kept until used: a job and the server's stop may come together,
     // and the stop wins (the server takes no more gradients).
-    for (auto& m : channel_->poll()) {
-      if (m.sender() == options_.server_rank()) arrivals_.push_back(std::move(m));
-    }
+    take(channel_->poll());
     for (const auto& m : arrivals_) {
-      if (m.header.kind == MessageKind::kControl && m.header.sender_step == detail::kStopSignal) {
+      if (detail::asgrad_kind(m) == detail::kStop) {
         done_ = true;
         arrivals_.clear();
         return;
       }
     }
     for (auto it = arrivals_.begin(); it != arrivals_.end(); ++it) {
-      if (it->header.kind != MessageKind::kJob) continue;
-      flat_->copy_(it->payload);
-      stats_.job_version = it->header.model_version;
+      if (detail::asgrad_kind(*it) != detail::kJob) continue;
+      if (it->payload.numel() != flat_->numel()) {
+        throw CommError(fmt::format("rank {}: a job of {} elements from the server; the model has {}",
+                                    world_->rank(), it->payload.numel(), flat_->numel()));
+      }
+      torch::NoGradGuard no_grad;
+      flat_->ensure_views(flat_->params().size());
+      flat_->flat().copy_(it->payload);
+      stats_.job_version = detail::asgrad_version(*it);
       ++stats_.jobs;
       arrivals_.erase(it);
       stats_.wait_seconds +=
@@ -96,53 +105,43 @@ void AsyncSGD::wait_for_job() {
           "rank {}: no job from the parameter server (rank {}) for {} s; is it still running?",
           world_->rank(), options_.server_rank(), world_->options().timeout.count() / 1000));
     }
-    for (auto& m : channel_->wait(std::chrono::milliseconds(100))) {
-      if (m.sender() == options_.server_rank()) arrivals_.push_back(std::move(m));
-    }
+    take(channel_->wait(std::chrono::milliseconds(100)));
   }
 }
 
-torch::Tensor AsyncSGD::step(LossClosure closure) {
-  torch::NoGradGuard no_grad;
+torch::Tensor AsGradWorker::step(LossClosure closure) {
   torch::Tensor loss = {};
   if (closure != nullptr) {
     at::AutoGradMode enable_grad(true);
     loss = closure();
   }
   if (done_) return loss;
+  torch::NoGradGuard no_grad;
   flat_->gather_grads(grads_);
-  Outgoing m;
-  m.kind = MessageKind::kGradient;
-  m.payload = grads_;
-  m.sender_step = stats_.gradients;
-  m.model_version = stats_.job_version;
-  m.updates.add(stats_.job_version);
-  channel_->send(options_.server_rank(), m);
+  channel_->send(options_.server_rank(),
+                 detail::asgrad_message(detail::kGradient, stats_.job_version, grads_));
   ++stats_.gradients;
   wait_for_job();
   return loss;
 }
 
-void AsyncSGD::finish(std::chrono::milliseconds timeout) {
-  if (finished_) return;
+bool AsGradWorker::finish(std::chrono::milliseconds timeout) {
+  if (finished_) return true;
   finished_ = true;
   if (!done_) {
-    Outgoing m;
-    m.kind = MessageKind::kControl;
-    m.sender_step = detail::kDoneSignal;
-    channel_->send(options_.server_rank(), m);
+    channel_->send(options_.server_rank(), detail::asgrad_message(detail::kDone, 0));
     done_ = true;
   }
-  channel_->close(timeout);
+  return channel_->close(timeout);
 }
 
-void AsyncSGD::save(torch::serialize::OutputArchive& archive) const {
+void AsGradWorker::save(torch::serialize::OutputArchive& archive) const {
   detail::write_fingerprint(archive, "torch_asgd/worker", flat_->fingerprint());
   detail::write_int64s(archive, "torch_asgd/worker/counters", {stats_.gradients, stats_.jobs});
 }
 
-void AsyncSGD::load(torch::serialize::InputArchive& archive) {
-  detail::check_fingerprint(archive, "torch_asgd/worker", flat_->fingerprint(), "AsyncSGD");
+void AsGradWorker::load(torch::serialize::InputArchive& archive) {
+  detail::check_fingerprint(archive, "torch_asgd/worker", flat_->fingerprint(), "AsGradWorker");
   auto c = detail::read_int64s(archive, "torch_asgd/worker/counters", 2);
   stats_.gradients = c[0];
   stats_.jobs = c[1];

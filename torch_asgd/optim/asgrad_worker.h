@@ -1,10 +1,12 @@
-// AsyncSGD: the worker side of the AsGrad family, a drop-in torch::optim::Optimizer.
-// Its parameters always hold the snapshot of the worker's current job; step() after
-// loss.backward() returns the gradient, tagged with that snapshot's version, to the
-// parameter server and loads the next job (waiting for it if the server has none
-// for this worker yet).
+// AsGradWorker: the worker side of the AsGrad family, shaped like a
+// torch::optim::Optimizer so that the training loop is the usual one. Its parameters
+// always hold the snapshot of the worker's current job; step() after loss.backward()
+// returns the gradient, tagged with that snapshot's version, to the parameter server
+// and loads the next job (waiting for it if the server has none for this worker yet).
+// The worker applies no step of its own: the server's rule does (so it has no learning
+// rate, and an LR scheduler attached to it is refused; attach it to the server).
 //
-//   AsyncSGD opt(net->named_parameters(), AsyncSGDOptions(), world);  // waits for job 1
+//   AsGradWorker opt(net->named_parameters(), WorkerOptions(), world);  // waits for job 1
 //   while (!opt.done()) { opt.zero_grad(); loss(net, batch).backward(); opt.step(); }
 //   opt.finish();
 //
@@ -32,21 +34,13 @@ namespace detail {
 class FlatParams;
 }
 
-struct AsyncSGDOptions : public torch::optim::OptimizerCloneableOptions<AsyncSGDOptions> {
-  AsyncSGDOptions() = default;
-  // The server's rank; the server's options govern the step size.
+struct WorkerOptions {
+  WorkerOptions() = default;
   TORCH_ARG(int, server_rank) = 0;
-  // The worker applies no step itself; lr is kept for LR-scheduler compatibility only.
-  TORCH_ARG(double, lr) = 0;
-
- public:
-  void serialize(torch::serialize::InputArchive& archive) override;
-  void serialize(torch::serialize::OutputArchive& archive) const override;
-  double get_lr() const override { return lr(); }
-  void set_lr(const double lr) override { this->lr(lr); }
 };
 
-struct AsyncSGDStats {
+
+struct AsGradWorkerStats {
   int rank = 0;
   int64_t gradients = 0;    // gradients returned
   int64_t jobs = 0;         // jobs received
@@ -55,18 +49,22 @@ struct AsyncSGDStats {
   std::string str() const;
 };
 
-class AsyncSGD : public torch::optim::Optimizer {
+class AsGradWorker : public torch::optim::Optimizer {
  public:
-  AsyncSGD(std::vector<torch::Tensor> params, AsyncSGDOptions options,
-           std::shared_ptr<World> world);
-  AsyncSGD(const torch::OrderedDict<std::string, torch::Tensor>& named_params,
-           AsyncSGDOptions options, std::shared_ptr<World> world);
-  ~AsyncSGD() override;
+  AsGradWorker(std::vector<torch::Tensor> params, WorkerOptions options,
+               std::shared_ptr<World> world);
+  AsGradWorker(const torch::OrderedDict<std::string, torch::Tensor>& named_params,
+               WorkerOptions options, std::shared_ptr<World> world);
+  // If finish() was not called: finishes with a 10 s bound.
+  ~AsGradWorker() override;
 
+  // Returns the gradient and loads the next job. After done(), does nothing.
   torch::Tensor step(LossClosure closure = nullptr) override;
   bool done() const { return done_; }
-  void finish(std::chrono::milliseconds timeout = std::chrono::seconds(60));
-  AsyncSGDStats stats() const { return stats_; }
+  // Says this worker takes no more jobs (if training is not over yet) and closes;
+  // false if the server did not finish within `timeout`.
+  bool finish(std::chrono::milliseconds timeout = std::chrono::seconds(60));
+  AsGradWorkerStats stats() const { return stats_; }
 
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
@@ -74,13 +72,13 @@ class AsyncSGD : public torch::optim::Optimizer {
  private:
   void wait_for_job();
 
-  AsyncSGDOptions options_;
+  WorkerOptions options_;
   std::shared_ptr<World> world_;
   std::unique_ptr<detail::FlatParams> flat_;
   std::unique_ptr<Channel> channel_;
   at::Tensor grads_;
   std::deque<Message> arrivals_;  // from the server, not yet used
-  AsyncSGDStats stats_;
+  AsGradWorkerStats stats_;
   bool done_ = false;
   bool finished_ = false;
 };

@@ -1,117 +1,116 @@
 #include "torch_asgd/optim/dasgd.h"
 
+#include <algorithm>
 #include <cmath>
-#include <cstring>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <torch/optim/serialize.h>
 #include <torch/torch.h>
 
 #include "torch_asgd/comm/detail/log.h"
+#include "torch_asgd/comm/detail/numeric.h"
 #include "torch_asgd/comm/error.h"
 #include "torch_asgd/optim/detail/checkpoint.h"
+#include "torch_asgd/optim/detail/collectives.h"
 #include "torch_asgd/optim/detail/device_pipeline.h"
 #include "torch_asgd/optim/detail/flat_params.h"
-#include "torch_asgd/optim/detail/sgd_rule.h"
+#include "torch_asgd/optim/detail/update_meta.h"
 
 namespace torch_asgd {
 
-std::string to_string(DASGDMode mode) { return mode == DASGDMode::kDelta ? "delta" : "gossip"; }
-
-DASGDOptions::DASGDOptions(double lr) : lr_(lr) {}
-
-void DASGDOptions::serialize(torch::serialize::OutputArchive& archive) const {
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(dampening);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(nesterov);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(broadcast_every);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(gossip_alpha);
-  archive.write("mode", torch::IValue(static_cast<int64_t>(mode())));
-}
-
-void DASGDOptions::serialize(torch::serialize::InputArchive& archive) {
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, momentum);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, dampening);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, nesterov);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, broadcast_every);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, gossip_alpha);
-  torch::IValue mode_value;
-  if (archive.try_read("mode", mode_value)) mode(static_cast<DASGDMode>(mode_value.toInt()));
-}
+std::string to_string(LeadPolicy p) { return p == LeadPolicy::kWait ? "wait" : "damp"; }
 
 std::string DASGDStats::str() const {
-  std::string mixing = models_mixed > 0 ? fmt::format(", {} models mixed", models_mixed)
-                                        : fmt::format(", {} peer updates applied", remote_updates);
   std::string failed =
       failed_peers.empty() ? "" : fmt::format("; failed peers {}", fmt::join(failed_peers, ", "));
+  std::string lead_text;
+  if (lead_waits > 0 || damped_steps > 0 || max_lead_seen > 0) {
+    lead_text = fmt::format("; lead {} (max {}), {} waits ({:.2f} s, {} timed out), {} damped steps",
+                            lead, max_lead_seen, lead_waits, lead_wait_seconds, lead_timeouts,
+                            damped_steps);
+    if (!left_behind.empty()) lead_text += fmt::format(", left behind {}", fmt::join(left_behind, ", "));
+  }
   return fmt::format(
-      "rank {}/{}: {} local steps, model version {}{}; staleness {}; messages sent {}, "
-      "received {}, coalesced {}, rejected {}{}",
-      rank, world_size, local_steps, version, mixing, staleness.str(), messages_sent,
-      messages_received, coalesced, rejected, failed);
+      "rank {}/{}: {} local steps, model version {}, {} peer updates applied; {}; messages sent {}, "
+      "received {}, coalesced {}, rejected {}{}{}",
+      rank, world_size, local_steps, version, remote_updates, staleness.str(), messages_sent,
+      messages_received, coalesced, rejected, lead_text, failed);
 }
 
-namespace {
-
-std::vector<std::string> names_of(const torch::OrderedDict<std::string, torch::Tensor>& named) {
-  return named.keys();
-}
-
-}  // namespace
-
-DASGD::DASGD(std::vector<torch::Tensor> params, DASGDOptions defaults, std::shared_ptr<World> world)
-    : DASGD(std::vector<torch::optim::OptimizerParamGroup>{torch::optim::OptimizerParamGroup(
-                std::move(params))},
-            std::move(defaults), std::move(world)) {}
-
-DASGD::DASGD(const torch::OrderedDict<std::string, torch::Tensor>& named, DASGDOptions defaults,
-             std::shared_ptr<World> world)
-    : DASGD(std::vector<torch::optim::OptimizerParamGroup>{torch::optim::OptimizerParamGroup(
-                named.values())},
-            std::move(defaults), std::move(world), names_of(named)) {}
-
-DASGD::DASGD(std::vector<torch::optim::OptimizerParamGroup> groups, DASGDOptions defaults,
+DASGD::DASGD(std::shared_ptr<torch::optim::Optimizer> inner, DASGDOptions options,
              std::shared_ptr<World> world, std::vector<std::string> names)
-    : Optimizer(groups, std::make_unique<DASGDOptions>(defaults)),
-      options_(std::move(defaults)),
-      world_(std::move(world)),
-      names_(std::move(names)) {
-  detail::reapply_group_options(groups, param_groups_);
+    : DistributedOptimizer(std::move(inner), "DASGD", std::move(names)),
+      options_(std::move(options)),
+      world_(std::move(world)) {
+  if (world_ && world_->size() > 1) {
+    ChannelOptions co;
+    co.name = "dasgd";
+    co.capacity_bytes = 0;  // deltas (additive, declared below) and views (empty payloads)
+    co.additive = {AdditiveStream{0, flat().dtype(), flat().numel(),
+                                  detail::update_schema(world_->size())}};
+    co.on_peer_failure = options_.on_peer_failure();
+    Fingerprint fp = flat().fingerprint();
+    fp.set("algorithm", "dasgd").set("local rule", rule_name());
+    transport_ = world_->open_channel(co, fp);
+  }
+  init();
+}
+
+DASGD::DASGD(std::vector<torch::Tensor> params, const torch::optim::SGDOptions& sgd,
+             DASGDOptions options, std::shared_ptr<World> world)
+    : DASGD(detail::make_sgd({torch::optim::OptimizerParamGroup(std::move(params))}, sgd),
+            std::move(options), std::move(world)) {}
+
+DASGD::DASGD(const torch::OrderedDict<std::string, torch::Tensor>& named,
+             const torch::optim::SGDOptions& sgd, DASGDOptions options,
+             std::shared_ptr<World> world)
+    : DASGD(detail::make_sgd({torch::optim::OptimizerParamGroup(named.values())}, sgd),
+            std::move(options), std::move(world), named.keys()) {}
+
+DASGD::DASGD(std::vector<torch::optim::OptimizerParamGroup> groups,
+             const torch::optim::SGDOptions& defaults, DASGDOptions options,
+             std::shared_ptr<World> world, std::vector<std::string> names)
+    : DASGD(detail::make_sgd(std::move(groups), defaults), std::move(options), std::move(world),
+            std::move(names)) {}
+
+DASGD::DASGD(std::shared_ptr<torch::optim::Optimizer> inner, DASGDOptions options,
+             std::unique_ptr<Transport> transport, std::vector<std::string> names)
+    : DistributedOptimizer(std::move(inner), "DASGD", std::move(names)),
+      options_(std::move(options)),
+      transport_(std::move(transport)) {
+  if (transport_ && transport_->size() < 2) transport_.reset();
   init();
 }
 
 void DASGD::init() {
-  detail::check_groups<DASGDOptions>(param_groups_, "DASGD");
   TORCH_CHECK(options_.broadcast_every() >= 1, "Invalid broadcast_every: ",
               options_.broadcast_every(), " (must be >= 1)");
-  TORCH_CHECK(options_.gossip_alpha() > 0 && options_.gossip_alpha() <= 1,
-              "Invalid gossip_alpha: ", options_.gossip_alpha(), " (must be in (0, 1])");
-  flat_ = std::make_unique<detail::FlatParams>(param_groups_, names_);
-  if (world_ && world_->size() > 1) {
-    ChannelOptions co;
-    co.name = "dasgd";
-    co.capacity_bytes = flat_->bytes();
-    co.on_peer_failure = options_.on_peer_failure();
-    Fingerprint fp = flat_->fingerprint();
-    fp.set("algorithm", "dasgd").set("mode", to_string(options_.mode()));
-    channel_ = world_->open_channel(co, fp);
-    if (options_.mode() == DASGDMode::kDelta && options_.overlap() && !flat_->on_cpu()) {
-      pipeline_ = std::make_unique<detail::DevicePipeline>(flat_->device(), flat_->numel(),
-                                                           flat_->dtype());
-      delta_ = pipeline_->current();
-    } else if (options_.mode() == DASGDMode::kDelta) {
-      delta_ = torch::zeros({flat_->numel()},
-                            torch::TensorOptions().dtype(flat_->dtype()).device(flat_->device()));
-    }
+  TORCH_CHECK(options_.max_lead() >= 0, "Invalid max_lead: ", options_.max_lead(),
+              " (0 turns the bound off)");
+  TORCH_CHECK(options_.lead_timeout().count() > 0, "Invalid lead_timeout: ",
+              options_.lead_timeout().count(), " ms");
+  rank_ = transport_ ? transport_->rank() : 0;
+  size_ = transport_ ? transport_->size() : 1;
+  versions_.assign(size_, 0);
+  seen_by_.assign(size_, 0);
+  view_sent_ = versions_;
+  left_behind_.assign(size_, false);
+  pending_ = std::make_unique<detail::PendingUpdates>(size_);
+  if (!transport_) return;
+  torch::NoGradGuard no_grad;
+  shadow_ = flat().flat().clone();
+  if (options_.overlap() && !flat().on_cpu()) {
+    pipeline_ = std::make_unique<detail::DevicePipeline>(flat().device(), flat().numel(), flat().dtype());
   }
 }
 
 DASGD::~DASGD() {
+  if (finished_ || !transport_) return;
+  detail::log_warning(fmt::format(
+      "rank {}: DASGD destroyed without finish(): finishing now (bounded by 10 s) so that the "
+      "peers get this rank's last updates; call finish() yourself to choose the bound and see "
+      "whether every peer finished",
+      rank_));
   try {
     finish(std::chrono::seconds(10));
   } catch (const std::exception& e) {
@@ -119,207 +118,293 @@ DASGD::~DASGD() {
   }
 }
 
-torch::Tensor DASGD::step(LossClosure closure) {
-  torch::NoGradGuard no_grad;
-  torch::Tensor loss = {};
-  if (closure != nullptr) {
-    at::AutoGradMode enable_grad(true);
-    loss = closure();
+std::vector<int> DASGD::live_peers() const {
+  std::vector<int> out;
+  if (!transport_) return out;
+  const auto failed = transport_->failed_peers();
+  const auto closed = transport_->closed_peers();
+  for (int p = 0; p < size_; ++p) {
+    if (p == rank_) continue;
+    if (std::find(failed.begin(), failed.end(), p) != failed.end()) continue;
+    if (std::find(closed.begin(), closed.end(), p) != closed.end()) continue;
+    out.push_back(p);
   }
-  if (finished_) throw ConfigError("DASGD: step() after finish()");
-  size_t nparams = 0;
-  for (const auto& g : param_groups_) nparams += g.params().size();
-  if (nparams != flat_->params().size()) {
-    throw ConfigError("DASGD: parameters were added after construction; every rank must pass "
-                      "all parameter groups to the constructor");
-  }
+  return out;
+}
 
-  const bool exchange = channel_ != nullptr;
-  const bool delta_mode = options_.mode() == DASGDMode::kDelta;
-  const int64_t computed_at = version_;
-  const bool stepped = detail::for_each_sgd_update<DASGDOptions>(
-      param_groups_, state_, [&](size_t i, torch::Tensor& p, const torch::Tensor& d_p, double lr) {
-        if (exchange && delta_mode) {
-          // What is added here is exactly what the peers will add.
-          auto d = d_p.mul(-1 * lr);
-          p.data().add_(d);
-          flat_->view(delta_, i).add_(d);
-        } else {
-          p.data().add_(d_p, -1 * lr);
-        }
-      });
-  if (stepped) {
-    ++local_steps_;
-    staleness_.add(version_, computed_at);  // a local update is never stale
-    ++version_;
-    pending_.add(computed_at);
+int64_t DASGD::lead() const {
+  int64_t slowest = versions_[rank_];
+  for (int p : live_peers()) {
+    if (!left_behind_[p]) slowest = std::min(slowest, seen_by_[p]);
   }
-  if (exchange) {
-    if (stepped && local_steps_ % options_.broadcast_every() == 0) {
-      if (delta_mode) {
-        send_delta();
-      } else {
-        gossip_request();
-      }
-    }
-    if (!hold_arrivals_) apply(channel_->poll());
+  return versions_[rank_] - slowest;
+}
+
+void DASGD::rebase() {
+  torch::NoGradGuard no_grad;
+  if (shadow_.defined()) shadow_.copy_(flat().flat());
+  pending_->clear();
+  rebase_pending_ = false;
+}
+
+torch::Tensor DASGD::step(LossClosure closure) {
+  if (finished_) throw ConfigError("DASGD: step() after finish()");
+  if (!transport_) {
+    torch::Tensor loss = inner_step(closure);
+    ++local_steps_;
+    staleness_.add(0);
+    ++versions_[0];
+    return loss;
+  }
+  torch::NoGradGuard no_grad;
+  // A module loaded into the parameters (torch::load) is not a change to send.
+  if (refresh_views() || rebase_pending_) rebase();
+  const int64_t lead_now = options_.max_lead() > 0 ? lead() : 0;
+  at::Tensor before;
+  const bool damp = options_.lead_policy() == LeadPolicy::kDamp && lead_now > options_.max_lead();
+  if (damp) before = flat().flat().clone();
+  torch::Tensor loss = inner_step(closure);
+  if (damp) {
+    // x <- before + min(1, L / lead) (x - before): the step shrinks while this rank leads.
+    const double f = static_cast<double>(options_.max_lead()) / static_cast<double>(lead_now);
+    at::Tensor x = flat().flat();
+    x.sub_(before).mul_(f).add_(before);
+    ++damped_steps_;
+  }
+  ++local_steps_;
+  pending_->add(versions_);  // the vector of the model this update was computed at
+  ++versions_[rank_];
+  staleness_.add(0);  // a rank's own update is applied to the model it was computed at
+  if (local_steps_ % options_.broadcast_every() == 0) send_delta();
+  if (!hold_arrivals_) apply(transport_->poll());
+  if (options_.max_lead() > 0) {
+    if (options_.lead_policy() == LeadPolicy::kWait) wait_for_lead();
+    max_lead_seen_ = std::max(max_lead_seen_, lead());
   }
   return loss;
 }
 
+std::string DASGD::last_applied() const {
+  if (last_sender_ < 0) return "no peer update was applied yet";
+  return fmt::format("the last peer update applied was rank {}'s update {}", last_sender_,
+                     last_sender_update_);
+}
+
 void DASGD::send_delta() {
-  if (pending_.count == 0) return;
-  Outgoing msg;
-  msg.kind = MessageKind::kDelta;
-  msg.delivery = Delivery::kAdditive;
-  msg.sender_step = local_steps_;
-  msg.model_version = version_;
-  msg.updates = pending_;
-  pending_ = UpdateStats();
+  if (pending_->count() == 0) return;
+  at::Tensor x = flat().flat();
+  // Peers would refuse a non-finite delta: stop here, where it can be explained.
+  if (!detail::all_finite(x)) {
+    throw DivergedError(fmt::format(
+        "rank {}: DASGD: the model is no longer finite (NaN or Inf) after local step {}; {}. "
+        "Training diverged: lower the learning rate, clip the gradients, or check the data",
+        rank_, local_steps_, last_applied()));
+  }
+  const Metadata meta = pending_->encode(versions_);
   if (pipeline_) {
-    // Copied to the host on the side stream, handed over from the pipeline's thread.
-    pipeline_->ship([this, msg](const at::Tensor& host) mutable {
-      msg.payload = host;
-      channel_->broadcast(msg);
+    // The change is taken on the device; a side stream copies it out and the pipeline's
+    // thread hands it over.
+    at::Tensor staged = pipeline_->current();
+    detail::take_delta(staged, x, shadow_, /*accumulate=*/false);
+    pipeline_->ship([this, meta](const at::Tensor& host) {
+      transport_->broadcast_additive(0, meta, [&](at::Tensor& buffer, bool accumulate) {
+        if (accumulate) {
+          buffer.add_(host);
+        } else {
+          buffer.copy_(host);
+        }
+      });
     });
-    delta_ = pipeline_->current();
-    return;
-  }
-  msg.payload = delta_.to(torch::kCPU);  // one copy to the host (none on CPU)
-  channel_->broadcast(msg);
-  delta_.zero_();
-}
-
-void DASGD::gossip_request() {
-  const int n = world_->size();
-  const int rounds = std::max(1, static_cast<int>(std::ceil(std::log2(n))));
-  const int peer = (world_->rank() + (1 << (gossip_round_ % rounds))) % n;
-  at::Tensor snapshot = flat_->flatten();
-  Outgoing msg;
-  msg.kind = MessageKind::kModel;
-  msg.delivery = Delivery::kReplace;
-  msg.payload = snapshot;
-  msg.sender_step = gossip_round_;
-  msg.model_version = version_;
-  channel_->send(peer, msg);
-  snapshots_[gossip_round_] = std::move(snapshot);
-  // A request replaced before it left, or whose peer failed, is never answered.
-  while (!snapshots_.empty() && snapshots_.begin()->first < gossip_round_ - rounds - 2) {
-    snapshots_.erase(snapshots_.begin());
-  }
-  ++gossip_round_;
-}
-
-void DASGD::apply(std::vector<Message> messages) {
-  for (const auto& m : messages) apply_one(m);
-}
-
-void DASGD::apply_one(const Message& m) {
-  torch::NoGradGuard no_grad;
-  const MessageHeader& h = m.header;
-  if (h.kind == MessageKind::kDelta) {
-    flat_->add_(pipeline_ ? pipeline_->to_device(m.payload) : m.payload);
-    staleness_.add(version_, h.updates);
-    version_ += h.updates.count;
-    remote_updates_ += h.updates.count;
-    return;
-  }
-  if (h.kind != MessageKind::kModel && h.kind != MessageKind::kReply) return;
-  // Gossip: x <- x + alpha (x_peer - x_snap), x_snap being this rank's model when the
-  // exchange began: now for a peer's request, the saved snapshot for a reply.
-  at::Tensor current = flat_->flatten();
-  at::Tensor snap = current;
-  if (h.kind == MessageKind::kModel) {
-    if (!finished_) {
-      Outgoing reply;
-      reply.kind = MessageKind::kReply;
-      reply.delivery = Delivery::kReplace;
-      reply.payload = current;
-      reply.sender_step = h.sender_step;
-      reply.model_version = version_;
-      channel_->send(h.sender, reply);
-    }
   } else {
-    auto it = snapshots_.find(h.sender_step);
-    if (it != snapshots_.end()) {
-      snap = it->second;
-      snapshots_.erase(it);
+    // One pass: the buffer gets x - shadow, and shadow becomes x. If the transport throws
+    // before filling, nothing here has changed.
+    transport_->broadcast_additive(0, meta, [&](at::Tensor& buffer, bool accumulate) {
+      detail::take_delta(buffer, x, shadow_, accumulate);
+    });
+  }
+  pending_->clear();
+  view_sent_ = versions_;
+}
+
+void DASGD::apply(Arrivals arrivals) {
+  torch::NoGradGuard no_grad;
+  for (const auto& m : arrivals.messages) {
+    // A waiting peer's view: how many of each rank's updates it has applied.
+    if (m.delivery != Delivery::kReplace || m.meta.fields.size() != static_cast<size_t>(size_)) {
+      throw CommError(fmt::format("rank {}: DASGD: rank {} sent a message DASGD does not know; is it "
+                                  "running the same torch_asgd?",
+                                  rank_, m.sender));
+    }
+    seen_by_[m.sender] = std::max(seen_by_[m.sender], m.meta.field(rank_));
+  }
+  for (auto& a : arrivals.additive) {
+    if (a.stream != 0) continue;
+    at::Tensor x = flat().flat();
+    at::Tensor sum = pipeline_ ? pipeline_->to_device(a.sum) : a.sum;
+    detail::add_both(x, shadow_, sum);
+    // Every part of the sum is applied at once, to the model as it was before it.
+    const std::vector<int64_t> applied_to = versions_;
+    for (const auto& [sender, meta] : a.parts) {
+      detail::UpdatePart part;
+      if (!detail::decode_updates(meta, size_, &part)) {
+        throw CommError(fmt::format("rank {}: DASGD: rank {} sent a delta whose metadata does not "
+                                    "describe its updates; is it running the same torch_asgd?",
+                                    rank_, sender));
+      }
+      detail::record_staleness(meta, applied_to, staleness_, tau_log_);
+      versions_[sender] += part.count;
+      remote_updates_ += part.count;
+      seen_by_[sender] = std::max(seen_by_[sender], part.sender_now[rank_]);
+      if (left_behind_[sender] && versions_[rank_] - seen_by_[sender] <= options_.max_lead()) {
+        left_behind_[sender] = false;  // caught up: waited for again
+      }
+      last_sender_ = sender;
+      last_sender_update_ = versions_[sender];
     }
   }
-  flat_->add_((m.payload - snap).mul_(options_.gossip_alpha()));
-  staleness_.add(version_, std::min(version_, h.model_version));
-  version_ = std::max(version_, h.model_version);
-  ++models_mixed_;
+  check_rejections();
+}
+
+void DASGD::check_rejections() {
+  uint64_t rejected = 0;
+  int who = -1;
+  std::string why;
+  for (const auto& c : transport_->counters()) {
+    rejected += c.rejected;
+    if (c.rejected > 0) {
+      who = c.peer;
+      why = c.last_reject;
+    }
+  }
+  if (rejected <= rejected_seen_) return;
+  rejected_seen_ = rejected;
+  // Its sender applied that delta: without it this replica can never agree again.
+  throw CommError(fmt::format(
+      "rank {}: DASGD: a delta from rank {} was rejected ({}); rank {} applied it itself, so the "
+      "replicas can no longer agree. Check the network and the other rank's output; restart from "
+      "the last checkpoint (with resync())",
+      rank_, who, why, who));
+}
+
+void DASGD::wait_for_lead() {
+  const int64_t limit = options_.max_lead();
+  if (lead() <= limit) return;
+  ++lead_waits_;
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto deadline = t0 + options_.lead_timeout();
+  while (lead() > limit) {
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= deadline) {
+      // Whoever has not caught up is left behind, as a dead peer is, until it does.
+      ++lead_timeouts_;
+      for (int p : live_peers()) {
+        if (!left_behind_[p] && versions_[rank_] - seen_by_[p] > limit) {
+          left_behind_[p] = true;
+          detail::log_warning(fmt::format(
+              "rank {}: DASGD: rank {} has applied {} of this rank's {} updates and did not catch "
+              "up within lead_timeout ({} ms): no longer waiting for it until it does",
+              rank_, p, seen_by_[p], versions_[rank_], options_.lead_timeout().count()));
+        }
+      }
+      break;
+    }
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now);
+    apply(transport_->wait(std::min(left, std::chrono::milliseconds(50))));
+    // Peers that wait for this rank learn what it has applied only from its messages, and
+    // a waiting rank sends no delta: tell them (newest wins, so it never piles up).
+    if (versions_ != view_sent_) send_view();
+  }
+  lead_wait_seconds_ +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+void DASGD::send_view() {
+  Outgoing m;
+  m.delivery = Delivery::kReplace;
+  m.meta = Metadata(versions_);
+  for (int p : live_peers()) transport_->send(p, m);
+  view_sent_ = versions_;
 }
 
 bool DASGD::finish(std::chrono::milliseconds timeout) {
   if (finished_) return true;
-  if (!channel_) {
-    finished_ = true;
-    return true;
-  }
-  if (options_.mode() == DASGDMode::kDelta) send_delta();
-  if (pipeline_) pipeline_->drain();  // every delta handed to the channel before goodbye
-  // Requests that still arrive are mixed but not answered: our goodbye is sent.
   finished_ = true;
-  bool clean = channel_->close(timeout);
-  apply(channel_->poll());
+  if (!transport_) return true;
+  if (refresh_views() || rebase_pending_) rebase();
+  send_delta();
+  if (pipeline_) pipeline_->drain();  // every delta handed to the channel before goodbye
+  const bool clean = transport_->close(timeout);
+  apply(transport_->poll());
   return clean;
+}
+
+void DASGD::resync() {
+  if (!transport_) return;
+  if (!world_) throw ConfigError("DASGD: resync() needs a World (the transport here is not one)");
+  torch::NoGradGuard no_grad;
+  refresh_views();
+  detail::average_over_ranks(*world_, flat().flat(), "DASGD::resync");
+  std::fill(versions_.begin(), versions_.end(), 0);
+  std::fill(seen_by_.begin(), seen_by_.end(), 0);
+  rebase();
 }
 
 DASGDStats DASGD::stats() const {
   DASGDStats s;
-  s.rank = world_ ? world_->rank() : 0;
-  s.world_size = world_ ? world_->size() : 1;
+  s.rank = rank_;
+  s.world_size = size_;
   s.local_steps = local_steps_;
-  s.version = version_;
+  s.versions = versions_;
+  for (int64_t v : versions_) s.version += v;
   s.remote_updates = remote_updates_;
-  s.models_mixed = models_mixed_;
   s.staleness = staleness_;
-  if (channel_) {
-    for (const auto& c : channel_->counters()) {
+  s.lead = transport_ ? lead() : 0;
+  s.max_lead_seen = max_lead_seen_;
+  s.lead_waits = lead_waits_;
+  s.lead_timeouts = lead_timeouts_;
+  s.damped_steps = damped_steps_;
+  s.lead_wait_seconds = lead_wait_seconds_;
+  for (int p = 0; p < size_; ++p) {
+    if (left_behind_[p]) s.left_behind.push_back(p);
+  }
+  if (transport_) {
+    for (const auto& c : transport_->counters()) {
       s.messages_sent += c.sent_messages;
       s.messages_received += c.received_messages;
       s.coalesced += c.coalesced + c.coalesced_received;
       s.rejected += c.rejected;
       s.dropped += c.dropped;
-      if (c.failed) s.failed_peers.push_back(c.peer);
     }
+    s.failed_peers = transport_->failed_peers();
   }
   return s;
 }
 
-void DASGD::save(torch::serialize::OutputArchive& archive) const {
-  torch::optim::serialize<DASGDParamState, DASGDOptions>(archive, *this);
-  detail::write_fingerprint(archive, "torch_asgd/dasgd", flat_->fingerprint());
-  detail::write_int64s(archive, "torch_asgd/dasgd/counters",
-                       {local_steps_, version_, remote_updates_, models_mixed_, gossip_round_,
-                        pending_.count, pending_.version_sum, pending_.version_min,
-                        staleness_.count, staleness_.sum, staleness_.max});
-  detail::write_group_lrs(archive, "torch_asgd/dasgd", param_groups_);
-  if (delta_.defined()) archive.write("torch_asgd/dasgd/delta", delta_);
+void DASGD::save_state(torch::serialize::OutputArchive& archive) const {
+  detail::write_int64s(archive, "torch_asgd/DASGD/counters",
+                       {local_steps_, remote_updates_, staleness_.count, staleness_.sum,
+                        staleness_.max, staleness_.bounded, static_cast<int64_t>(size_)});
+  detail::write_int64s(archive, "torch_asgd/DASGD/versions", versions_);
 }
 
-void DASGD::load(torch::serialize::InputArchive& archive) {
-  detail::check_fingerprint(archive, "torch_asgd/dasgd", flat_->fingerprint(), "DASGD");
-  torch::optim::serialize<DASGDParamState, DASGDOptions>(archive, *this);
-  auto c = detail::read_int64s(archive, "torch_asgd/dasgd/counters", 11);
-  local_steps_ = c[0];
-  version_ = c[1];
-  remote_updates_ = c[2];
-  models_mixed_ = c[3];
-  gossip_round_ = c[4];
-  pending_.count = c[5];
-  pending_.version_sum = c[6];
-  pending_.version_min = c[7];
-  staleness_.count = c[8];
-  staleness_.sum = c[9];
-  staleness_.max = c[10];
-  detail::read_group_lrs(archive, "torch_asgd/dasgd", param_groups_);
-  if (delta_.defined()) {
-    torch::Tensor saved;
-    if (archive.try_read("torch_asgd/dasgd/delta", saved)) delta_.copy_(saved);
+void DASGD::load_state(torch::serialize::InputArchive& archive) {
+  auto c = detail::read_int64s(archive, "torch_asgd/DASGD/counters", 7);
+  if (c[6] != size_) {
+    throw MismatchError(fmt::format("DASGD: the checkpoint was written by a rank of {} ranks, this "
+                                    "job has {}",
+                                    c[6], size_));
   }
+  local_steps_ = c[0];
+  remote_updates_ = c[1];
+  staleness_.count = c[2];
+  staleness_.sum = c[3];
+  staleness_.max = c[4];
+  staleness_.bounded = c[5];
+  versions_ = detail::read_int64s(archive, "torch_asgd/DASGD/versions", static_cast<size_t>(size_));
+  // The checkpointed parameters already hold every update made before it, sent or not:
+  // from here on only new changes are handed over. (Peers resumed from checkpoints of
+  // other moments agree again after resync().)
+  rebase_pending_ = true;
 }
 
 }  // namespace torch_asgd

@@ -1,156 +1,185 @@
-// DASGD: decentralized asynchronous SGD (ALGORITHMS.md section 1 and 1b), a drop-in
-// torch::optim::Optimizer.
+// DASGD: decentralized asynchronous SGD (ALGORITHMS.md section 1), a drop-in
+// torch::optim::Optimizer around any inner torch::optim::Optimizer (the local rule).
 //
 //   auto world = torch_asgd::World::from_env();
-//   torch_asgd::DASGD opt(model->named_parameters(),
-//                         torch_asgd::DASGDOptions(0.05).momentum(0.9), world);
+//   torch_asgd::DASGD opt(
+//       std::make_shared<torch::optim::AdamW>(model->parameters(), torch::optim::AdamWOptions(1e-3)),
+//       torch_asgd::DASGDOptions().broadcast_every(1), world, model->named_parameters().keys());
 //   for (...) { opt.zero_grad(); loss.backward(); opt.step(); }
 //   opt.finish();
 //
-// Every rank applies its own update at once with the local rule (SGD with momentum,
-// dampening, Nesterov, weight decay; exactly torch::optim::SGD's arithmetic), adds the
-// change to an accumulator, hands the accumulator to every peer every
-// `broadcast_every` steps, and applies whatever its peers' deltas have arrived. step()
-// never waits for another rank. In kGossip mode ranks instead mix models with one peer
-// per round on a rotating exponential graph.
+// or, as shorthand for an inner torch::optim::SGD:
+//
+//   torch_asgd::DASGD opt(model->named_parameters(), torch::optim::SGDOptions(0.05).momentum(0.9),
+//                         torch_asgd::DASGDOptions(), world);
+//
+// Every rank applies its own step at once (the inner optimizer's), and every
+// `broadcast_every` steps hands the change since its last hand-over to every peer; it
+// applies whatever its peers' changes have arrived by addition. step() never waits for
+// another rank (unless max_lead asks it to). Staleness is set-based and exact
+// (staleness.h): every delta carries the version vectors of the updates in it.
 //
 // Construction is collective: every rank builds its DASGD at the same point, with the
-// same parameters (names, shapes, dtypes) and mode, or every rank throws
+// same parameters (names, shapes, dtypes) and the same local rule, or every rank throws
 // MismatchError naming the first difference. Thread safety: one training thread.
 #pragma once
 
 #include <chrono>
-#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include <torch/optim/optimizer.h>
+#include <torch/optim/sgd.h>
 #include <torch/ordered_dict.h>
 #include <torch/serialize/archive.h>
 
 #include "torch_asgd/comm/channel.h"
+#include "torch_asgd/comm/transport.h"
 #include "torch_asgd/comm/world.h"
-#include "torch_asgd/optim/momentum_state.h"
+#include "torch_asgd/optim/distributed_optimizer.h"
 #include "torch_asgd/optim/staleness.h"
 
 namespace torch_asgd {
 namespace detail {
 class DevicePipeline;
-class FlatParams;
-}
+class PendingUpdates;
+}  // namespace detail
 
-enum class DASGDMode {
-  kDelta = 0,   // accumulated updates to every peer, applied by addition (section 1)
-  kGossip = 1,  // model mixing with one peer per round (section 1b)
+// What a rank does when it is more than max_lead of its own updates ahead of the
+// slowest live peer's view of it (ALGORITHMS.md section 1; SGP's synch_freq idea,
+// measured in the set-based staleness).
+enum class LeadPolicy {
+  kWait = 0,  // stop taking steps until the gap closes (bounded by lead_timeout)
+  kDamp = 1,  // never wait: scale the local step by min(1, max_lead / lead)
 };
+std::string to_string(LeadPolicy p);
 
-struct DASGDOptions : public torch::optim::OptimizerCloneableOptions<DASGDOptions> {
-  DASGDOptions(double lr = 0.01);  // NOLINT: as SGDOptions(lr)
-  // The local update rule, per parameter group, as torch::optim::SGDOptions.
-  TORCH_ARG(double, lr);
-  TORCH_ARG(double, momentum) = 0;
-  TORCH_ARG(double, dampening) = 0;
-  TORCH_ARG(double, weight_decay) = 0;
-  TORCH_ARG(bool, nesterov) = false;
-  // Optimizer-wide: read from the options given to the constructor.
-  TORCH_ARG(int64_t, broadcast_every) = 1;  // k: local steps per exchange
-  TORCH_ARG(DASGDMode, mode) = DASGDMode::kDelta;
-  TORCH_ARG(double, gossip_alpha) = 0.5;  // mixing weight in kGossip mode
+// Optimizer-wide settings; the local rule's are the inner optimizer's.
+struct DASGDOptions {
+  DASGDOptions() = default;
+  // k: local steps per hand-over of the accumulated change.
+  TORCH_ARG(int64_t, broadcast_every) = 1;
   // A peer whose connection fails is logged once and left behind; the others train
   // on (kThrow: step() throws CommError instead).
   TORCH_ARG(PeerFailure, on_peer_failure) = PeerFailure::kContinue;
-  // Delta mode, parameters on a GPU: copy outgoing deltas on a side stream into pinned
-  // buffers and hand them over from a background thread, and stage arrivals through
-  // pinned memory on that stream (detail::DevicePipeline), so that the training thread
-  // waits for neither. Off by default: written without a GPU and never run (README,
-  // "GPU"). Ignored for parameters on the CPU.
+  // L: the bounded lead (0: unbounded, today's algorithm). See LeadPolicy.
+  TORCH_ARG(int64_t, max_lead) = 0;
+  TORCH_ARG(LeadPolicy, lead_policy) = LeadPolicy::kWait;
+  // The longest a rank waits for one peer to catch up before it leaves it behind (as a
+  // dead peer is); the peer is waited for again once it has caught up.
+  TORCH_ARG(std::chrono::milliseconds, lead_timeout) = std::chrono::seconds(10);
+  // Parameters on a GPU: copy outgoing deltas on a side stream and hand them over from a
+  // background thread (detail::DevicePipeline). Written without a GPU and never run
+  // (README, "GPU"); ignored for parameters on the CPU.
   TORCH_ARG(bool, overlap) = false;
-
- public:
-  void serialize(torch::serialize::InputArchive& archive) override;
-  void serialize(torch::serialize::OutputArchive& archive) const override;
-  double get_lr() const override { return lr(); }
-  void set_lr(const double lr) override { this->lr(lr); }
 };
-
-using DASGDParamState = MomentumState;
 
 // What a rank has done and seen; cheap to read at any time.
 struct DASGDStats {
   int rank = 0;
   int world_size = 1;
-  int64_t local_steps = 0;     // step() calls that applied a gradient
-  int64_t version = 0;         // gradient updates, from any rank, in the local model
-  int64_t remote_updates = 0;  // peer updates applied here (delta mode)
-  int64_t models_mixed = 0;    // peer models mixed in (gossip mode)
-  // Over every applied update: local ones (staleness 0) and peers'. In gossip mode,
-  // one entry per mixed model: how many updates it lacked.
-  StalenessStats staleness;
+  int64_t local_steps = 0;     // step() calls
+  int64_t version = 0;         // updates, from any rank, the local model holds
+  int64_t remote_updates = 0;  // peer updates applied here
+  std::vector<int64_t> versions;  // the version vector: updates of each rank held here
+  StalenessStats staleness;       // over every applied update, own ones (tau 0) included
+  // Bounded lead: this rank's own updates its slowest live peer had not applied (as far
+  // as this rank knew) at the last step, its maximum, and the waiting it cost.
+  int64_t lead = 0;
+  int64_t max_lead_seen = 0;
+  int64_t lead_waits = 0, lead_timeouts = 0, damped_steps = 0;
+  double lead_wait_seconds = 0;
+  std::vector<int> left_behind;  // peers not waited for (stalled beyond lead_timeout)
   uint64_t messages_sent = 0, messages_received = 0, coalesced = 0, rejected = 0, dropped = 0;
   std::vector<int> failed_peers;  // ranks whose connection failed
   std::string str() const;
 };
 
-class DASGD : public torch::optim::Optimizer {
+class DASGD : public DistributedOptimizer {
  public:
-  DASGD(std::vector<torch::Tensor> params, DASGDOptions defaults,
-        std::shared_ptr<World> world = nullptr);
-  // Names make mismatch errors name the parameter (e.g. module->named_parameters()).
-  DASGD(const torch::OrderedDict<std::string, torch::Tensor>& named_params, DASGDOptions defaults,
-        std::shared_ptr<World> world = nullptr);
-  DASGD(std::vector<torch::optim::OptimizerParamGroup> param_groups, DASGDOptions defaults,
+  // `names`: the parameters' names, for error messages (e.g. module->named_parameters().keys()).
+  DASGD(std::shared_ptr<torch::optim::Optimizer> inner, DASGDOptions options = DASGDOptions(),
         std::shared_ptr<World> world = nullptr, std::vector<std::string> names = {});
-  // Calls finish() with a 10 s bound if it was not called.
+  // Shorthand: an inner torch::optim::SGD with these options.
+  DASGD(std::vector<torch::Tensor> params, const torch::optim::SGDOptions& sgd,
+        DASGDOptions options = DASGDOptions(), std::shared_ptr<World> world = nullptr);
+  DASGD(const torch::OrderedDict<std::string, torch::Tensor>& named_params,
+        const torch::optim::SGDOptions& sgd, DASGDOptions options = DASGDOptions(),
+        std::shared_ptr<World> world = nullptr);
+  DASGD(std::vector<torch::optim::OptimizerParamGroup> param_groups,
+        const torch::optim::SGDOptions& defaults, DASGDOptions options = DASGDOptions(),
+        std::shared_ptr<World> world = nullptr, std::vector<std::string> names = {});
+  // Over a transport of the caller's (tests script one; Channel is the real one).
+  DASGD(std::shared_ptr<torch::optim::Optimizer> inner, DASGDOptions options,
+        std::unique_ptr<Transport> transport, std::vector<std::string> names = {});
+  // If finish() was not called: warns, then finishes with a 10 s bound.
   ~DASGD() override;
 
-  // Applies this rank's gradients, hands the accumulated update to the network every
-  // broadcast_every steps, applies what peers sent. Never waits for a peer. Rethrows
-  // a peer's failure as CommError (unless on_peer_failure is kContinue).
+  // The inner step; the change goes to every peer every broadcast_every steps; what
+  // peers sent is applied. Never waits for a peer (but see max_lead). Throws CommError
+  // when a peer's update was rejected (the replicas could no longer agree), and
+  // DivergedError when this rank's model turned non-finite.
   torch::Tensor step(LossClosure closure = nullptr) override;
 
   // Sends what is still accumulated, says goodbye, waits up to `timeout` for every
-  // peer's last updates and applies them. In delta mode, after every rank's clean
-  // finish the replicas are equal (up to floating-point summation order). Returns
-  // false if some peer did not finish in time. step() after finish() throws.
+  // peer's last updates and applies them. After every rank's clean finish the replicas
+  // are equal (up to floating-point summation order). Returns false if some peer did not
+  // finish in time. step() after finish() throws.
   bool finish(std::chrono::milliseconds timeout = std::chrono::seconds(60));
 
-  DASGDStats stats() const;
-  const DASGDOptions& defaults() const { return options_; }
+  // Collective: every rank's model becomes the mean of all ranks' models, and the
+  // version vectors start again from there. For resuming from checkpoints written at
+  // different moments; call it on every rank after load(), before the first step, when
+  // nothing is in flight.
+  void resync();
 
-  void save(torch::serialize::OutputArchive& archive) const override;
-  // Throws MismatchError if the archive was saved for other parameters.
-  void load(torch::serialize::InputArchive& archive) override;
+  DASGDStats stats() const;
+  const DASGDOptions& options() const { return options_; }
+
+ protected:
+  void save_state(torch::serialize::OutputArchive& archive) const override;
+  void load_state(torch::serialize::InputArchive& archive) override;
 
  private:
-  friend struct DASGDTestAccess;  // deterministic delivery in tests
+  friend struct DASGDTestAccess;  // scripted delivery in tests
 
   void init();
   void send_delta();
-  void gossip_request();
-  void apply(std::vector<Message> messages);
-  void apply_one(const Message& m);
+  void apply(Arrivals arrivals);
+  void check_rejections();
+  void rebase();  // what the parameters hold now counts as sent
+  int64_t lead() const;
+  std::vector<int> live_peers() const;
+  void wait_for_lead();
+  void send_view();
+  std::string last_applied() const;
 
   DASGDOptions options_;
   std::shared_ptr<World> world_;
-  std::unique_ptr<Channel> channel_;
-  // After channel_: destroyed (its hand-off thread stopped) before the channel.
+  std::unique_ptr<Transport> transport_;
+  // After transport_: destroyed (its hand-off thread stopped) before the transport.
   std::unique_ptr<detail::DevicePipeline> pipeline_;
-  std::vector<std::string> names_;
-  std::unique_ptr<detail::FlatParams> flat_;
-  at::Tensor delta_;       // accumulated local change not yet handed over
-  UpdateStats pending_;    // the updates in delta_
+  int rank_ = 0;
+  int size_ = 1;
+  at::Tensor shadow_;  // the parameters minus the change not yet handed over
+  std::unique_ptr<detail::PendingUpdates> pending_;
+  std::vector<int64_t> versions_;  // this model's version vector
+  std::vector<int64_t> seen_by_;   // by peer: how many of this rank's updates it had applied
+  std::vector<int64_t> view_sent_;  // versions_ as the peers last heard of them
+  std::vector<bool> left_behind_;
   int64_t local_steps_ = 0;
-  int64_t version_ = 0;
   int64_t remote_updates_ = 0;
-  int64_t models_mixed_ = 0;
   StalenessStats staleness_;
-  int64_t gossip_round_ = 0;
-  std::map<int64_t, at::Tensor> snapshots_;  // gossip: model at each open request
+  int64_t max_lead_seen_ = 0, lead_waits_ = 0, lead_timeouts_ = 0, damped_steps_ = 0;
+  double lead_wait_seconds_ = 0;
+  uint64_t rejected_seen_ = 0;
+  int last_sender_ = -1;
+  int64_t last_sender_update_ = 0;
   bool finished_ = false;
-  bool hold_arrivals_ = false;  // tests: step() leaves arrivals for DASGDTestAccess
+  bool rebase_pending_ = false;
+  bool hold_arrivals_ = false;       // tests: step() leaves arrivals for DASGDTestAccess
+  std::vector<int64_t>* tau_log_ = nullptr;  // tests: every recorded tau, in order
 };
-
-std::string to_string(DASGDMode mode);
 
 }  // namespace torch_asgd

@@ -23,39 +23,25 @@ StepRule parse_step_rule(const std::string& name) {
   throw ConfigError("unknown step rule '" + name + "' (constant or delay-adaptive)");
 }
 
-ServerOptions::ServerOptions(double lr) : lr_(lr) {}
-
 std::string ServerStats::str() const {
-  std::string out = fmt::format("server: {} gradients, {} applied, {} dropped; staleness {}",
-                                gradients, version, dropped, staleness.str());
+  std::string out = fmt::format("server: {} gradients, {} applied, {} dropped{}; {}", gradients,
+                                version, dropped,
+                                late > 0 ? fmt::format(", {} after the budget", late) : "",
+                                staleness.str());
   for (const auto& w : workers) {
-    out += fmt::format("\n  worker {}: {} jobs, {} gradients, {} dropped, staleness {}{}", w.rank,
-                       w.jobs, w.gradients, w.dropped, w.staleness.str(),
+    out += fmt::format("\n  worker {}: {} jobs, {} gradients, {} dropped, {}{}", w.rank, w.jobs,
+                       w.gradients, w.dropped, w.staleness.str(),
                        w.failed ? " (failed)" : w.done ? " (done)" : "");
   }
   return out;
 }
 
-namespace {
-
-std::vector<torch::optim::OptimizerParamGroup> one_group(std::vector<torch::Tensor> params) {
-  return {torch::optim::OptimizerParamGroup(std::move(params))};
-}
-
-}  // namespace
-
-ParameterServer::ParameterServer(std::vector<torch::Tensor> params, ServerOptions options,
-                                 std::shared_ptr<World> world)
-    : ParameterServer(
-          detail::default_names(params),
-          std::move(options), std::move(world)) {}
-
-ParameterServer::ParameterServer(const torch::OrderedDict<std::string, torch::Tensor>& named,
-                                 ServerOptions options, std::shared_ptr<World> world)
-    : options_(std::move(options)), world_(std::move(world)) {
-  TORCH_CHECK(options_.lr() >= 0, "Invalid learning rate: ", options_.lr());
-  TORCH_CHECK(options_.staleness_cap() >= 0, "Invalid staleness_cap: ", options_.staleness_cap());
-  TORCH_CHECK(options_.max_gradients() >= 0, "Invalid max_gradients: ", options_.max_gradients());
+ParameterServer::ParameterServer(std::shared_ptr<torch::optim::Optimizer> inner,
+                                 ServerOptions options, std::shared_ptr<World> world,
+                                 std::vector<std::string> names)
+    : DistributedOptimizer(std::move(inner), "ParameterServer", std::move(names)),
+      options_(std::move(options)),
+      world_(std::move(world)) {
   if (!world_ || world_->size() < 2) {
     throw ConfigError("a parameter server needs at least 2 ranks (itself and a worker); start "
                       "the job with more processes");
@@ -64,23 +50,55 @@ ParameterServer::ParameterServer(const torch::OrderedDict<std::string, torch::Te
     throw ConfigError(fmt::format("rank {} built a ParameterServer but server_rank is {}",
                                   world_->rank(), options_.server_rank()));
   }
-  flat_ = std::make_unique<detail::FlatParams>(one_group(named.values()), named.keys());
-  channel_ = world_->open_channel(
-      detail::asgrad_channel_options(*flat_, options_.on_worker_failure()),
-      detail::asgrad_fingerprint(*flat_, options_.server_rank()));
-  const int n = world_->size();
+  Fingerprint fp = detail::asgrad_fingerprint(flat(), options_.server_rank());
+  transport_ = world_->open_channel(detail::asgrad_channel_options(flat(), options_.on_worker_failure()), fp);
+  timeout_ = world_->options().timeout;
+  init();
+}
+
+ParameterServer::ParameterServer(std::shared_ptr<torch::optim::Optimizer> inner,
+                                 ServerOptions options, std::unique_ptr<Transport> transport,
+                                 std::chrono::milliseconds timeout)
+    : DistributedOptimizer(std::move(inner), "ParameterServer", {}),
+      options_(std::move(options)),
+      transport_(std::move(transport)),
+      timeout_(timeout) {
+  if (!transport_ || transport_->size() < 2) {
+    throw ConfigError("a parameter server needs at least 2 ranks (itself and a worker)");
+  }
+  init();
+}
+
+void ParameterServer::init() {
+  TORCH_CHECK(options_.staleness_cap() >= 0, "Invalid staleness_cap: ", options_.staleness_cap());
+  TORCH_CHECK(options_.max_gradients() >= 0, "Invalid max_gradients: ", options_.max_gradients());
+  rank_ = transport_->rank();
+  const int n = transport_->size();
   workers_.resize(n);
   busy_.assign(n, false);
   queues_.resize(n);
   for (int r = 0; r < n; ++r) {
     workers_[r].rank = r;
-    if (r != world_->rank()) worker_ranks_.push_back(r);
+    if (r != rank_) worker_ranks_.push_back(r);
   }
   assigner_ = std::make_unique<JobAssigner>(options_.policy(), worker_ranks_, options_.seed());
+  grad_ = torch::zeros({flat().numel()}, torch::TensorOptions().dtype(flat().dtype()).device(flat().device()));
 }
 
+ParameterServer::ParameterServer(std::vector<torch::Tensor> params,
+                                 const torch::optim::SGDOptions& sgd, ServerOptions options,
+                                 std::shared_ptr<World> world)
+    : ParameterServer(detail::make_sgd({torch::optim::OptimizerParamGroup(std::move(params))}, sgd),
+                      std::move(options), std::move(world)) {}
+
+ParameterServer::ParameterServer(const torch::OrderedDict<std::string, torch::Tensor>& named,
+                                 const torch::optim::SGDOptions& sgd, ServerOptions options,
+                                 std::shared_ptr<World> world)
+    : ParameterServer(detail::make_sgd({torch::optim::OptimizerParamGroup(named.values())}, sgd),
+                      std::move(options), std::move(world), named.keys()) {}
+
 ParameterServer::~ParameterServer() {
-  if (!stopped_) {
+  if (!stopped_ && transport_) {
     try {
       stop();
     } catch (const std::exception& e) {
@@ -88,6 +106,11 @@ ParameterServer::~ParameterServer() {
                           e.what());
     }
   }
+}
+
+torch::Tensor ParameterServer::step(LossClosure) {
+  throw ConfigError("ParameterServer: step() is not how a server trains: it applies gradients as "
+                    "the workers return them; call serve() in a loop, or run()");
 }
 
 WorkerStats& ParameterServer::worker(int rank) { return workers_.at(static_cast<size_t>(rank)); }
@@ -101,99 +124,147 @@ bool ParameterServer::available(int rank) const {
   return !w.done && !w.failed;
 }
 
+int64_t ParameterServer::jobs_in_flight() const {
+  int64_t n = 0;
+  for (int r : worker_ranks_) n += (busy_[r] ? 1 : 0) + static_cast<int64_t>(queues_[r].size());
+  return n;
+}
+
 void ParameterServer::send_job(int rank, Job job) {
-  Outgoing m;
-  m.kind = MessageKind::kJob;
-  m.payload = std::move(job.snapshot);
-  m.model_version = job.version;
-  channel_->send(rank, m);
+  transport_->send(rank, detail::asgrad_message(detail::kJob, job.version, std::move(job.snapshot)));
   busy_[rank] = true;
 }
 
 bool ParameterServer::serve(std::chrono::milliseconds timeout) {
   if (stopped_) return false;
   if (!started_) {
-    // Every worker starts with one job: n jobs in flight from now on. (Not in the
-    // constructor, so that load() can restore the version first.)
+    // Every worker starts with one job. (Not in the constructor, so that load() can
+    // restore the version first.)
     started_ = true;
+    refresh_views();
     for (int r : worker_ranks_) {
       if (options_.keep_log()) job_log_.push_back(r);
       ++workers_[r].jobs;
-      send_job(r, Job{flat_->flatten(), totals_.version});
+      send_job(r, Job{flat().flat().to(torch::kCPU, false, true), totals_.version});
     }
     last_gradient_ = std::chrono::steady_clock::now();
   }
-  for (const auto& m : channel_->wait(timeout)) {
-    const int w = m.sender();
-    if (m.header.kind == MessageKind::kGradient) {
-      handle_gradient(m);
-    } else if (m.header.kind == MessageKind::kControl &&
-               m.header.sender_step == detail::kDoneSignal) {
-      worker(w).done = true;
-      reissue_jobs_of(w);
-    }
+  note_failures();
+  for (auto& m : transport_->wait(timeout).messages) pending_.push_back(std::move(m));
+  // One at a time from the queue: a message whose handling throws leaves the rest.
+  while (!pending_.empty()) {
+    Message m = std::move(pending_.front());
+    pending_.pop_front();
+    handle(m);
   }
-  for (const auto& c : channel_->counters()) {
-    if (c.failed && !workers_[c.peer].failed) {
-      workers_[c.peer].failed = true;
-      reissue_jobs_of(c.peer);
-    }
-  }
+  note_failures();
   const bool nobody_left =
       std::none_of(worker_ranks_.begin(), worker_ranks_.end(), [&](int r) { return available(r); });
   if (budget_spent() || nobody_left) {
     stop();
     return false;
   }
-  if (std::chrono::steady_clock::now() - last_gradient_ > world_->options().timeout) {
+  if (std::chrono::steady_clock::now() - last_gradient_ > timeout_) {
     throw CommError(fmt::format(
         "rank {}: the parameter server received no gradient for {} s; are the workers alive?",
-        world_->rank(), world_->options().timeout.count() / 1000));
+        rank_, timeout_.count() / 1000));
   }
   return true;
 }
 
+void ParameterServer::handle(const Message& m) {
+  const int w = m.sender;
+  if (!detail::is_asgrad(m)) {
+    throw CommError(fmt::format("rank {}: the parameter server got a message it does not know "
+                                "from rank {}; is it running the same torch_asgd?",
+                                rank_, w));
+  }
+  if (detail::asgrad_kind(m) == detail::kGradient) {
+    handle_gradient(m);
+  } else if (detail::asgrad_kind(m) == detail::kDone) {
+    worker(w).done = true;
+    reissue_jobs_of(w);
+  }
+}
+
 void ParameterServer::handle_gradient(const Message& m) {
-  const int w = m.sender();
+  const int w = m.sender;
   WorkerStats& ws = worker(w);
   last_gradient_ = std::chrono::steady_clock::now();
   ++ws.gradients;
+  if (budget_spent()) {
+    ++totals_.late;  // the budget is spent: no more steps
+    return;
+  }
+  if (m.payload.numel() != flat().numel() || m.payload.scalar_type() != flat().dtype()) {
+    throw CommError(fmt::format("rank {}: worker {} sent a gradient of {} elements of {}; the model "
+                                "has {} of {}",
+                                rank_, w, m.payload.numel(),
+                                c10::toString(m.payload.scalar_type()), flat().numel(),
+                                c10::toString(flat().dtype())));
+  }
   ++totals_.gradients;
+  // A worker already given up (its job was issued to another) gets no new job: as many
+  // jobs stay in flight as live workers. Its gradient is still real work.
+  const bool counted = busy_[w];
   busy_[w] = false;
-  const int64_t tau = totals_.version - m.header.model_version;
+  const int64_t job_version = detail::asgrad_version(m);
+  const int64_t tau = totals_.version - job_version;
   if (options_.staleness_cap() > 0 && tau >= options_.staleness_cap()) {
     ++ws.dropped;
     ++totals_.dropped;
   } else {
-    double gamma = options_.lr();
+    torch::NoGradGuard no_grad;
+    grad_.copy_(m.payload);
     const double n = static_cast<double>(worker_ranks_.size());
-    if (options_.step_rule() == StepRule::kDelayAdaptive && tau > 0) {
-      gamma *= std::min(1.0, n / static_cast<double>(tau));
+    if (options_.step_rule() == StepRule::kDelayAdaptive && tau > n) {
+      grad_.mul_(n / static_cast<double>(tau));  // gamma_tau = gamma min(1, n / tau)
     }
-    flat_->add_(m.payload, -1 * gamma);
-    ws.staleness.add(totals_.version, m.header.model_version);
-    totals_.staleness.add(totals_.version, m.header.model_version);
+    flat().set_grads(grad_);
+    inner_step(nullptr);
+    ws.staleness.add(tau);
+    totals_.staleness.add(tau);
     ++ws.applied;
     ++totals_.version;
     if (options_.keep_log()) apply_log_.push_back(w);
   }
-  // The worker is free: first what already waits for it, then the new job.
-  if (!queues_[w].empty() && available(w)) {
+  if (!counted || !available(w)) return;  // its job was issued to another already
+  // The worker is free: first what already waits for it, then a new job, unless a job
+  // issued before a worker's death was known keeps one more in flight than live workers.
+  if (!queues_[w].empty()) {
     Job next = std::move(queues_[w].front());
     queues_[w].pop_front();
     send_job(w, std::move(next));
   }
-  issue_job(w);
+  if (jobs_in_flight() < live_workers()) issue_job(w);
+}
+
+void ParameterServer::note_failures() {
+  for (int w : transport_->failed_peers()) {
+    if (!workers_[w].failed) {
+      workers_[w].failed = true;
+      reissue_jobs_of(w);
+    }
+  }
+}
+
+int64_t ParameterServer::live_workers() const {
+  int64_t n = 0;
+  for (int r : worker_ranks_) n += available(r) ? 1 : 0;
+  return n;
 }
 
 void ParameterServer::reissue_jobs_of(int rank) {
-  // Its gradient in flight is not waited for, and what waited for it is dropped. So
-  // that as many jobs as live workers stay in flight, each lost job is issued anew
-  // (from the current model) to another worker, as the policy picks.
-  const size_t lost = queues_[rank].size() + (busy_[rank] ? 1 : 0);
+  // Its gradient in flight is not waited for, and what waited for it is dropped; the
+  // others get new jobs (from the current model, as the policy picks) until every live
+  // worker has one in flight again.
   queues_[rank].clear();
   busy_[rank] = false;
-  for (size_t k = 0; k < lost; ++k) issue_job(-1);
+  while (jobs_in_flight() < live_workers() && !budget_spent()) {
+    const int64_t before = jobs_in_flight();
+    issue_job(-1);
+    if (jobs_in_flight() == before) break;  // the policy has no worker for it
+  }
 }
 
 void ParameterServer::issue_job(int returning) {
@@ -202,7 +273,7 @@ void ParameterServer::issue_job(int returning) {
   if (target < 0) return;
   ++worker(target).jobs;
   if (options_.keep_log()) job_log_.push_back(target);
-  Job job{flat_->flatten(), totals_.version};
+  Job job{flat().flat().to(torch::kCPU, false, true), totals_.version};
   if (busy_[target]) {
     queues_[target].push_back(std::move(job));
   } else {
@@ -211,14 +282,12 @@ void ParameterServer::issue_job(int returning) {
 }
 
 void ParameterServer::stop() {
+  if (stopped_) return;
   stopped_ = true;
-  Outgoing m;
-  m.kind = MessageKind::kControl;
-  m.sender_step = detail::kStopSignal;
   for (int r : worker_ranks_) {
-    if (!workers_[r].failed) channel_->send(r, m);
+    if (!workers_[r].failed) transport_->send(r, detail::asgrad_message(detail::kStop, totals_.version));
   }
-  channel_->close(world_->options().timeout);
+  transport_->close(timeout_);
 }
 
 ServerStats ParameterServer::run() {
@@ -233,15 +302,13 @@ ServerStats ParameterServer::stats() const {
   return s;
 }
 
-void ParameterServer::save(torch::serialize::OutputArchive& archive) const {
-  detail::write_fingerprint(archive, "torch_asgd/server", flat_->fingerprint());
-  std::vector<int64_t> c = {totals_.version, totals_.gradients, totals_.dropped,
-                            totals_.staleness.count, totals_.staleness.sum, totals_.staleness.max};
-  detail::write_int64s(archive, "torch_asgd/server/counters", c);
+void ParameterServer::save_state(torch::serialize::OutputArchive& archive) const {
+  detail::write_int64s(archive, "torch_asgd/server/counters",
+                       {totals_.version, totals_.gradients, totals_.dropped,
+                        totals_.staleness.count, totals_.staleness.sum, totals_.staleness.max});
 }
 
-void ParameterServer::load(torch::serialize::InputArchive& archive) {
-  detail::check_fingerprint(archive, "torch_asgd/server", flat_->fingerprint(), "ParameterServer");
+void ParameterServer::load_state(torch::serialize::InputArchive& archive) {
   auto c = detail::read_int64s(archive, "torch_asgd/server/counters", 6);
   totals_.version = c[0];
   totals_.gradients = c[1];
@@ -249,18 +316,6 @@ void ParameterServer::load(torch::serialize::InputArchive& archive) {
   totals_.staleness.count = c[3];
   totals_.staleness.sum = c[4];
   totals_.staleness.max = c[5];
-}
-
-torch::serialize::OutputArchive& operator<<(torch::serialize::OutputArchive& archive,
-                                            const ParameterServer& server) {
-  server.save(archive);
-  return archive;
-}
-
-torch::serialize::InputArchive& operator>>(torch::serialize::InputArchive& archive,
-                                           ParameterServer& server) {
-  server.load(archive);
-  return archive;
 }
 
 }  // namespace torch_asgd

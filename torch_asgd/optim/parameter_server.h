@@ -1,17 +1,23 @@
 // ParameterServer: the server of the AsGrad family (ALGORITHMS.md section 2). It runs
 // on a rank of its own, holds the model, and for every gradient a worker returns:
-// computes its staleness tau = v_server - v_job, applies x <- x - gamma_tau * g at once
-// (or drops it if tau >= staleness_cap), and issues exactly one new job with the
-// current model to the worker the policy picks (queued, FIFO, if that worker is busy).
-// At start every worker gets one job, so there are always n jobs in flight.
+// computes its staleness tau = v_server - v_job, hands it to its local rule (any inner
+// torch::optim::Optimizer: asynchronous Adam is a server with an Adam rule), scaled by
+// min(1, n / tau) under the delay-adaptive step rule, or drops it if tau >= staleness_cap;
+// then issues exactly one new job with the current model to the worker the policy picks
+// (queued, FIFO, if that worker is busy). At start every worker gets one job, and as
+// many jobs as live workers stay in flight: a worker that fails or finishes leaves its
+// job to another, and a gradient of a worker already given up is applied without a new
+// job.
 //
-//   ParameterServer server(net->named_parameters(),
-//                          ServerOptions(0.05).policy(AssignPolicy::kShuffle), world);
+//   ParameterServer server(std::make_shared<torch::optim::Adam>(net->parameters(), 1e-3),
+//                          ServerOptions().policy(AssignPolicy::kShuffle), world);
 //   server.run();  // until max_gradients, or until every worker is done
 //
-// The workers use AsyncSGD (async_sgd.h). Construction is collective with them.
-// Blocking: serve() waits at most its timeout; run() returns when training ends and
-// the workers have been told. Thread safety: one thread.
+// It is a torch::optim::Optimizer only so that LR schedulers and torch::save/torch::load
+// work on it: step() is refused (the server steps when gradients arrive). The workers
+// use AsGradWorker (asgrad_worker.h). Construction is collective with them. Blocking:
+// serve() waits at most its timeout; run() returns when training ends and the workers
+// have been told. Thread safety: one thread.
 #pragma once
 
 #include <chrono>
@@ -20,29 +26,29 @@
 #include <string>
 #include <vector>
 
+#include <torch/optim/sgd.h>
 #include <torch/ordered_dict.h>
 #include <torch/serialize/archive.h>
 
 #include "torch_asgd/comm/channel.h"
+#include "torch_asgd/comm/transport.h"
 #include "torch_asgd/comm/world.h"
+#include "torch_asgd/optim/distributed_optimizer.h"
 #include "torch_asgd/optim/job_policy.h"
 #include "torch_asgd/optim/staleness.h"
 
 namespace torch_asgd {
-namespace detail {
-class FlatParams;
-}
 
 enum class StepRule {
-  kConstant = 0,       // gamma_tau = lr (AsGrad)
-  kDelayAdaptive = 1,  // gamma_tau = lr * min(1, n / tau) (Mishchenko et al., 2022)
+  kConstant = 0,       // the rule's learning rate as it is (AsGrad)
+  kDelayAdaptive = 1,  // the gradient scaled by min(1, n / tau) (Mishchenko et al., 2022)
 };
 std::string to_string(StepRule rule);
 StepRule parse_step_rule(const std::string& name);  // "constant", "delay-adaptive"
 
+// Optimizer-wide settings; the step size is the inner optimizer's.
 struct ServerOptions {
-  ServerOptions(double lr = 0.01);  // NOLINT
-  TORCH_ARG(double, lr);
+  ServerOptions() = default;
   TORCH_ARG(AssignPolicy, policy) = AssignPolicy::kShuffle;
   TORCH_ARG(StepRule, step_rule) = StepRule::kConstant;
   // R: a gradient with tau >= R is dropped and counted; 0 keeps every gradient.
@@ -54,8 +60,8 @@ struct ServerOptions {
   // Keep the worker of every job issued and of every gradient applied (for analysis).
   TORCH_ARG(bool, keep_log) = false;
   // kContinue (default): a worker whose connection fails is logged once and gets no
-  // more jobs; its job in flight is not waited for; the others train on. kThrow: the
-  // next serve() throws CommError.
+  // more jobs; its job in flight is issued anew to another worker. kThrow: the next
+  // serve() throws CommError.
   TORCH_ARG(PeerFailure, on_worker_failure) = PeerFailure::kContinue;
 };
 
@@ -72,22 +78,33 @@ struct WorkerStats {
 
 struct ServerStats {
   int64_t version = 0;  // gradients applied
-  int64_t gradients = 0;
+  int64_t gradients = 0;  // gradients taken (applied or dropped), at most max_gradients
   int64_t dropped = 0;
+  int64_t late = 0;  // gradients that came after the budget was spent (not applied)
   StalenessStats staleness;
   std::vector<WorkerStats> workers;
   std::string str() const;
 };
 
-class ParameterServer {
+class ParameterServer : public DistributedOptimizer {
  public:
-  ParameterServer(std::vector<torch::Tensor> params, ServerOptions options,
-                  std::shared_ptr<World> world);
-  ParameterServer(const torch::OrderedDict<std::string, torch::Tensor>& named_params,
+  ParameterServer(std::shared_ptr<torch::optim::Optimizer> inner, ServerOptions options,
+                  std::shared_ptr<World> world, std::vector<std::string> names = {});
+  // Shorthand: an inner torch::optim::SGD with these options.
+  ParameterServer(std::vector<torch::Tensor> params, const torch::optim::SGDOptions& sgd,
                   ServerOptions options, std::shared_ptr<World> world);
-  ~ParameterServer();
-  ParameterServer(const ParameterServer&) = delete;
-  ParameterServer& operator=(const ParameterServer&) = delete;
+  ParameterServer(const torch::OrderedDict<std::string, torch::Tensor>& named_params,
+                  const torch::optim::SGDOptions& sgd, ServerOptions options,
+                  std::shared_ptr<World> world);
+  // Over a transport of the caller's (tests script the workers' side); `timeout` is how
+  // long serve() lets the workers stay silent.
+  ParameterServer(std::shared_ptr<torch::optim::Optimizer> inner, ServerOptions options,
+                  std::unique_ptr<Transport> transport,
+                  std::chrono::milliseconds timeout = std::chrono::seconds(300));
+  ~ParameterServer() override;
+
+  // Refused: the server takes its steps as gradients arrive (serve()).
+  torch::Tensor step(LossClosure closure = nullptr) override;
 
   // Handles what arrives within `timeout`. Returns false once training has ended
   // (max_gradients reached or every worker done) and the workers were told to stop.
@@ -96,16 +113,21 @@ class ParameterServer {
   bool serve(std::chrono::milliseconds timeout = std::chrono::milliseconds(100));
   // serve() until training ends.
   ServerStats run();
+  // Ends training now (a time budget, a signal): the workers are told to stop, and the
+  // channel closes (bounded by the World's timeout). serve() returns false from then on.
+  void stop();
 
   ServerStats stats() const;
+  // Jobs handed out (or queued for their worker) whose gradient has not come back.
+  int64_t jobs_in_flight() const;
   // Workers in the order jobs were issued / gradients applied (keep_log only).
   const std::vector<int>& job_log() const { return job_log_; }
   const std::vector<int>& apply_log() const { return apply_log_; }
+  const ServerOptions& options() const { return options_; }
 
-  // The server's counters and the fingerprint of its model (the model itself is the
-  // caller's, saved with torch::save(module)). Load before the first serve().
-  void save(torch::serialize::OutputArchive& archive) const;
-  void load(torch::serialize::InputArchive& archive);
+ protected:
+  void save_state(torch::serialize::OutputArchive& archive) const override;
+  void load_state(torch::serialize::InputArchive& archive) override;
 
  private:
   struct Job {
@@ -115,32 +137,32 @@ class ParameterServer {
   WorkerStats& worker(int rank);
   bool available(int rank) const;
   bool budget_spent() const;  // max_gradients reached
+  void handle(const Message& m);
   void handle_gradient(const Message& m);
   void reissue_jobs_of(int rank);  // a worker failed or finished
+  void note_failures();
+  int64_t live_workers() const;
   void issue_job(int returning);
   void send_job(int rank, Job job);
-  void stop();
+  void init();
 
   ServerOptions options_;
   std::shared_ptr<World> world_;
-  std::unique_ptr<detail::FlatParams> flat_;
-  std::unique_ptr<Channel> channel_;
+  std::unique_ptr<Transport> transport_;
+  std::chrono::milliseconds timeout_{std::chrono::seconds(300)};
+  int rank_ = 0;
   std::unique_ptr<JobAssigner> assigner_;
   std::vector<int> worker_ranks_;
   std::vector<WorkerStats> workers_;      // by rank; the server's own entry unused
   std::vector<bool> busy_;                // by rank: a job is out
   std::vector<std::deque<Job>> queues_;   // by rank
+  std::deque<Message> pending_;           // arrived, not yet handled
+  at::Tensor grad_;                       // the gradient the rule is given (parameters' device)
   ServerStats totals_;
   std::vector<int> job_log_, apply_log_;
   std::chrono::steady_clock::time_point last_gradient_;
   bool started_ = false;
   bool stopped_ = false;
 };
-
-// torch::save(server, path) / torch::load(server, path).
-torch::serialize::OutputArchive& operator<<(torch::serialize::OutputArchive& archive,
-                                            const ParameterServer& server);
-torch::serialize::InputArchive& operator>>(torch::serialize::InputArchive& archive,
-                                           ParameterServer& server);
 
 }  // namespace torch_asgd

@@ -5,80 +5,58 @@
 #include <fmt/format.h>
 #include <gloo/allreduce.h>
 #include <gloo/math.h>
-#include <torch/optim/serialize.h>
 #include <torch/torch.h>
 
 #include "torch_asgd/comm/error.h"
 #include "torch_asgd/optim/detail/checkpoint.h"
 #include "torch_asgd/optim/detail/flat_params.h"
-#include "torch_asgd/optim/detail/sgd_rule.h"
 
 namespace torch_asgd {
-
-SyncSGDOptions::SyncSGDOptions(double lr) : lr_(lr) {}
-
-void SyncSGDOptions::serialize(torch::serialize::OutputArchive& archive) const {
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(dampening);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(nesterov);
-  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(local);
-}
-
-void SyncSGDOptions::serialize(torch::serialize::InputArchive& archive) {
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, momentum);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, dampening);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, nesterov);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, local);
-}
 
 std::string SyncSGDStats::str() const {
   return fmt::format("rank {}/{}: {} synchronous steps, {:.2f} s in all-reduce, {} bytes reduced",
                      rank, world_size, steps, allreduce_seconds, bytes_reduced);
 }
 
-SyncSGD::SyncSGD(std::vector<torch::Tensor> params, SyncSGDOptions defaults,
-                 std::shared_ptr<World> world)
-    : SyncSGD(std::vector<torch::optim::OptimizerParamGroup>{torch::optim::OptimizerParamGroup(
-                  std::move(params))},
-              std::move(defaults), std::move(world)) {}
-
-SyncSGD::SyncSGD(const torch::OrderedDict<std::string, torch::Tensor>& named,
-                 SyncSGDOptions defaults, std::shared_ptr<World> world)
-    : SyncSGD(std::vector<torch::optim::OptimizerParamGroup>{torch::optim::OptimizerParamGroup(
-                  named.values())},
-              std::move(defaults), std::move(world), named.keys()) {}
-
-SyncSGD::SyncSGD(std::vector<torch::optim::OptimizerParamGroup> groups, SyncSGDOptions defaults,
+SyncSGD::SyncSGD(std::shared_ptr<torch::optim::Optimizer> inner, SyncSGDOptions options,
                  std::shared_ptr<World> world, std::vector<std::string> names)
-    : Optimizer(groups, std::make_unique<SyncSGDOptions>(defaults)),
-      options_(std::move(defaults)),
+    : DistributedOptimizer(std::move(inner), "SyncSGD", std::move(names)),
+      options_(std::move(options)),
       world_(std::move(world)) {
-  detail::reapply_group_options(groups, param_groups_);
-  detail::check_groups<SyncSGDOptions>(param_groups_, "SyncSGD");
-  flat_ = std::make_unique<detail::FlatParams>(param_groups_, std::move(names));
   stats_.rank = world_ ? world_->rank() : 0;
   stats_.world_size = world_ ? world_->size() : 1;
   if (world_ && world_->size() > 1 && !options_.local()) {
-    if (flat_->dtype() != at::kFloat && flat_->dtype() != at::kDouble) {
+    if (flat().dtype() != at::kFloat && flat().dtype() != at::kDouble) {
       throw ConfigError(fmt::format("SyncSGD: parameters of dtype {} cannot be all-reduced; use "
                                     "float or double",
-                                    c10::toString(flat_->dtype())));
+                                    c10::toString(flat().dtype())));
     }
-    Fingerprint fp = flat_->fingerprint();
-    fp.set("algorithm", "sync");
+    Fingerprint fp = flat().fingerprint();
+    fp.set("algorithm", "sync").set("local rule", rule_name());
     world_->check_fingerprint("syncsgd", fp);
-    grads_ = torch::zeros({flat_->numel()}, torch::TensorOptions().dtype(flat_->dtype()));
+    grads_ = torch::zeros({flat().numel()}, torch::TensorOptions().dtype(flat().dtype()));
   }
 }
 
-SyncSGD::~SyncSGD() = default;
+SyncSGD::SyncSGD(std::vector<torch::Tensor> params, const torch::optim::SGDOptions& sgd,
+                 SyncSGDOptions options, std::shared_ptr<World> world)
+    : SyncSGD(detail::make_sgd({torch::optim::OptimizerParamGroup(std::move(params))}, sgd),
+              std::move(options), std::move(world)) {}
+
+SyncSGD::SyncSGD(const torch::OrderedDict<std::string, torch::Tensor>& named,
+                 const torch::optim::SGDOptions& sgd, SyncSGDOptions options,
+                 std::shared_ptr<World> world)
+    : SyncSGD(detail::make_sgd({torch::optim::OptimizerParamGroup(named.values())}, sgd),
+              std::move(options), std::move(world), named.keys()) {}
+
+SyncSGD::SyncSGD(std::vector<torch::optim::OptimizerParamGroup> groups,
+                 const torch::optim::SGDOptions& defaults, SyncSGDOptions options,
+                 std::shared_ptr<World> world, std::vector<std::string> names)
+    : SyncSGD(detail::make_sgd(std::move(groups), defaults), std::move(options), std::move(world),
+              std::move(names)) {}
 
 void SyncSGD::allreduce_gradients() {
-  flat_->gather_grads(grads_);  // every rank contributes every parameter
+  flat().gather_grads(grads_);  // every rank contributes every parameter
   const auto t0 = std::chrono::steady_clock::now();
   try {
     gloo::AllreduceOptions opts(world_->gloo_context());
@@ -103,54 +81,48 @@ void SyncSGD::allreduce_gradients() {
   }
   stats_.allreduce_seconds +=
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  stats_.bytes_reduced += static_cast<uint64_t>(flat_->bytes());
+  stats_.bytes_reduced += static_cast<uint64_t>(flat().bytes());
   grads_.div_(world_->size());
-  const auto& params = flat_->params();
-  const at::Tensor mean = flat_->on_device(grads_);  // one copy to the device (none on CPU)
-  for (size_t i = 0; i < params.size(); ++i) {
-    auto v = flat_->view(mean, i);
-    auto p = params[i];
+  // Every parameter gets the mean (one copy to the device), also one that had none here.
+  torch::NoGradGuard no_grad;
+  const at::Tensor mean = flat().on_device(grads_);
+  for (size_t i = 0; i < flat().params().size(); ++i) {
+    at::Tensor p = flat().params()[i];
     if (p.grad().defined()) {
-      p.mutable_grad().copy_(v);
+      p.mutable_grad().copy_(flat().view(mean, i));
     } else {
-      p.mutable_grad() = v.clone();
+      p.mutable_grad() = flat().view(mean, i).clone();
     }
   }
 }
 
 torch::Tensor SyncSGD::step(LossClosure closure) {
-  torch::NoGradGuard no_grad;
-  torch::Tensor loss = {};
-  if (closure != nullptr) {
-    at::AutoGradMode enable_grad(true);
-    loss = closure();
-  }
-  if (grads_.defined()) allreduce_gradients();
-  const bool stepped = detail::for_each_sgd_update<SyncSGDOptions>(
-      param_groups_, state_, [](size_t, torch::Tensor& p, const torch::Tensor& d_p, double lr) {
-        p.data().add_(d_p, -1 * lr);
-      });
-  if (stepped) {
-    stats_.staleness.add(stats_.steps, stats_.steps);
+  if (grads_.defined()) {
+    // The closure (if any) must run before the gradients are averaged.
+    torch::Tensor loss;
+    if (closure != nullptr) {
+      at::AutoGradMode enable_grad(true);
+      loss = closure();
+    }
+    refresh_views();
+    allreduce_gradients();
+    inner_step(nullptr);
+    stats_.staleness.add(0);
     ++stats_.steps;
+    return loss;
   }
+  torch::Tensor loss = inner_step(closure);
+  stats_.staleness.add(0);
+  ++stats_.steps;
   return loss;
 }
 
-SyncSGDStats SyncSGD::stats() const { return stats_; }
-
-void SyncSGD::save(torch::serialize::OutputArchive& archive) const {
-  torch::optim::serialize<MomentumState, SyncSGDOptions>(archive, *this);
-  detail::write_fingerprint(archive, "torch_asgd/syncsgd", flat_->fingerprint());
-  detail::write_int64s(archive, "torch_asgd/syncsgd/counters", {stats_.steps});
-  detail::write_group_lrs(archive, "torch_asgd/syncsgd", param_groups_);
+void SyncSGD::save_state(torch::serialize::OutputArchive& archive) const {
+  detail::write_int64s(archive, "torch_asgd/SyncSGD/counters", {stats_.steps});
 }
 
-void SyncSGD::load(torch::serialize::InputArchive& archive) {
-  detail::check_fingerprint(archive, "torch_asgd/syncsgd", flat_->fingerprint(), "SyncSGD");
-  torch::optim::serialize<MomentumState, SyncSGDOptions>(archive, *this);
-  stats_.steps = detail::read_int64s(archive, "torch_asgd/syncsgd/counters", 1)[0];
-  detail::read_group_lrs(archive, "torch_asgd/syncsgd", param_groups_);
+void SyncSGD::load_state(torch::serialize::InputArchive& archive) {
+  stats_.steps = detail::read_int64s(archive, "torch_asgd/SyncSGD/counters", 1)[0];
 }
 
 }  // namespace torch_asgd

@@ -1,13 +1,13 @@
-// SyncSGD: the synchronous baseline (ALGORITHMS.md section 3). Every step the
-// gradients are averaged over all ranks with a Gloo all-reduce (what DDP does), then
-// every rank applies the same SGD update; with .local(true) nothing is communicated
-// at all, each rank training on its own (the throughput bound). Same usage as every
-// torch_asgd optimizer: loss.backward(); opt.step().
+// SyncSGD: the synchronous baseline (ALGORITHMS.md section 3), around any inner
+// torch::optim::Optimizer. Every step the gradients are averaged over all ranks with a
+// Gloo all-reduce (what DDP does), then every rank takes the inner optimizer's step on
+// them: DDP's semantics for any rule. With .local(true) nothing is communicated at all,
+// each rank training on its own (the throughput bound).
 //
-// step() blocks until every rank has contributed its gradients: the slowest rank
-// sets the pace. It throws CommError if the all-reduce does not complete within the
-// World's timeout. Construction is collective and checks that ranks agree on the
-// parameters (MismatchError otherwise).
+// step() blocks until every rank has contributed its gradients: the slowest rank sets
+// the pace. It throws CommError if the all-reduce does not complete within the World's
+// timeout. Construction is collective and checks that ranks agree on the parameters and
+// the rule (MismatchError otherwise).
 #pragma once
 
 #include <memory>
@@ -15,33 +15,20 @@
 #include <vector>
 
 #include <torch/optim/optimizer.h>
+#include <torch/optim/sgd.h>
 #include <torch/ordered_dict.h>
 #include <torch/serialize/archive.h>
 
 #include "torch_asgd/comm/world.h"
-#include "torch_asgd/optim/momentum_state.h"
+#include "torch_asgd/optim/distributed_optimizer.h"
 #include "torch_asgd/optim/staleness.h"
 
 namespace torch_asgd {
-namespace detail {
-class FlatParams;
-}
 
-struct SyncSGDOptions : public torch::optim::OptimizerCloneableOptions<SyncSGDOptions> {
-  SyncSGDOptions(double lr = 0.01);  // NOLINT: as SGDOptions(lr)
-  TORCH_ARG(double, lr);
-  TORCH_ARG(double, momentum) = 0;
-  TORCH_ARG(double, dampening) = 0;
-  TORCH_ARG(double, weight_decay) = 0;
-  TORCH_ARG(bool, nesterov) = false;
-  // Optimizer-wide: no communication at all.
+struct SyncSGDOptions {
+  SyncSGDOptions() = default;
+  // No communication at all.
   TORCH_ARG(bool, local) = false;
-
- public:
-  void serialize(torch::serialize::InputArchive& archive) override;
-  void serialize(torch::serialize::OutputArchive& archive) const override;
-  double get_lr() const override { return lr(); }
-  void set_lr(const double lr) override { this->lr(lr); }
 };
 
 struct SyncSGDStats {
@@ -54,29 +41,33 @@ struct SyncSGDStats {
   std::string str() const;
 };
 
-class SyncSGD : public torch::optim::Optimizer {
+class SyncSGD : public DistributedOptimizer {
  public:
-  SyncSGD(std::vector<torch::Tensor> params, SyncSGDOptions defaults,
-          std::shared_ptr<World> world = nullptr);
-  SyncSGD(const torch::OrderedDict<std::string, torch::Tensor>& named_params,
-          SyncSGDOptions defaults, std::shared_ptr<World> world = nullptr);
-  SyncSGD(std::vector<torch::optim::OptimizerParamGroup> param_groups, SyncSGDOptions defaults,
+  SyncSGD(std::shared_ptr<torch::optim::Optimizer> inner, SyncSGDOptions options = SyncSGDOptions(),
           std::shared_ptr<World> world = nullptr, std::vector<std::string> names = {});
-  ~SyncSGD() override;
+  SyncSGD(std::vector<torch::Tensor> params, const torch::optim::SGDOptions& sgd,
+          SyncSGDOptions options = SyncSGDOptions(), std::shared_ptr<World> world = nullptr);
+  SyncSGD(const torch::OrderedDict<std::string, torch::Tensor>& named_params,
+          const torch::optim::SGDOptions& sgd, SyncSGDOptions options = SyncSGDOptions(),
+          std::shared_ptr<World> world = nullptr);
+  SyncSGD(std::vector<torch::optim::OptimizerParamGroup> param_groups,
+          const torch::optim::SGDOptions& defaults, SyncSGDOptions options = SyncSGDOptions(),
+          std::shared_ptr<World> world = nullptr, std::vector<std::string> names = {});
 
   torch::Tensor step(LossClosure closure = nullptr) override;
-  SyncSGDStats stats() const;
+  SyncSGDStats stats() const { return stats_; }
+  const SyncSGDOptions& options() const { return options_; }
 
-  void save(torch::serialize::OutputArchive& archive) const override;
-  void load(torch::serialize::InputArchive& archive) override;
+ protected:
+  void save_state(torch::serialize::OutputArchive& archive) const override;
+  void load_state(torch::serialize::InputArchive& archive) override;
 
  private:
   void allreduce_gradients();
 
   SyncSGDOptions options_;
   std::shared_ptr<World> world_;
-  std::unique_ptr<detail::FlatParams> flat_;
-  at::Tensor grads_;  // flat gradient buffer for the all-reduce
+  at::Tensor grads_;  // flat gradient buffer (host) for the all-reduce
   SyncSGDStats stats_;
 };
 

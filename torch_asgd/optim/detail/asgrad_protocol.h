@@ -1,8 +1,9 @@
-// What the AsGrad server and its workers say to each other, on one channel:
-//   server -> worker  kJob      (ordered)  a model snapshot; model_version = its version
-//   worker -> server  kGradient (ordered)  a gradient; model_version = its job's version
-//   server -> worker  kControl  sender_step = kStopSignal: no more jobs, stop
-//   worker -> server  kControl  sender_step = kDoneSignal: this worker takes no more jobs
+// What the AsGrad server and its workers say to each other, on one channel of ordered
+// messages whose metadata is {kind, model version}:
+//   server -> worker  kJob       a model snapshot and its version
+//   worker -> server  kGradient  a gradient and the version of the job it was computed on
+//   server -> worker  kStop      no more jobs: training is over
+//   worker -> server  kDone      this worker takes no more jobs
 // The server sends a worker its next job only once the worker has returned the last
 // one, so each worker has at most one job and one gradient in flight.
 #pragma once
@@ -16,8 +17,18 @@
 namespace torch_asgd {
 namespace detail {
 
-constexpr int64_t kStopSignal = 1;
-constexpr int64_t kDoneSignal = 2;
+enum AsGradKind : int64_t { kJob = 1, kGradient = 2, kStop = 3, kDone = 4 };
+
+inline Outgoing asgrad_message(int64_t kind, int64_t version, at::Tensor payload = at::Tensor()) {
+  Outgoing m;
+  m.payload = std::move(payload);
+  m.meta = Metadata({kind, version});
+  return m;
+}
+
+inline bool is_asgrad(const Message& m) { return m.meta.fields.size() == 2; }
+inline int64_t asgrad_kind(const Message& m) { return m.meta.field(0); }
+inline int64_t asgrad_version(const Message& m) { return m.meta.field(1); }
 
 inline ChannelOptions asgrad_channel_options(const FlatParams& flat, PeerFailure on_failure) {
   ChannelOptions o;

@@ -12,10 +12,7 @@ namespace detail {
 
 void write_fingerprint(torch::serialize::OutputArchive& archive, const std::string& prefix,
                        const Fingerprint& fp) {
-  const std::string text = fp.serialize();
-  auto t = torch::empty({static_cast<int64_t>(text.size())}, torch::kByte);
-  std::memcpy(t.data_ptr(), text.data(), text.size());
-  archive.write(prefix + "/fingerprint", t);
+  write_string(archive, prefix + "/fingerprint", fp.serialize());
 }
 
 void check_fingerprint(torch::serialize::InputArchive& archive, const std::string& prefix,
@@ -32,6 +29,22 @@ void check_fingerprint(torch::serialize::InputArchive& archive, const std::strin
   if (!diff.empty()) {
     throw MismatchError(fmt::format("{}: the checkpoint belongs to another model: {}", who, diff));
   }
+}
+
+void write_string(torch::serialize::OutputArchive& archive, const std::string& key,
+                  const std::string& value) {
+  auto t = torch::empty({static_cast<int64_t>(value.size())}, torch::kByte);
+  if (!value.empty()) std::memcpy(t.data_ptr(), value.data(), value.size());
+  archive.write(key, t);
+}
+
+std::string read_string(torch::serialize::InputArchive& archive, const std::string& key) {
+  torch::Tensor t;
+  if (!archive.try_read(key, t) || t.scalar_type() != torch::kByte) {
+    throw MismatchError(fmt::format("corrupt checkpoint: '{}' is missing or malformed", key));
+  }
+  t = t.contiguous();
+  return std::string(static_cast<const char*>(t.data_ptr()), static_cast<size_t>(t.numel()));
 }
 
 void write_int64s(torch::serialize::OutputArchive& archive, const std::string& key,

@@ -22,6 +22,11 @@ void write_fingerprint(torch::serialize::OutputArchive& archive, const std::stri
 void check_fingerprint(torch::serialize::InputArchive& archive, const std::string& prefix,
                        const Fingerprint& current, const std::string& who);
 
+void write_string(torch::serialize::OutputArchive& archive, const std::string& key,
+                  const std::string& value);
+// Throws MismatchError when the key is missing.
+std::string read_string(torch::serialize::InputArchive& archive, const std::string& key);
+
 void write_int64s(torch::serialize::OutputArchive& archive, const std::string& key,
                   const std::vector<int64_t>& values);
 // Throws MismatchError unless the key holds exactly `count` values.

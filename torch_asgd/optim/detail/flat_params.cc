@@ -1,13 +1,11 @@
 #include "torch_asgd/optim/detail/flat_params.h"
 
+#include <unordered_set>
+
 #include <fmt/format.h>
 #include <torch/torch.h>
 
 #include "torch_asgd/comm/error.h"
-#ifdef TORCH_ASGD_WITH_CUDA
-#include "torch_asgd/cuda/fused.h"
-#include "torch_asgd/cuda/kernels.h"
-#endif
 
 namespace torch_asgd {
 namespace detail {
@@ -24,6 +22,7 @@ FlatParams::FlatParams(const std::vector<torch::optim::OptimizerParamGroup>& gro
     throw ConfigError(fmt::format("{} parameter names for {} parameters", names.size(), params_.size()));
   }
   names_ = std::move(names);
+  std::unordered_set<const void*> seen;
   for (size_t i = 0; i < params_.size(); ++i) {
     const auto& p = params_[i];
     if (i == 0) {
@@ -41,73 +40,86 @@ FlatParams::FlatParams(const std::vector<torch::optim::OptimizerParamGroup>& gro
           "parameter '{}' is {} but '{}' is {}: all parameters must share one dtype", names_[i],
           c10::toString(p.scalar_type()), names_[0], c10::toString(dtype_)));
     }
-    if (!p.is_contiguous()) {
-      throw ConfigError(fmt::format("parameter '{}' is not contiguous", names_[i]));
+    if (!seen.insert(p.unsafeGetTensorImpl()).second) {
+      throw ConfigError(fmt::format("parameter '{}' is given twice; give each parameter once",
+                                    names_[i]));
     }
     offsets_.push_back(numel_);
     numel_ += p.numel();
   }
-#ifdef TORCH_ASGD_WITH_CUDA
-  fused_ = cuda::make_param_table(*this);
-#endif
+  // One buffer; every parameter becomes a view of it, keeping its values and identity.
+  torch::NoGradGuard no_grad;
+  flat_ = torch::empty({numel_}, torch::TensorOptions().dtype(dtype_).device(device_));
+  for (size_t i = 0; i < params_.size(); ++i) {
+    at::Tensor slot = view(flat_, i);
+    slot.copy_(params_[i].detach());
+    params_[i].set_data(slot);
+    addresses_.push_back(params_[i].data_ptr());
+  }
 }
 
 at::Tensor FlatParams::view(const at::Tensor& flat, size_t i) const {
   return flat.narrow(0, offsets_[i], params_[i].numel()).view(params_[i].sizes());
 }
 
-at::Tensor FlatParams::on_device(const at::Tensor& flat) const {
-  return flat.device() == device_ ? flat : flat.to(device_);
+at::Tensor FlatParams::on_device(const at::Tensor& t) const {
+  return t.device() == device_ ? t : t.to(device_);
 }
 
-at::Tensor FlatParams::flatten() const {
-  if (!on_cpu()) {
-    // One gather on the device, one copy to the host.
-    std::vector<at::Tensor> parts;
-    for (const auto& p : params_) parts.push_back(p.detach().reshape({-1}));
-    return parts.empty() ? torch::empty({0}, torch::TensorOptions().dtype(dtype_))
-                         : torch::cat(parts).to(torch::kCPU);
+bool FlatParams::ensure_views(size_t count) {
+  if (count != params_.size()) {
+    throw ConfigError(fmt::format(
+        "the optimizer holds {} parameters but was built over {}: parameters were added after "
+        "construction; every rank must pass all parameter groups to the optimizer before it "
+        "is wrapped",
+        count, params_.size()));
   }
-  auto out = torch::empty({numel_}, torch::TensorOptions().dtype(dtype_));
-  for (size_t i = 0; i < params_.size(); ++i) view(out, i).copy_(params_[i].detach());
-  return out;
-}
-
-void FlatParams::gather_grads(const at::Tensor& flat) const {
-  if (!on_cpu() && flat.device() != device_) {
-    std::vector<at::Tensor> parts;
-    for (const auto& p : params_) {
-      parts.push_back(p.grad().defined() ? p.grad().reshape({-1}) : torch::zeros({p.numel()}, p.options()));
-    }
-    if (!parts.empty()) flat.copy_(torch::cat(parts));
-    return;
-  }
+  bool moved = false;
   for (size_t i = 0; i < params_.size(); ++i) {
-    auto v = view(flat, i);
-    if (params_[i].grad().defined()) {
-      v.copy_(params_[i].grad());
-    } else {
-      v.zero_();
+    at::Tensor& p = params_[i];
+    if (p.data_ptr() == addresses_[i]) continue;
+    if (p.device() != device_ || p.scalar_type() != dtype_ || p.numel() != view(flat_, i).numel()) {
+      throw ConfigError(fmt::format(
+          "parameter '{}' is now {} on {} with {} elements, but the optimizer was built for {} on "
+          "{} with {}: build the optimizer after moving or changing the model",
+          names_[i], c10::toString(p.scalar_type()), p.device().str(), p.numel(),
+          c10::toString(dtype_), device_.str(), view(flat_, i).numel()));
     }
+    // Given storage of its own (torch::load of the module does that): take the values
+    // back into the buffer.
+    torch::NoGradGuard no_grad;
+    at::Tensor slot = view(flat_, i);
+    slot.copy_(p.detach());
+    p.set_data(slot);
+    moved = true;
   }
+  return moved;
 }
 
-void FlatParams::add_(const at::Tensor& flat, double alpha) const {
+void FlatParams::gather_grads(const at::Tensor& out) const {
   torch::NoGradGuard no_grad;
-  const at::Tensor here = on_device(flat);
-#ifdef TORCH_ASGD_WITH_CUDA
-  // One launch over every parameter instead of one per parameter.
-  if (fused_ && cuda::fused_add(*this, fused_.get(), here.contiguous(), static_cast<float>(alpha))) {
+  if (out.device() == device_) {
+    for (size_t i = 0; i < params_.size(); ++i) {
+      auto v = view(out, i);
+      if (params_[i].grad().defined()) {
+        v.copy_(params_[i].grad());
+      } else {
+        v.zero_();
+      }
+    }
     return;
   }
-#endif
-  for (size_t i = 0; i < params_.size(); ++i) params_[i].add_(view(here, i), alpha);
+  // Gather on the device, then one copy.
+  auto staged = torch::empty({numel_}, torch::TensorOptions().dtype(dtype_).device(device_));
+  gather_grads(staged);
+  out.copy_(staged);
 }
 
-void FlatParams::copy_(const at::Tensor& flat) const {
-  torch::NoGradGuard no_grad;
+void FlatParams::set_grads(const at::Tensor& flat) const {
   const at::Tensor here = on_device(flat);
-  for (size_t i = 0; i < params_.size(); ++i) params_[i].copy_(view(here, i));
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const_cast<at::Tensor&>(params_[i]).mutable_grad() = view(here, i);
+  }
 }
 
 Fingerprint FlatParams::fingerprint() const {

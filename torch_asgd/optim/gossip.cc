@@ -1,0 +1,381 @@
+#include "torch_asgd/optim/gossip.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <torch/torch.h>
+
+#include "torch_asgd/comm/detail/log.h"
+#include "torch_asgd/comm/error.h"
+#include "torch_asgd/optim/detail/checkpoint.h"
+#include "torch_asgd/optim/detail/collectives.h"
+#include "torch_asgd/optim/detail/flat_params.h"
+
+namespace torch_asgd {
+namespace {
+
+// The gossip protocol's messages (ordered, stream 0); metadata: kind, exchange id,
+// then the sender's version vector.
+enum Kind : int64_t { kRequest = 1, kReply = 2, kDecline = 3, kUndo = 4 };
+constexpr size_t kKindsKept = 64;  // per peer, for counting lost replies
+
+}  // namespace
+
+std::string GossipStats::str() const {
+  std::string failed =
+      failed_peers.empty() ? "" : fmt::format("; failed peers {}", fmt::join(failed_peers, ", "));
+  return fmt::format(
+      "rank {}/{}: {} local steps; exchanges opened {}, completed {}, declined {}, given up {}, "
+      "undone {}; answered {}, refused {}, undos applied {}, broken {}; {}; messages sent {}, "
+      "received {}, rejected {}{}",
+      rank, world_size, local_steps, opened, completed, declined, given_up, undone, answered,
+      refused, undos_applied, broken, lag.str("lag"), messages_sent, messages_received, rejected,
+      failed);
+}
+
+Gossip::Gossip(std::shared_ptr<torch::optim::Optimizer> inner, GossipOptions options,
+               std::shared_ptr<World> world, std::vector<std::string> names)
+    : DistributedOptimizer(std::move(inner), "Gossip", std::move(names)),
+      options_(std::move(options)),
+      world_(std::move(world)) {
+  if (world_ && world_->size() > 1) {
+    ChannelOptions co;
+    co.name = "gossip";
+    co.capacity_bytes = flat().bytes();  // models
+    co.on_peer_failure = options_.on_peer_failure();
+    Fingerprint fp = flat().fingerprint();
+    fp.set("algorithm", "gossip").set("local rule", rule_name());
+    transport_ = world_->open_channel(co, fp);
+  }
+  init();
+}
+
+Gossip::Gossip(std::vector<torch::Tensor> params, const torch::optim::SGDOptions& sgd,
+               GossipOptions options, std::shared_ptr<World> world)
+    : Gossip(detail::make_sgd({torch::optim::OptimizerParamGroup(std::move(params))}, sgd),
+             std::move(options), std::move(world)) {}
+
+Gossip::Gossip(const torch::OrderedDict<std::string, torch::Tensor>& named,
+               const torch::optim::SGDOptions& sgd, GossipOptions options,
+               std::shared_ptr<World> world)
+    : Gossip(detail::make_sgd({torch::optim::OptimizerParamGroup(named.values())}, sgd),
+             std::move(options), std::move(world), named.keys()) {}
+
+Gossip::Gossip(std::vector<torch::optim::OptimizerParamGroup> groups,
+               const torch::optim::SGDOptions& defaults, GossipOptions options,
+               std::shared_ptr<World> world, std::vector<std::string> names)
+    : Gossip(detail::make_sgd(std::move(groups), defaults), std::move(options), std::move(world),
+             std::move(names)) {}
+
+Gossip::Gossip(std::shared_ptr<torch::optim::Optimizer> inner, GossipOptions options,
+               std::unique_ptr<Transport> transport, std::vector<std::string> names)
+    : DistributedOptimizer(std::move(inner), "Gossip", std::move(names)),
+      options_(std::move(options)),
+      transport_(std::move(transport)) {
+  if (transport_ && transport_->size() < 2) transport_.reset();
+  init();
+}
+
+void Gossip::init() {
+  TORCH_CHECK(options_.exchange_every() >= 1, "Invalid exchange_every: ", options_.exchange_every(),
+              " (must be >= 1)");
+  TORCH_CHECK(options_.alpha() > 0 && options_.alpha() <= 1, "Invalid alpha: ", options_.alpha(),
+              " (must be in (0, 1])");
+  TORCH_CHECK(options_.exchange_timeout().count() > 0, "Invalid exchange_timeout: ",
+              options_.exchange_timeout().count(), " ms");
+  rank_ = transport_ ? transport_->rank() : 0;
+  size_ = transport_ ? transport_->size() : 1;
+  rounds_ = std::max(1, static_cast<int>(std::ceil(std::log2(size_))));
+  versions_.assign(size_, 0);
+  sent_kinds_.resize(size_);
+  counted_failed_.assign(size_, false);
+  counts_.rank = rank_;
+  counts_.world_size = size_;
+}
+
+Gossip::~Gossip() {
+  if (finished_ || !transport_) return;
+  detail::log_warning(fmt::format(
+      "rank {}: Gossip destroyed without finish(): finishing now (bounded by 10 s); call "
+      "finish() yourself to choose the bound and see whether every exchange settled",
+      rank_));
+  try {
+    finish(std::chrono::seconds(10));
+  } catch (const std::exception& e) {
+    detail::log_warning(std::string("Gossip: finish() in the destructor failed: ") + e.what());
+  }
+}
+
+std::vector<int> Gossip::gone_peers() const {
+  std::vector<int> out = transport_->failed_peers();
+  for (int p : transport_->closed_peers()) out.push_back(p);
+  return out;
+}
+
+void Gossip::send(int peer, int64_t kind, int64_t id, const at::Tensor& payload) {
+  Outgoing m;
+  m.payload = payload.defined() ? payload.to(torch::kCPU) : payload;
+  m.meta.fields = {kind, id};
+  m.meta.fields.insert(m.meta.fields.end(), versions_.begin(), versions_.end());
+  transport_->send(peer, m);
+  auto& kinds = sent_kinds_[peer];
+  kinds.push_back(kind);
+  if (kinds.size() > kKindsKept) kinds.pop_front();
+}
+
+void Gossip::record_lag(const Message& m) {
+  // What this model holds that the peer's lacked; then this model holds what either did.
+  const int64_t* theirs = m.meta.fields.data() + 2;
+  counts_.lag.add(staleness(versions_, theirs));
+  for (int k = 0; k < size_; ++k) versions_[k] = std::max(versions_[k], theirs[k]);
+}
+
+torch::Tensor Gossip::step(LossClosure closure) {
+  if (finished_) throw ConfigError("Gossip: step() after finish()");
+  torch::Tensor loss = inner_step(closure);
+  ++local_steps_;
+  ++versions_[rank_];
+  if (!transport_) return loss;
+  if (!held_) take(transport_->poll());
+  settle_with_gone_peers();
+  give_up_if_late();
+  if (!open_ && !finishing_ && local_steps_ % options_.exchange_every() == 0) open_exchange();
+  return loss;
+}
+
+void Gossip::take(Arrivals arrivals) {
+  for (auto& m : arrivals.messages) pending_.push_back(std::move(m));
+  handle_pending();
+}
+
+void Gossip::handle_pending() {
+  // One at a time from the queue, so that a message whose handling throws leaves the
+  // rest for the next call instead of losing them.
+  while (!pending_.empty()) {
+    Message m = std::move(pending_.front());
+    pending_.pop_front();
+    handle(m);
+  }
+}
+
+void Gossip::handle(const Message& m) {
+  const int peer = m.sender;
+  if (m.meta.fields.size() != 2 + static_cast<size_t>(size_)) {
+    throw CommError(fmt::format("rank {}: Gossip: rank {} sent a message this protocol does not "
+                                "know; is it running the same torch_asgd?",
+                                rank_, peer));
+  }
+  const int64_t kind = m.meta.fields[0];
+  const int64_t id = m.meta.fields[1];
+  const int64_t model_bytes = flat().bytes();
+  auto payload_ok = [&] {
+    return m.payload.defined() && m.payload.numel() * static_cast<int64_t>(m.payload.element_size()) ==
+                                      model_bytes && m.payload.scalar_type() == flat().dtype();
+  };
+  torch::NoGradGuard no_grad;
+  switch (kind) {
+    case kRequest: {
+      if (!payload_ok()) throw CommError(fmt::format("rank {}: Gossip: malformed request from rank {}", rank_, peer));
+      if (closed_) return;  // our goodbye is out: the peer treats it as declined
+      const bool crossed = open_ && open_->peer == peer && peer < rank_;
+      if (open_ && !crossed) {
+        send(peer, kDecline, id, at::Tensor());
+        ++counts_.refused;
+        return;
+      }
+      if (crossed) {
+        // The lower rank's request wins; the peer declines ours, unless it had given its
+        // own up already and answers ours instead: then that reply comes late and is
+        // undone, as any late reply, so that only one pair of mixes stays.
+        given_up_[open_->id] = std::move(*open_);
+        open_.reset();
+        ++counts_.declined;
+      }
+      send(peer, kReply, id, flat().flat());  // our model before mixing (the channel copies it)
+      record_lag(m);
+      // x_j += alpha (s - x_j), in place.
+      at::Tensor x = flat().flat();
+      x.mul_(1 - options_.alpha()).add_(flat().on_device(m.payload), options_.alpha());
+      ++counts_.answered;
+      return;
+    }
+    case kReply: {
+      if (!payload_ok()) throw CommError(fmt::format("rank {}: Gossip: malformed reply from rank {}", rank_, peer));
+      if (open_ && open_->peer == peer && open_->id == id) {
+        // x_i += alpha (y - s): progress made meanwhile is kept.
+        record_lag(m);
+        at::Tensor x = flat().flat();
+        x.add_(flat().on_device(m.payload), options_.alpha())
+            .sub_(flat().on_device(open_->snapshot), options_.alpha());
+        open_.reset();
+        ++counts_.completed;
+        return;
+      }
+      auto late = given_up_.find(id);
+      if (late != given_up_.end() && late->second.peer == peer) {
+        // Too late to mix; the responder mixed, so it gets its half back.
+        at::Tensor half = (late->second.snapshot - m.payload).mul_(options_.alpha());
+        given_up_.erase(late);
+        if (closed_) {
+          ++counts_.broken;  // our goodbye is out: the undo cannot be sent
+          return;
+        }
+        send(peer, kUndo, id, half);
+        ++counts_.undone;
+      }
+      return;
+    }
+    case kDecline: {
+      if (open_ && open_->peer == peer && open_->id == id) {
+        open_.reset();
+        ++counts_.declined;
+      } else {
+        given_up_.erase(id);  // it never mixed
+      }
+      return;
+    }
+    case kUndo: {
+      if (!payload_ok()) throw CommError(fmt::format("rank {}: Gossip: malformed undo from rank {}", rank_, peer));
+      flat().flat().sub_(flat().on_device(m.payload));
+      ++counts_.undos_applied;
+      return;
+    }
+    default:
+      throw CommError(fmt::format("rank {}: Gossip: rank {} sent a message of unknown kind {}",
+                                  rank_, peer, kind));
+  }
+}
+
+void Gossip::open_exchange() {
+  const auto gone = gone_peers();
+  auto unusable = [&](int p) {
+    if (std::find(gone.begin(), gone.end(), p) != gone.end()) return true;
+    for (const auto& [id, x] : given_up_) {
+      if (x.peer == p) return true;  // its last reply may still come
+    }
+    return false;
+  };
+  for (int tries = 0; tries < rounds_; ++tries) {
+    const int offset = 1 << (round_++ % rounds_);
+    const int peer = (rank_ + offset) % size_;
+    if (peer == rank_ || unusable(peer)) continue;
+    Exchange x;
+    x.peer = peer;
+    x.id = next_id_++;
+    x.snapshot = flat().flat().to(torch::kCPU, /*non_blocking=*/false, /*copy=*/true);
+    x.opened = std::chrono::steady_clock::now();
+    send(peer, kRequest, x.id, x.snapshot);
+    open_ = std::move(x);
+    ++counts_.opened;
+    return;
+  }
+}
+
+void Gossip::settle_with_gone_peers() {
+  const auto failed = transport_->failed_peers();
+  for (int p : failed) {
+    if (counted_failed_[p]) continue;
+    counted_failed_[p] = true;
+    // Replies among the messages it never acknowledged were lost with it.
+    uint64_t lost = 0;
+    for (const auto& c : transport_->counters()) {
+      if (c.peer == p) lost = c.lost;
+    }
+    const auto& kinds = sent_kinds_[p];
+    for (size_t i = 0; i < lost && i < kinds.size(); ++i) {
+      if (kinds[kinds.size() - 1 - i] == kReply) ++counts_.broken;
+    }
+  }
+  const auto gone = gone_peers();
+  auto is_gone = [&](int p) { return std::find(gone.begin(), gone.end(), p) != gone.end(); };
+  // A peer that said goodbye or died answers nothing more: what it had not answered, it
+  // did not mix (a goodbye comes after every reply it sent).
+  if (open_ && is_gone(open_->peer)) {
+    open_.reset();
+    ++counts_.declined;
+  }
+  for (auto it = given_up_.begin(); it != given_up_.end();) {
+    it = is_gone(it->second.peer) ? given_up_.erase(it) : std::next(it);
+  }
+}
+
+void Gossip::give_up_if_late() {
+  if (!open_) return;
+  if (std::chrono::steady_clock::now() - open_->opened < options_.exchange_timeout()) return;
+  ++counts_.given_up;
+  given_up_[open_->id] = std::move(*open_);
+  open_.reset();
+}
+
+bool Gossip::finish(std::chrono::milliseconds timeout) {
+  if (finished_) return true;
+  if (!transport_) {
+    finished_ = true;
+    return true;
+  }
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  finishing_ = true;
+  // Settle this rank's own exchanges (answering peers meanwhile), then say goodbye.
+  while ((open_ || !given_up_.empty()) && std::chrono::steady_clock::now() < deadline) {
+    take(transport_->wait(std::chrono::milliseconds(20)));
+    settle_with_gone_peers();
+    give_up_if_late();
+  }
+  const bool settled = !open_ && given_up_.empty();
+  const auto left = std::max(std::chrono::milliseconds(1),
+                             std::chrono::duration_cast<std::chrono::milliseconds>(
+                                 deadline - std::chrono::steady_clock::now()));
+  closed_ = true;
+  finished_ = true;
+  const bool clean = transport_->close(left);
+  take(transport_->poll());  // undos still apply; requests are not answered any more
+  settle_with_gone_peers();
+  return clean && settled;
+}
+
+void Gossip::resync() {
+  if (!transport_) return;
+  if (!world_) throw ConfigError("Gossip: resync() needs a World (the transport here is not one)");
+  refresh_views();
+  detail::average_over_ranks(*world_, flat().flat(), "Gossip::resync");
+  std::fill(versions_.begin(), versions_.end(), 0);
+}
+
+GossipStats Gossip::stats() const {
+  GossipStats s = counts_;
+  s.local_steps = local_steps_;
+  s.versions = versions_;
+  if (transport_) {
+    for (const auto& c : transport_->counters()) {
+      s.messages_sent += c.sent_messages;
+      s.messages_received += c.received_messages;
+      s.rejected += c.rejected;
+      s.dropped += c.dropped;
+    }
+    s.failed_peers = transport_->failed_peers();
+  }
+  return s;
+}
+
+void Gossip::save_state(torch::serialize::OutputArchive& archive) const {
+  detail::write_int64s(archive, "torch_asgd/Gossip/counters",
+                       {local_steps_, round_, next_id_, static_cast<int64_t>(size_)});
+  detail::write_int64s(archive, "torch_asgd/Gossip/versions", versions_);
+}
+
+void Gossip::load_state(torch::serialize::InputArchive& archive) {
+  auto c = detail::read_int64s(archive, "torch_asgd/Gossip/counters", 4);
+  if (c[3] != size_) {
+    throw MismatchError(fmt::format("Gossip: the checkpoint was written by a rank of {} ranks, "
+                                    "this job has {}",
+                                    c[3], size_));
+  }
+  local_steps_ = c[0];
+  round_ = c[1];
+  next_id_ = c[2];
+  versions_ = detail::read_int64s(archive, "torch_asgd/Gossip/versions", static_cast<size_t>(size_));
+}
+
+}  // namespace torch_asgd

@@ -1,0 +1,157 @@
+// Gossip: decentralized model mixing for many ranks (ALGORITHMS.md section 1b), a
+// drop-in torch::optim::Optimizer around any inner torch::optim::Optimizer.
+//
+// Every `exchange_every` local steps a rank opens an exchange with one peer on a
+// rotating exponential graph (peer rank + 2^r mod n, r cycling): it sends its model s,
+// the peer replies with its model y as it was before mixing and mixes
+// x_peer += alpha (s - x_peer), and the requester mixes x += alpha (y - s) when the
+// reply comes. The two mixes cancel in the sum, so the sum of all models changes only by
+// the ranks' own local steps: the average model follows SGD exactly, and gossip only
+// contracts the disagreement. What keeps that true:
+//   - one exchange at a time per rank: a rank with an exchange open declines every
+//     request, but the one from the very peer it waits for when that peer's rank is lower
+//     (crossed requests mix once);
+//   - requests, replies and declines are ordered messages: delivered once, never merged;
+//   - an exchange whose reply does not come within exchange_timeout is given up (the next
+//     one goes to the next peer); if its reply comes later, the requester sends the
+//     responder its half back (an undo), which the responder subtracts;
+//   - a reply that cannot reach its requester (it died) is counted as a broken pair.
+// Nobody waits: step() never blocks on a peer.
+//
+// Construction is collective, as DASGD's. Thread safety: one training thread.
+#pragma once
+
+#include <chrono>
+#include <deque>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <torch/optim/optimizer.h>
+#include <torch/optim/sgd.h>
+#include <torch/ordered_dict.h>
+#include <torch/serialize/archive.h>
+
+#include "torch_asgd/comm/channel.h"
+#include "torch_asgd/comm/transport.h"
+#include "torch_asgd/comm/world.h"
+#include "torch_asgd/optim/distributed_optimizer.h"
+#include "torch_asgd/optim/staleness.h"
+
+namespace torch_asgd {
+
+struct GossipOptions {
+  GossipOptions() = default;
+  // k: local steps between exchanges this rank opens.
+  TORCH_ARG(int64_t, exchange_every) = 1;
+  // alpha: the mixing weight, in (0, 1]; 0.5 averages the two models.
+  TORCH_ARG(double, alpha) = 0.5;
+  TORCH_ARG(PeerFailure, on_peer_failure) = PeerFailure::kContinue;
+  // How long a requester waits for a reply before it gives the exchange up.
+  TORCH_ARG(std::chrono::milliseconds, exchange_timeout) = std::chrono::seconds(5);
+};
+
+struct GossipStats {
+  int rank = 0;
+  int world_size = 1;
+  int64_t local_steps = 0;
+  std::vector<int64_t> versions;  // the largest count of each rank's updates mixed in
+  // Exchanges this rank opened: completed (mixed), declined by the peer (or crossed),
+  // given up (no reply in time); and what became of replies that came too late.
+  int64_t opened = 0, completed = 0, declined = 0, given_up = 0, undone = 0;
+  // Exchanges other ranks opened with this one: answered (mixed) and declined.
+  int64_t answered = 0, refused = 0, undos_applied = 0;
+  // Mixes whose other half was lost: a reply to a requester that died, a late reply
+  // that could not be undone because this rank had closed.
+  int64_t broken = 0;
+  // Per mixed model: what this model held that the peer's lacked (ALGORITHMS.md).
+  StalenessStats lag;
+  uint64_t messages_sent = 0, messages_received = 0, rejected = 0, dropped = 0;
+  std::vector<int> failed_peers;
+  std::string str() const;
+};
+
+class Gossip : public DistributedOptimizer {
+ public:
+  Gossip(std::shared_ptr<torch::optim::Optimizer> inner, GossipOptions options = GossipOptions(),
+         std::shared_ptr<World> world = nullptr, std::vector<std::string> names = {});
+  Gossip(std::vector<torch::Tensor> params, const torch::optim::SGDOptions& sgd,
+         GossipOptions options = GossipOptions(), std::shared_ptr<World> world = nullptr);
+  Gossip(const torch::OrderedDict<std::string, torch::Tensor>& named_params,
+         const torch::optim::SGDOptions& sgd, GossipOptions options = GossipOptions(),
+         std::shared_ptr<World> world = nullptr);
+  Gossip(std::vector<torch::optim::OptimizerParamGroup> param_groups,
+         const torch::optim::SGDOptions& defaults, GossipOptions options = GossipOptions(),
+         std::shared_ptr<World> world = nullptr, std::vector<std::string> names = {});
+  Gossip(std::shared_ptr<torch::optim::Optimizer> inner, GossipOptions options,
+         std::unique_ptr<Transport> transport, std::vector<std::string> names = {});
+  // If finish() was not called: warns, then finishes with a 10 s bound.
+  ~Gossip() override;
+
+  torch::Tensor step(LossClosure closure = nullptr) override;
+
+  // Opens no more exchanges, waits (up to `timeout`) until this rank's own exchanges are
+  // settled, answering peers meanwhile, then says goodbye. Returns false if something
+  // was left unsettled or some peer did not finish in time.
+  bool finish(std::chrono::milliseconds timeout = std::chrono::seconds(60));
+
+  // Collective: every rank's model becomes the mean of all ranks' models (resuming
+  // from checkpoints of different moments). Call it on every rank after load(), before
+  // the first step.
+  void resync();
+
+  GossipStats stats() const;
+  const GossipOptions& options() const { return options_; }
+
+ protected:
+  void save_state(torch::serialize::OutputArchive& archive) const override;
+  void load_state(torch::serialize::InputArchive& archive) override;
+
+ private:
+  friend struct GossipTestAccess;
+
+  struct Exchange {
+    int peer = -1;
+    int64_t id = 0;
+    at::Tensor snapshot;  // s: this model when the request went out
+    std::chrono::steady_clock::time_point opened;
+  };
+
+  void init();
+  void take(Arrivals arrivals);
+  void handle_pending();
+  void handle(const Message& m);
+  void open_exchange();
+  void settle_with_gone_peers();
+  void give_up_if_late();
+  void send(int peer, int64_t kind, int64_t id, const at::Tensor& payload);
+  void record_lag(const Message& m);
+  std::vector<int> gone_peers() const;  // failed or said goodbye
+
+  GossipOptions options_;
+  std::shared_ptr<World> world_;
+  std::unique_ptr<Transport> transport_;
+  int rank_ = 0;
+  int size_ = 1;
+  int rounds_ = 1;  // ceil(log2 n): offsets 1, 2, 4, ...
+  int64_t round_ = 0;
+  int64_t next_id_ = 1;
+  std::optional<Exchange> open_;
+  std::map<int64_t, Exchange> given_up_;  // by id: replies that may still come
+  std::deque<Message> pending_;           // arrived, not yet handled
+  // By peer: the kinds of the last messages sent to it (a reply among those it never
+  // acknowledged before dying was lost).
+  std::vector<std::deque<int64_t>> sent_kinds_;
+  std::vector<bool> counted_failed_;
+  std::vector<int64_t> versions_;
+  int64_t local_steps_ = 0;
+  GossipStats counts_;
+  bool finishing_ = false;  // opens no more exchanges
+  bool closed_ = false;     // our goodbye is out: answers nothing
+  bool finished_ = false;
+  bool held_ = false;  // tests: step() leaves arrivals for GossipTestAccess
+};
+
+}  // namespace torch_asgd
