@@ -10,6 +10,8 @@ PACKAGES=(
   libgloo-dev           # Gloo headers (the library comes with libtorch-dev's dependencies)
   libfmt-dev
   libxxhash-dev         # XXH3: header and payload checksums of the wire format
+  libcli11-dev          # the examples' command lines
+  nlohmann-json3-dev    # the examples' metrics JSON
   libgtest-dev libgmock-dev
   libbenchmark-dev
   clang libclang-rt-14-dev  # libFuzzer, for the message decoder's fuzz test

@@ -6,6 +6,8 @@
 //   asgd-launch --nproc 3 -- asgd-cifar --synthetic 2000 --algo asgd-shuffle
 #include "cifar/cifar10.h"
 #include "cifar/resnet.h"
+#include <CLI/CLI.hpp>
+
 #include "common/example.h"
 
 int main(int argc, char** argv) {
@@ -13,6 +15,11 @@ int main(int argc, char** argv) {
   Task task;
   task.program = "asgd-cifar";
   task.default_data = "data/cifar-10-batches-bin";
+  task.extra_options = [](CLI::App& app, ExampleOptions& o) {
+    app.add_option("--synthetic", o.synthetic,
+                   "generate N labelled images instead of reading --data")
+        ->check(CLI::PositiveNumber);
+  };
   task.load = [](const ExampleOptions& o) {
     return o.synthetic > 0 ? synthetic_cifar10(o.synthetic, o.seed) : read_cifar10(o.data);
   };

@@ -10,6 +10,11 @@
 #include <cstring>
 #include <stdexcept>
 
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <thread>
+
 #include <fmt/format.h>
 #include <torch/torch.h>
 
@@ -63,7 +68,19 @@ void RankCheckpoint::write(torch::serialize::OutputArchive& archive,
   if (fd < 0) throw system_error("cannot write the checkpoint", tmp);
   bool ok = true;
   int saved_errno = 0;
+  // Tests: stop for a while once the temporary file is open, so that a kill lands mid-write.
+  static const long pause_ms = [] {
+    const char* v = std::getenv("TORCH_ASGD_TEST_CHECKPOINT_PAUSE_MS");
+    return v != nullptr ? std::atol(v) : 0L;
+  }();
+  bool paused = false;
   archive.save_to([&](const void* data, size_t n) -> size_t {
+    if (pause_ms > 0 && !paused && ok) {
+      paused = true;
+      std::fprintf(stderr, "checkpoint: mid-write of %s\n", tmp.c_str());
+      std::fflush(stderr);
+      std::this_thread::sleep_for(std::chrono::milliseconds(pause_ms));
+    }
     const char* p = static_cast<const char*>(data);
     size_t left = n;
     while (ok && left > 0) {

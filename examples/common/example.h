@@ -1,7 +1,7 @@
-// What the MNIST and CIFAR examples share: their command line, data sharding and
-// sampling (ALGORITHMS.md section 4), the training loop of every algorithm, the
-// progress display, the end-of-run summary and the metrics JSON. An example provides
-// a Task (its data and its network) and calls run().
+// What the MNIST and CIFAR examples share: their command line, the data a rank trains
+// on (ALGORITHMS.md section 4), the training loop of every algorithm with budgets and
+// evaluation on a clock, checkpoints, the end-of-run summary and the metrics JSON. An
+// example provides a Task (its data and its network) and calls run().
 #pragma once
 
 #include <functional>
@@ -11,24 +11,39 @@
 
 #include <torch/torch.h>
 
+namespace CLI {
+class App;
+}
+
 namespace torch_asgd {
 namespace examples {
 
 struct ExampleOptions {
-  std::string algo = "dasgd";  // dasgd gossip asgd-pure asgd-random asgd-shuffle sync local
+  std::string algo = "dasgd";   // dasgd gossip asgd-pure asgd-random asgd-shuffle sync local
+  std::string optimizer = "sgd";  // the local rule: sgd adam adamw
   std::string data;
+  // How long: epochs (each rank makes epochs x its share of the training set), or a
+  // budget for the whole job (samples over all ranks, or seconds).
   int epochs = 1;
+  int64_t budget_samples = 0;
+  double budget_seconds = 0;
   int batch_size = 32;
-  double lr = 0.03;
-  double momentum = 0.7;
+  double lr = 0;            // 0: the optimizer's default (sgd 0.03, adam and adamw 0.001)
+  double momentum = 0.7;    // sgd
+  double weight_decay = -1;  // < 0: the optimizer's default (adamw 0.01, else 0)
   std::string step_rule = "constant";  // server algorithms: constant, delay-adaptive
-  int broadcast_every = 1;
-  std::string partition = "iid";        // iid, by-label
-  std::string sampling = "reshuffle";   // reshuffle, shuffle-once, with-replacement
+  int broadcast_every = 1;             // dasgd; gossip: local steps between exchanges
+  int64_t max_lead = 0;                // dasgd: the bounded lead (0: off)
+  std::string lead_policy = "wait";    // dasgd: wait, damp
+  double gossip_alpha = 0.5;
+  std::string partition = "iid";       // iid, by-label (shards), full (every rank, own order)
+  std::string sampling = "reshuffle";  // reshuffle, shuffle-once, with-replacement
   int straggler_rank = -1;
   double straggler_factor = 1;
   double target_accuracy = 0;  // 0: none
-  int eval_every = 200;        // steps of rank 0 (gradients of the server)
+  int eval_every = 200;            // steps of rank 0 (server: gradients); 0: off
+  double eval_every_seconds = 0;   // 0: off
+  int64_t eval_samples = 2000;     // the fixed test subset evaluated during training
   std::string metrics_out;
   uint64_t seed = 1;
   std::string device = "cpu";
@@ -38,7 +53,6 @@ struct ExampleOptions {
   int checkpoint_every = 500;  // steps of each rank (gradients of the server)
   bool resume = false;
   bool overlap = false;  // dasgd on cuda: DASGDOptions::overlap
-  bool help = false;
 };
 
 struct Dataset {
@@ -49,6 +63,8 @@ struct Dataset {
 struct Task {
   std::string program;       // "asgd-mnist"
   std::string default_data;  // default --data
+  // Options of this example only (CIFAR's --synthetic).
+  std::function<void(CLI::App&, ExampleOptions&)> extra_options;
   // Train and test sets; throws std::runtime_error with one clear line.
   std::function<std::pair<Dataset, Dataset>(const ExampleOptions&)> load;
   std::function<std::shared_ptr<torch::nn::Module>()> make_model;
@@ -58,12 +74,13 @@ struct Task {
   std::function<torch::Tensor(const torch::Tensor&, torch::Generator&)> augment;
 };
 
-// Throws std::invalid_argument with one line on a bad command line.
-ExampleOptions parse_options(int argc, char** argv, const Task& task);
-std::string usage(const Task& task);
+// Parses the command line. Returns -1 to go on, or the exit code to leave with at once
+// (0 after --help, 2 after printing a bad option's error).
+int parse_options(int argc, char** argv, const Task& task, ExampleOptions* out);
 
-// The whole program: returns the process exit code. Bad input prints one line
-// ("<program>: <what is wrong and what to do>") and returns non-zero.
+// The whole program: returns the process exit code: 0, 1 (an error, one line on
+// stderr: "<program>: <what is wrong and what to do>"), 2 (a bad command line), or
+// 130/143 when stopped by SIGINT/SIGTERM (after its summary and last checkpoint).
 int run(const Task& task, int argc, char** argv);
 
 }  // namespace examples

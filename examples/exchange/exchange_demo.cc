@@ -27,9 +27,13 @@ int main(int argc, char** argv) {
   }
   try {
     auto world = World::from_env();
+    // One additive stream of `size` floats; its metadata counts the updates a message holds.
     ChannelOptions opts;
     opts.name = "exchange-demo";
-    opts.capacity_bytes = size * 4;
+    opts.capacity_bytes = 0;
+    MetaSchema schema;
+    schema.fields = {Merge::kSum};
+    opts.additive = {AdditiveStream{0, c10::kFloat, size, schema}};
     Fingerprint fp;
     fp.add("x", {size}, c10::kFloat);
     auto channel = world->open_channel(opts, fp);
@@ -38,10 +42,12 @@ int main(int argc, char** argv) {
     int64_t applied = 0;  // peer updates applied here
     int64_t version = 0;  // updates, from any rank, that x contains
     auto apply_arrivals = [&] {
-      for (auto& m : channel->poll()) {
-        x += m.payload;
-        applied += m.header.updates.count;
-        version += m.header.updates.count;
+      for (auto& a : channel->poll().additive) {
+        x += a.sum;
+        for (const auto& part : a.parts) {
+          applied += part.second.field(0);
+          version += part.second.field(0);
+        }
       }
     };
     const auto t0 = std::chrono::steady_clock::now();
@@ -49,13 +55,11 @@ int main(int argc, char** argv) {
       apply_arrivals();
       at::Tensor d = torch::full({size}, static_cast<float>(world->rank() + 1));
       Outgoing msg;
-      msg.kind = MessageKind::kDelta;
       msg.delivery = Delivery::kAdditive;
       msg.payload = d;
-      msg.sender_step = step;
-      msg.updates.add(version);  // the update was made at the model of this version
+      msg.meta = Metadata({1});
       x += d;
-      msg.model_version = ++version;
+      ++version;
       channel->broadcast(msg);
       std::this_thread::sleep_for(std::chrono::microseconds(200 * (world->rank() + 1)));
     }
