@@ -192,7 +192,7 @@ double channel_bandwidth(ChannelPair& cp, const at::Tensor& payload, int count, 
   int got = 0;
   bool verified = false;
   while (got < count) {
-    for (auto& m : cp.c1->wait(std::chrono::milliseconds(100))) {
+    for (auto& m : cp.c1->wait(std::chrono::milliseconds(100)).messages) {
       if (!verified) {
         if (!m.payload.equal(payload)) throw std::runtime_error("channel data corrupt");
         verified = true;
@@ -210,7 +210,7 @@ double channel_latency(ChannelPair& cp, const at::Tensor& payload, int count) {
   msg.payload = payload;
   std::thread echo([&] {
     for (int i = 0; i < count;) {
-      for (auto& m : cp.c1->wait(std::chrono::milliseconds(100))) {
+      for (auto& m : cp.c1->wait(std::chrono::milliseconds(100)).messages) {
         Outgoing back;
         back.payload = m.payload;
         cp.c1->send(0, back);
@@ -221,7 +221,7 @@ double channel_latency(ChannelPair& cp, const at::Tensor& payload, int count) {
   auto t0 = Clock::now();
   for (int i = 0; i < count; ++i) {
     cp.c0->send(1, msg);
-    for (bool back = false; !back;) back = !cp.c0->wait(std::chrono::milliseconds(100)).empty();
+    for (bool back = false; !back;) back = !cp.c0->wait(std::chrono::milliseconds(100)).messages.empty();
   }
   double secs = std::chrono::duration<double>(Clock::now() - t0).count();
   echo.join();

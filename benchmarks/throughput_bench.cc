@@ -44,15 +44,21 @@ int main(int argc, char** argv) {
     examples::MnistNet net;
     std::unique_ptr<torch::optim::Optimizer> opt;
     DASGD* dasgd = nullptr;
-    if (algo == "dasgd" || algo == "gossip") {
-      auto o = DASGDOptions(0.01).momentum(0.5).broadcast_every(broadcast_every).mode(
-          algo == "dasgd" ? DASGDMode::kDelta : DASGDMode::kGossip);
-      auto d = std::make_unique<DASGD>(net->named_parameters(), o, world);
+    Gossip* gossip = nullptr;
+    auto rule = [&] {
+      return std::make_shared<torch::optim::SGD>(net->parameters(),
+                                                 torch::optim::SGDOptions(0.01).momentum(0.5));
+    };
+    if (algo == "dasgd") {
+      auto d = std::make_unique<DASGD>(rule(), DASGDOptions().broadcast_every(broadcast_every), world);
       dasgd = d.get();
       opt = std::move(d);
+    } else if (algo == "gossip") {
+      auto g = std::make_unique<Gossip>(rule(), GossipOptions().exchange_every(broadcast_every), world);
+      gossip = g.get();
+      opt = std::move(g);
     } else if (algo == "sync") {
-      opt = std::make_unique<SyncSGD>(net->named_parameters(), SyncSGDOptions(0.01).momentum(0.5),
-                                      world);
+      opt = std::make_unique<SyncSGD>(rule(), SyncSGDOptions(), world);
     } else if (algo == "local") {
       opt = std::make_unique<torch::optim::SGD>(net->parameters(),
                                                 torch::optim::SGDOptions(0.01).momentum(0.5));
@@ -85,6 +91,11 @@ int main(int argc, char** argv) {
       extra = " staleness_mean=" + std::to_string(s.staleness.mean()) +
               " staleness_max=" + std::to_string(s.staleness.max) +
               " messages_sent=" + std::to_string(s.messages_sent);
+    }
+    if (gossip != nullptr) {
+      gossip->finish();
+      auto s = gossip->stats();
+      extra = " lag_mean=" + std::to_string(s.lag.mean()) + " exchanges=" + std::to_string(s.completed);
     }
     std::printf("throughput algo=%s rank=%d samples_per_second=%.1f steps=%d seconds=%.3f%s\n",
                 algo.c_str(), rank, steps * batch / secs, steps, secs, extra.c_str());

@@ -10,7 +10,9 @@
 
 #include "testing.h"
 #include "torch_asgd/comm/error.h"
-#include "torch_asgd/optim/async_sgd.h"
+#include "scripted.h"
+#include "torch_asgd/optim/asgrad_worker.h"
+#include "torch_asgd/optim/detail/asgrad_protocol.h"
 #include "torch_asgd/optim/job_policy.h"
 #include "torch_asgd/optim/parameter_server.h"
 
@@ -112,9 +114,8 @@ TEST(AsGrad, OneWorkerPureIsSequentialSGD) {
       for (size_t i = 0; i < x0.size(); ++i) net->parameters()[i].copy_(x0[i]);
     }
     if (world->rank() == 0) {
-      ParameterServer server(net->named_parameters(),
-                             ServerOptions(0.1).policy(AssignPolicy::kPure).max_gradients(steps),
-                             world);
+      ParameterServer server(net->named_parameters(), torch::optim::SGDOptions(0.1),
+                             ServerOptions().policy(AssignPolicy::kPure).max_gradients(steps), world);
       auto stats = server.run();
       EXPECT_EQ(stats.version, steps);
       EXPECT_EQ(stats.staleness.max, 0);
@@ -123,7 +124,7 @@ TEST(AsGrad, OneWorkerPureIsSequentialSGD) {
         EXPECT_TRUE(torch::equal(mine[i], theirs[i])) << "parameter " << i;
       }
     } else {
-      AsyncSGD opt(net->named_parameters(), AsyncSGDOptions(), world);
+      AsGradWorker opt(net->named_parameters(), WorkerOptions(), world);
       while (!opt.done()) {
         auto [x, y] = batch(1, opt.stats().gradients);
         opt.zero_grad();
@@ -147,14 +148,15 @@ struct Run {
 
 Run run_asgrad(ServerOptions options, std::vector<std::chrono::milliseconds> pauses,
                const std::function<torch::Tensor(int, const torch::Tensor&)>& loss_of,
-               int64_t dim) {
+               int64_t dim, double lr) {
   Run out;
   std::mutex mu;
   const int n = static_cast<int>(pauses.size()) + 1;
   testing::spawn(n, [&](std::shared_ptr<World> world) {
     auto w = torch::zeros({dim}, torch::TensorOptions().dtype(torch::kDouble).requires_grad(true));
     if (world->rank() == 0) {
-      ParameterServer server(std::vector<torch::Tensor>{w}, options.keep_log(true), world);
+      ParameterServer server(std::vector<torch::Tensor>{w}, torch::optim::SGDOptions(lr),
+                             options.keep_log(true), world);
       auto stats = server.run();
       std::lock_guard<std::mutex> lock(mu);
       out.server = stats;
@@ -163,7 +165,7 @@ Run run_asgrad(ServerOptions options, std::vector<std::chrono::milliseconds> pau
       out.final_model[0] = w.detach().clone();
       return;
     }
-    AsyncSGD opt(std::vector<torch::Tensor>{w}, AsyncSGDOptions(), world);
+    AsGradWorker opt(std::vector<torch::Tensor>{w}, WorkerOptions(), world);
     std::vector<int64_t> versions = {opt.stats().job_version};
     while (!opt.done()) {
       opt.zero_grad();
@@ -187,8 +189,8 @@ torch::Tensor quadratic(int worker, const torch::Tensor& x) {
 }
 
 TEST(AsGrad, EveryGradientOnceAndStalenessEqualsVersionDifferences) {
-  auto r = run_asgrad(ServerOptions(0.01).policy(AssignPolicy::kShuffle).max_gradients(150).seed(3),
-                      {1ms, 2ms, 3ms}, quadratic, 4);
+  auto r = run_asgrad(ServerOptions().policy(AssignPolicy::kShuffle).max_gradients(150).seed(3),
+                      {1ms, 2ms, 3ms}, quadratic, 4, 0.01);
   EXPECT_EQ(r.server.gradients, 150);
   EXPECT_EQ(r.server.version, 150);
   ASSERT_EQ(r.apply_log.size(), 150u);
@@ -230,8 +232,8 @@ TEST(AsGrad, EveryGradientOnceAndStalenessEqualsVersionDifferences) {
 
 TEST(AsGrad, StalenessCapDropsAndCounts) {
   auto r = run_asgrad(
-      ServerOptions(0.01).policy(AssignPolicy::kRandom).staleness_cap(2).max_gradients(120),
-      {1ms, 1ms, 6ms}, quadratic, 4);
+      ServerOptions().policy(AssignPolicy::kRandom).staleness_cap(2).max_gradients(120),
+      {1ms, 1ms, 6ms}, quadratic, 4, 0.01);
   EXPECT_EQ(r.server.gradients, 120);
   EXPECT_EQ(r.server.version + r.server.dropped, 120);
   EXPECT_GT(r.server.dropped, 0) << "a 6x slower worker's gradients are often 2 or more stale";
@@ -264,8 +266,8 @@ TEST(AsGrad, ShuffleBeatsPureOnHeterogeneousData) {
     };
     std::map<AssignPolicy, double> error;
     for (AssignPolicy policy : {AssignPolicy::kPure, AssignPolicy::kShuffle}) {
-      auto r = run_asgrad(ServerOptions(0.1).policy(policy).max_gradients(450).seed(seed),
-                          {1ms, 1ms, 8ms}, loss, dim);
+      auto r = run_asgrad(ServerOptions().policy(policy).max_gradients(450).seed(seed),
+                          {1ms, 1ms, 8ms}, loss, dim, 0.1);
       error[policy] = (r.final_model[0] - optimum).norm().item<double>();
       std::printf("seed %lu %s: distance to the optimum %.4f; %s\n",
                   static_cast<unsigned long>(seed), to_string(policy).c_str(), error[policy],
@@ -283,11 +285,12 @@ TEST(AsGrad, SilentServerIsAClearErrorNotAHang) {
         auto w = torch::zeros({3}, torch::requires_grad());
         try {
           if (world->rank() == 0) {
-            ParameterServer server(std::vector<torch::Tensor>{w}, ServerOptions(0.1), world);
+            ParameterServer server(std::vector<torch::Tensor>{w}, torch::optim::SGDOptions(0.1),
+                                   ServerOptions(), world);
             std::this_thread::sleep_for(3s);  // never serves
             world->barrier("worker gave up");
           } else {
-            AsyncSGD opt(std::vector<torch::Tensor>{w}, AsyncSGDOptions(), world);
+            AsGradWorker opt(std::vector<torch::Tensor>{w}, WorkerOptions(), world);
           }
         } catch (const std::exception& e) {
           errors[world->rank()] = e.what();
@@ -308,11 +311,12 @@ TEST(AsGrad, ServerAndWorkerStateSaveAndLoad) {
   testing::spawn(2, [&](std::shared_ptr<World> world) {
     auto w = torch::zeros({4}, torch::TensorOptions().dtype(torch::kDouble).requires_grad(true));
     if (world->rank() == 0) {
-      ParameterServer server(std::vector<torch::Tensor>{w}, ServerOptions(0.1).max_gradients(30), world);
+      ParameterServer server(std::vector<torch::Tensor>{w}, torch::optim::SGDOptions(0.1),
+                             ServerOptions().max_gradients(30), world);
       server.run();
       torch::save(server, server_path);
     } else {
-      AsyncSGD opt(std::vector<torch::Tensor>{w}, AsyncSGDOptions(), world);
+      AsGradWorker opt(std::vector<torch::Tensor>{w}, WorkerOptions(), world);
       while (!opt.done()) {
         opt.zero_grad();
         quadratic(1, w).backward();
@@ -326,14 +330,15 @@ TEST(AsGrad, ServerAndWorkerStateSaveAndLoad) {
   testing::spawn(2, [&](std::shared_ptr<World> world) {
     auto w = torch::zeros({4}, torch::TensorOptions().dtype(torch::kDouble).requires_grad(true));
     if (world->rank() == 0) {
-      ParameterServer server(std::vector<torch::Tensor>{w}, ServerOptions(0.1).max_gradients(40), world);
+      ParameterServer server(std::vector<torch::Tensor>{w}, torch::optim::SGDOptions(0.1),
+                             ServerOptions().max_gradients(40), world);
       torch::load(server, server_path);
       EXPECT_EQ(server.stats().version, 30);
       auto s = server.run();
       EXPECT_EQ(s.version, 40);
       EXPECT_EQ(s.staleness.max, 0);
     } else {
-      AsyncSGD opt(std::vector<torch::Tensor>{w}, AsyncSGDOptions(), world);
+      AsGradWorker opt(std::vector<torch::Tensor>{w}, WorkerOptions(), world);
       torch::load(opt, worker_path);
       EXPECT_EQ(opt.stats().gradients, 30);
       EXPECT_EQ(opt.stats().job_version, 30);  // the first job after the server's load
@@ -350,11 +355,12 @@ TEST(AsGrad, ServerAndWorkerStateSaveAndLoad) {
   testing::spawn(2, [&](std::shared_ptr<World> world) {
     auto w = torch::zeros({5}, torch::TensorOptions().dtype(torch::kDouble).requires_grad(true));
     if (world->rank() == 0) {
-      ParameterServer server(std::vector<torch::Tensor>{w}, ServerOptions(0.1).max_gradients(1), world);
+      ParameterServer server(std::vector<torch::Tensor>{w}, torch::optim::SGDOptions(0.1),
+                             ServerOptions().max_gradients(1), world);
       EXPECT_THROW(torch::load(server, server_path), MismatchError);
       server.run();
     } else {
-      AsyncSGD opt(std::vector<torch::Tensor>{w}, AsyncSGDOptions(), world);
+      AsGradWorker opt(std::vector<torch::Tensor>{w}, WorkerOptions(), world);
       EXPECT_THROW(torch::load(opt, worker_path), MismatchError);
       while (!opt.done()) {
         opt.zero_grad();
@@ -371,8 +377,149 @@ TEST(AsGrad, ServerAndWorkerStateSaveAndLoad) {
 TEST(AsGrad, NeedsAWorker) {
   auto w = torch::zeros({3}, torch::requires_grad());
   auto world = World::create(testing::thread_world_options(0, 1));
-  EXPECT_THROW(ParameterServer(std::vector<torch::Tensor>{w}, ServerOptions(0.1), world), ConfigError);
-  EXPECT_THROW(AsyncSGD(std::vector<torch::Tensor>{w}, AsyncSGDOptions(), world), ConfigError);
+  EXPECT_THROW(ParameterServer(std::vector<torch::Tensor>{w}, torch::optim::SGDOptions(0.1),
+                               ServerOptions(), world),
+               ConfigError);
+  EXPECT_THROW(AsGradWorker(std::vector<torch::Tensor>{w}, WorkerOptions(), world), ConfigError);
+}
+
+TEST(AsGrad, OneWorkerPureWithAdamIsAdam) {
+  // The server's rule consumes each gradient as it comes: asynchronous Adam.
+  const int steps = 30;
+  torch::manual_seed(19);
+  auto init = make_net();
+  std::vector<torch::Tensor> x0;
+  for (const auto& p : init->parameters()) x0.push_back(p.detach().clone());
+  auto set = [&](torch::nn::Module& net) {
+    torch::NoGradGuard g;
+    for (size_t i = 0; i < x0.size(); ++i) net.parameters()[i].copy_(x0[i]);
+  };
+  auto ref = make_net();
+  set(*ref);
+  torch::optim::Adam adam(ref->parameters(), torch::optim::AdamOptions(0.01));
+  for (int t = 0; t < steps; ++t) {
+    auto [x, y] = batch(1, t);
+    adam.zero_grad();
+    torch::mse_loss(ref->forward(x), y).backward();
+    adam.step();
+  }
+  testing::spawn(2, [&](std::shared_ptr<World> world) {
+    auto net = make_net();
+    set(*net);
+    if (world->rank() == 0) {
+      ParameterServer server(std::make_shared<torch::optim::Adam>(net->parameters(), torch::optim::AdamOptions(0.01)),
+                             ServerOptions().policy(AssignPolicy::kPure).max_gradients(steps), world,
+                             net->named_parameters().keys());
+      EXPECT_THROW(server.step(), ConfigError) << "a server steps when gradients arrive";
+      server.run();
+      auto mine = net->parameters(), theirs = ref->parameters();
+      for (size_t i = 0; i < mine.size(); ++i) EXPECT_TRUE(torch::equal(mine[i], theirs[i])) << i;
+    } else {
+      AsGradWorker opt(net->named_parameters(), WorkerOptions(), world);
+      // A worker has no learning rate of its own: a scheduler on it is refused.
+      EXPECT_THROW(opt.param_groups()[0].options().get_lr(), ConfigError);
+      while (!opt.done()) {
+        auto [x, y] = batch(1, opt.stats().gradients);
+        opt.zero_grad();
+        torch::mse_loss(net->forward(x), y).backward();
+        opt.step();
+      }
+      EXPECT_TRUE(opt.finish());
+    }
+  });
+}
+
+// The step rules' arithmetic: the server's final model is recomputed from the apply log,
+// the job versions and the workers' gradients at their job snapshots.
+TEST(AsGrad, TheDelayAdaptiveStepIsLrTimesMinOneAndNOverTau) {
+  for (StepRule rule : {StepRule::kConstant, StepRule::kDelayAdaptive}) {
+    const double lr = 0.05;
+    const int dim = 3, n = 3;
+    auto r = run_asgrad(ServerOptions().policy(AssignPolicy::kPure).step_rule(rule).max_gradients(90),
+                        {1ms, 1ms, 25ms}, quadratic, dim, lr);
+    // Replay: model history by version; the i-th applied gradient (worker w) was computed
+    // at the job version v the worker received: g = x_v - c_w (the quadratic's).
+    std::vector<torch::Tensor> x = {torch::zeros({dim}, torch::kDouble)};
+    std::map<int, size_t> next;
+    int64_t scaled = 0;
+    for (size_t i = 0; i < r.apply_log.size(); ++i) {
+      const int w = r.apply_log[i];
+      const int64_t v = r.job_versions[w].at(next[w]++);
+      const int64_t tau = static_cast<int64_t>(i) - v;
+      double f = 1;
+      if (rule == StepRule::kDelayAdaptive && tau > n) {
+        f = static_cast<double>(n) / static_cast<double>(tau);
+        ++scaled;
+      }
+      auto g = x[v] - torch::full({dim}, static_cast<double>(w), torch::kDouble);
+      x.push_back(x.back() - lr * (g * f));
+    }
+    EXPECT_TRUE(torch::allclose(r.final_model[0], x.back(), 0, 1e-12)) << to_string(rule);
+    if (rule == StepRule::kDelayAdaptive) EXPECT_GT(scaled, 0) << "no tau exceeded n: nothing tested";
+  }
+}
+
+// The server's protocol with the workers played by the test: a worker that fails has its
+// job issued anew, and a gradient of it that arrives afterwards is applied but issues no
+// job; at no point are more jobs in flight than live workers, and never more gradients
+// taken than the budget.
+TEST(AsGrad, JobsInFlightNeverExceedTheLiveWorkersNorGradientsTheBudget) {
+  testing::ScriptedNetwork net(4);
+  auto w = torch::zeros({3}, torch::TensorOptions().dtype(torch::kDouble).requires_grad(true));
+  ParameterServer server(std::make_shared<torch::optim::SGD>(std::vector<torch::Tensor>{w},
+                                                             torch::optim::SGDOptions(0.1)),
+                         ServerOptions().policy(AssignPolicy::kRandom).max_gradients(10).seed(4),
+                         net.endpoint(0));
+  std::vector<std::unique_ptr<Transport>> workers;
+  for (int r = 1; r <= 3; ++r) workers.push_back(net.endpoint(r));
+  auto gradient_from = [&](int worker, int64_t version) {
+    workers[worker - 1]->send(0, detail::asgrad_message(detail::kGradient, version,
+                                                        torch::ones({3}, torch::kDouble)));
+  };
+  ASSERT_TRUE(server.serve(std::chrono::milliseconds(0)));  // the first jobs
+  EXPECT_EQ(server.jobs_in_flight(), 3);
+  // Worker 3 sends a gradient, then dies before the server reads it; the server learns of
+  // the death first.
+  gradient_from(3, 0);
+  net.kill(3);
+  ASSERT_TRUE(server.serve(std::chrono::milliseconds(0)));
+  EXPECT_EQ(server.jobs_in_flight(), 2) << "worker 3's job must be issued anew, not kept";
+  auto live = [&] { return 2; };
+  // Workers 1 and 2 return gradients, some twice before the server looks.
+  for (int round = 0; round < 12; ++round) {
+    net.deliver_all();
+    for (int k = 1; k <= 2; ++k) {
+      for (auto& m : workers[k - 1]->poll().messages) {
+        if (detail::asgrad_kind(m) == detail::kJob) gradient_from(k, detail::asgrad_version(m));
+      }
+    }
+    net.deliver_all();
+    const bool more = server.serve(std::chrono::milliseconds(0));
+    EXPECT_LE(server.jobs_in_flight(), live()) << "round " << round;
+    EXPECT_LE(server.stats().gradients, 10) << "round " << round;
+    if (!more) break;
+  }
+  EXPECT_EQ(server.stats().gradients, 10) << "the budget is reached exactly";
+  EXPECT_EQ(server.stats().version, 10);
+}
+
+TEST(AsGrad, AGradientOfAWorkerAlreadyGivenUpIsAppliedWithoutANewJob) {
+  testing::ScriptedNetwork net(3);
+  auto w = torch::zeros({2}, torch::TensorOptions().dtype(torch::kDouble).requires_grad(true));
+  ParameterServer server(std::make_shared<torch::optim::SGD>(std::vector<torch::Tensor>{w},
+                                                             torch::optim::SGDOptions(0.1)),
+                         ServerOptions().policy(AssignPolicy::kShuffle).max_gradients(100),
+                         net.endpoint(0));
+  auto worker2 = net.endpoint(2);
+  ASSERT_TRUE(server.serve(std::chrono::milliseconds(0)));
+  EXPECT_EQ(server.jobs_in_flight(), 2);
+  worker2->send(0, detail::asgrad_message(detail::kGradient, 0, torch::ones({2}, torch::kDouble)));
+  worker2->send(0, detail::asgrad_message(detail::kDone, 0));
+  net.deliver(2, 0, 1);  // the gradient
+  net.deliver(2, 0, 1);  // and the goodbye, read in the same serve()
+  ASSERT_TRUE(server.serve(std::chrono::milliseconds(0)));
+  EXPECT_EQ(server.stats().version, 1) << "the gradient is real work";
+  EXPECT_EQ(server.jobs_in_flight(), 1) << "only worker 1 is left, with its one job";
 }
 
 }  // namespace

@@ -6,6 +6,8 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <cstdint>
 #include <fstream>
@@ -72,16 +74,79 @@ inline std::string make_mnist_dir(const std::string& name, bool gz) {
   return dir;
 }
 
+// Reads a whole gzip file; empty if it cannot be read.
+inline std::vector<uint8_t> gunzip(const std::string& path) {
+  std::vector<uint8_t> out;
+  gzFile f = gzopen(path.c_str(), "rb");
+  if (f == nullptr) return out;
+  std::vector<uint8_t> buf(1 << 20);
+  int n;
+  while ((n = gzread(f, buf.data(), static_cast<unsigned>(buf.size()))) > 0) out.insert(out.end(), buf.begin(), buf.begin() + n);
+  gzclose(f);
+  return out;
+}
+
+// The real Fashion-MNIST (Debian's dataset-fashion-mnist, installed by scripts/deps.sh):
+// the first `train` training and `test` test images, written as plain IDX files into a
+// directory of the test's own. Data on which a broken run misses an accuracy bound that
+// a healthy one meets, unlike the generated bars (which every run learns perfectly).
+inline std::string make_fashion_dir(const std::string& name, int train, int test) {
+  const std::string src = "/usr/share/datasets/fashion-mnist";
+  std::string dir = ::testing::TempDir() + "asgd_fashion_" + name + "_" + std::to_string(::getpid());
+  ::mkdir(dir.c_str(), 0755);
+  auto cut = [&](const std::string& stem, int n) {
+    auto images = gunzip(src + "/" + stem + "-images-idx3-ubyte.gz");
+    auto labels = gunzip(src + "/" + stem + "-labels-idx1-ubyte.gz");
+    if (images.size() < 16 + 784u * n || labels.size() < 8u + n) {
+      ADD_FAILURE() << src << " is missing or short: run ./scripts/deps.sh (dataset-fashion-mnist)";
+      return;
+    }
+    std::vector<uint8_t> img, lab;
+    put32(img, 2051);
+    put32(img, static_cast<uint32_t>(n));
+    put32(img, 28);
+    put32(img, 28);
+    img.insert(img.end(), images.begin() + 16, images.begin() + 16 + 784 * n);
+    put32(lab, 2049);
+    put32(lab, static_cast<uint32_t>(n));
+    lab.insert(lab.end(), labels.begin() + 8, labels.begin() + 8 + n);
+    write(dir + "/" + stem + "-images-idx3-ubyte", img, false);
+    write(dir + "/" + stem + "-labels-idx1-ubyte", lab, false);
+  };
+  cut("train", train);
+  cut("t10k", test);
+  return dir;
+}
+
 inline std::string slurp(const std::string& path) {
   std::ifstream in(path);
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
+// An example's --metrics-out file; null if it cannot be read.
+inline nlohmann::json metrics_in(const std::string& metrics_file) {
+  std::ifstream in(metrics_file);
+  if (!in) return nlohmann::json();
+  try {
+    return nlohmann::json::parse(in);
+  } catch (const std::exception&) {
+    return nlohmann::json();
+  }
+}
+
 // The test accuracy in an example's --metrics-out file; -1 if there is none.
 inline double test_accuracy_in(const std::string& metrics_file) {
-  const std::string m = slurp(metrics_file);
-  const auto at = m.find("\"test_accuracy\": ");
-  return at == std::string::npos ? -1.0 : std::stod(m.substr(at + 17));
+  const auto m = metrics_in(metrics_file);
+  return m.is_object() && m.contains("test_accuracy") ? m["test_accuracy"].get<double>() : -1.0;
+}
+
+// Every rank's final test accuracy in the file (-1 for a rank that sent no report).
+inline std::vector<double> rank_accuracies_in(const std::string& metrics_file) {
+  std::vector<double> out;
+  const auto m = metrics_in(metrics_file);
+  if (!m.is_object() || !m.contains("ranks")) return out;
+  for (const auto& r : m["ranks"]) out.push_back(r.is_null() ? -1.0 : r["accuracy"].get<double>());
+  return out;
 }
 
 // "asgd-pure" -> "asgd_pure": test names cannot hold '-'.

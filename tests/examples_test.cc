@@ -33,23 +33,35 @@ TEST_P(MnistEveryAlgo, TrainsAndWritesMetrics) {
                         {}, 240s);
   ASSERT_FALSE(p.timed_out) << p.out_buf << p.err_buf;
   ASSERT_EQ(p.exit_code, 0) << p.out_buf << p.err_buf;
-  EXPECT_NE(p.out_buf.find("[0]: asgd-mnist: algo=" + algo + " ranks=3"), std::string::npos)
+  EXPECT_NE(p.out_buf.find("[0]: asgd-mnist: algo=" + algo + " optimizer=sgd ranks=3"),
+            std::string::npos)
       << p.out_buf;
-  const std::string m = slurp(json);
-  for (const char* key : {"\"algo\": \"", "\"world_size\": 3", "\"workers\": ", "\"epochs\": 2",
-                          "\"test_accuracy\": ", "\"wall_seconds\": ", "\"time_to_target_seconds\": ",
-                          "\"samples_per_second\": [", "\"aggregate_samples_per_second\": ",
-                          "\"staleness\": {\"mean\": ", "\"max\": ", "\"count\": ",
-                          "\"messages\": {\"sent\": ", "\"received\": ", "\"coalesced\": ",
-                          "\"rejected\": 0", "\"eval_curve\": [["}) {
-    EXPECT_NE(m.find(key), std::string::npos) << key << " missing in\n" << m;
+  const auto m = metrics_in(json);
+  ASSERT_TRUE(m.is_object()) << slurp(json);
+  for (const char* key : {"algo", "optimizer", "world_size", "workers", "epochs", "test_accuracy",
+                          "class_accuracy", "worst_class_accuracy", "wall_seconds", "train_seconds",
+                          "time_to_target_seconds", "samples_per_second",
+                          "aggregate_samples_per_second", "staleness", "eval_curve", "ranks",
+                          "stopped_by"}) {
+    EXPECT_TRUE(m.contains(key)) << key << " missing in\n" << m.dump(2);
   }
-  // The bars are easy: every algorithm must learn them (10 classes: chance is 0.1).
-  const auto at = m.find("\"test_accuracy\": ");
-  const double acc = std::stod(m.substr(at + 17));
-  EXPECT_GT(acc, 0.5) << m;
+  EXPECT_EQ(m["algo"], algo);
+  EXPECT_EQ(m["world_size"], 3);
+  EXPECT_EQ(m["epochs"], 2);
+  EXPECT_EQ(m["stopped_by"], "epochs");
+  EXPECT_EQ(m["staleness"]["kind"], algo == "gossip" ? "lag" : "staleness");
+  EXPECT_GE(m["staleness"]["mean"].get<double>(), 0.0) << "staleness is never negative";
+  ASSERT_FALSE(m["eval_curve"].empty());
+  for (const auto& point : m["eval_curve"]) {
+    for (const char* field : {"seconds", "samples", "accuracy"}) EXPECT_TRUE(point.contains(field)) << point;
+  }
+  // The bars are easy: every algorithm must learn them (10 classes: chance is 0.1), and
+  // the target is crossed, so its time is set.
+  EXPECT_GT(m["test_accuracy"].get<double>(), 0.5) << m.dump(2);
+  EXPECT_FALSE(m["time_to_target_seconds"].is_null()) << m.dump(2);
   const int workers = algo.rfind("asgd-", 0) == 0 ? 2 : 3;
-  EXPECT_NE(m.find("\"workers\": " + std::to_string(workers)), std::string::npos) << m;
+  EXPECT_EQ(m["workers"], workers);
+  for (const auto& r : m["ranks"]) EXPECT_FALSE(r.is_null()) << "a rank sent no report";
 }
 
 INSTANTIATE_TEST_SUITE_P(Algos, MnistEveryAlgo,
@@ -110,8 +122,7 @@ TEST(MnistBadInput, StragglerOutOfRange) {
 TEST(MnistBadInput, UnknownAlgo) {
   Proc p = mnist({"--algo", "adam"});
   EXPECT_EQ(p.exit_code, 2);
-  EXPECT_NE(p.err_buf.find("unknown --algo 'adam' (choose from dasgd, gossip, asgd-pure"),
-            std::string::npos)
+  EXPECT_NE(p.err_buf.find("asgd-mnist: --algo: adam not in {dasgd,gossip,asgd-pure"), std::string::npos)
       << p.err_buf;
 }
 
@@ -134,13 +145,18 @@ TEST(MnistBadInput, CudaWithoutAGpuSaysSo) {
 TEST(Mnist, HelpListsEveryOption) {
   Proc p = testing::run({bin("asgd-mnist"), "--help"}, {}, 30s);
   EXPECT_EQ(p.exit_code, 0);
-  for (const char* opt : {"--algo", "--data", "--epochs", "--batch-size", "--lr", "--momentum",
-                          "--step-rule", "--broadcast-every", "--partition", "--sampling",
-                          "--straggler", "--target-accuracy", "--eval-every", "--metrics-out",
+  for (const char* opt : {"--algo", "--optimizer", "--data", "--epochs", "--budget-samples",
+                          "--budget-seconds", "--batch-size", "--lr", "--momentum", "--weight-decay",
+                          "--step-rule", "--broadcast-every", "--max-lead", "--lead-policy",
+                          "--gossip-alpha", "--partition", "--sampling", "--straggler",
+                          "--target-accuracy", "--eval-every", "--eval-every-seconds", "--metrics-out",
                           "--seed", "--device", "--threads", "--checkpoint-dir",
                           "--checkpoint-every", "--resume", "--overlap"}) {
     EXPECT_NE(p.out_buf.find(opt), std::string::npos) << opt;
   }
+  EXPECT_EQ(p.out_buf.find("--synthetic"), std::string::npos) << "a CIFAR option in asgd-mnist's help";
+  Proc c = testing::run({bin("asgd-cifar"), "--help"}, {}, 30s);
+  EXPECT_NE(c.out_buf.find("--synthetic"), std::string::npos) << c.out_buf;
 }
 
 TEST(AsGradProcesses, ServerThatDiesIsAClearErrorOnEveryWorker) {
@@ -164,53 +180,54 @@ TEST(AsGradProcesses, ServerThatDiesIsAClearErrorOnEveryWorker) {
   testing::finish(ranks[0], 10s);
 }
 
-// DASGD (both modes) survives a peer killed mid-run: the others notice, say so once,
-// train on, exit 0, and end close to a clean run (asserted: within 10 points of test
-// accuracy).
+// DASGD and gossip survive a peer killed at the start: the others notice, say so once,
+// train on, exit 0, and every survivor ends above the bound a healthy run meets on this
+// real data (a survivor that stopped learning, or lost its peers' updates, misses it).
 class KilledPeer : public ::testing::TestWithParam<std::string> {};
 
-TEST_P(KilledPeer, SurvivorsFinishCloseToACleanRun) {
+TEST_P(KilledPeer, EverySurvivorFinishesAboveTheBound) {
   const std::string algo = GetParam();
-  const std::string dir = make_mnist_dir("peer_dies_" + algo, false);
-  auto start_job = [&](const std::string& tag) {
-    return testing::start_ranks(3,
-                                {bin("asgd-mnist"), "--data", dir, "--algo", algo, "--epochs", "100",
-                                 "--batch-size", "10", "--lr", "0.02", "--eval-every", "100000",
-                                 "--metrics-out", dir + "/" + tag + ".json"},
-                                "30");
-  };
-
-  auto clean = start_job("clean");
-  for (auto& p : clean) testing::finish(p, 120s);
-  for (auto& p : clean) ASSERT_EQ(p.exit_code, 0) << p.err_buf;
-
-  auto killed = start_job("killed");
+  const std::string dir = make_fashion_dir("peer_dies_" + algo, 6000, 1000);
+  const std::string json = dir + "/killed.json";
+  auto killed = testing::start_ranks(3,
+                                     {bin("asgd-mnist"), "--data", dir, "--algo", algo, "--epochs", "4",
+                                      "--batch-size", "10", "--lr", "0.02", "--eval-every", "0",
+                                      "--metrics-out", json},
+                                     "30");
   ASSERT_TRUE(testing::wait_for_output(killed[0], "progress:", 60s)) << killed[0].err_buf;
-  std::this_thread::sleep_for(1s);
   ::kill(killed[2].pid, SIGKILL);
   for (int r = 0; r < 2; ++r) {
-    testing::finish(killed[r], 120s);
+    testing::finish(killed[r], 180s);
     EXPECT_FALSE(killed[r].timed_out) << "rank " << r << " hung";
     EXPECT_EQ(killed[r].exit_code, 0) << killed[r].err_buf;
-    EXPECT_NE(killed[r].err_buf.find("rank " + std::to_string(r) +
-                                     ": channel 'dasgd': connection to rank 2 failed"),
+    EXPECT_NE(killed[r].err_buf.find("rank " + std::to_string(r) + ": channel '" + algo +
+                                     "': connection to rank 2 failed"),
               std::string::npos)
         << killed[r].err_buf;
     EXPECT_NE(killed[r].err_buf.find("continuing without it"), std::string::npos);
   }
   testing::finish(killed[2], 10s);
+  ASSERT_EQ(killed[2].exit_code, 128 + SIGKILL) << "rank 2 finished before the kill";
   EXPECT_NE(killed[0].out_buf.find("failed peers 2"), std::string::npos) << killed[0].out_buf;
-  const double a_clean = test_accuracy_in(dir + "/clean.json");
-  const double a_killed = test_accuracy_in(dir + "/killed.json");
-  RecordProperty("accuracy_clean", std::to_string(a_clean));
-  RecordProperty("accuracy_killed", std::to_string(a_killed));
-  EXPECT_GT(a_clean, 0.5);
-  EXPECT_GT(a_killed, a_clean - 0.10) << "clean " << a_clean << ", with a killed peer " << a_killed;
+  const auto acc = rank_accuracies_in(json);
+  ASSERT_EQ(acc.size(), 3u);
+  for (int r = 0; r < 2; ++r) {
+    RecordProperty("accuracy_" + std::to_string(r), std::to_string(acc[r]));
+    EXPECT_GT(acc[r], 0.68) << "rank " << r;  // chance is 0.1; healthy about 0.75-0.78
+  }
+  if (algo == "gossip") {
+    // What became of the exchanges with the dead rank is counted.
+    const auto m = metrics_in(json);
+    for (int r = 0; r < 2; ++r) {
+      ASSERT_TRUE(m["ranks"][r]["stats"].contains("exchanges")) << m.dump();
+      const auto& x = m["ranks"][r]["stats"]["exchanges"];
+      EXPECT_GE(x["broken"].get<int64_t>(), 0);
+      EXPECT_GT(x["completed"].get<int64_t>(), 0) << "rank " << r << " mixed with nobody";
+    }
+  }
 }
 
-// Gossip is left out: in one of about 30 runs its *clean* run ended at 10% accuracy, not
-// reproduced since (README, "Faults and bad input").
-INSTANTIATE_TEST_SUITE_P(Modes, KilledPeer, ::testing::Values("dasgd"), algo_test_name);
+INSTANTIATE_TEST_SUITE_P(Algos, KilledPeer, ::testing::Values("dasgd", "gossip"), algo_test_name);
 
 // ---- CIFAR ---------------------------------------------------------------------------
 
@@ -250,11 +267,10 @@ TEST_P(CifarEveryAlgo, TrainsFromBinaryFiles) {
                         {}, 300s);
   ASSERT_FALSE(p.timed_out) << p.out_buf << p.err_buf;
   ASSERT_EQ(p.exit_code, 0) << p.out_buf << p.err_buf;
-  const std::string m = slurp(json);
-  for (const char* key : {"\"algo\": \"", "\"test_accuracy\": ", "\"samples_per_second\": [",
-                          "\"staleness\": {\"mean\": ", "\"messages\": {\"sent\": ",
-                          "\"eval_curve\": ["}) {
-    EXPECT_NE(m.find(key), std::string::npos) << key << " missing in\n" << m;
+  const auto m = metrics_in(json);
+  ASSERT_TRUE(m.is_object()) << slurp(json);
+  for (const char* key : {"algo", "test_accuracy", "samples_per_second", "staleness", "eval_curve"}) {
+    EXPECT_TRUE(m.contains(key)) << key << " missing in\n" << m.dump(2);
   }
 }
 

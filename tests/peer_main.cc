@@ -6,6 +6,11 @@
 //                        stopped; rank 0 prints its counters and RSS growth, rank 1 verifies
 //                        the exact sum it received
 //   mismatch             rank 1 declares another model; every rank must fail
+//   hostile ROUNDS       every rank broadcasts ROUNDS additive deltas; the last rank also
+//                        writes malformed frames (garbage, another job's token, a claim of a
+//                        terabyte, a version-1 header) onto the others' channel between
+//                        rounds. Every rank must end with the exact sum; the others print
+//                        how many frames they rejected ("rejected K")
 //   train STEPS NUMEL    DASGD (delta mode, momentum 0) over NUMEL float parameters: each
 //                        step of rank r applies the gradient (r+1)/1024 after 2 ms of
 //                        "compute", so that after finish() every replica must equal
@@ -21,6 +26,10 @@
 #include <string>
 #include <thread>
 
+#include <cstring>
+
+#include <gloo/context.h>
+#include <gloo/transport/unbound_buffer.h>
 #include <torch/torch.h>
 
 #include "torch_asgd/torch_asgd.h"
@@ -48,7 +57,7 @@ std::vector<Message> receive(Channel& ch, size_t count, std::chrono::seconds lim
   std::vector<Message> got;
   auto deadline = std::chrono::steady_clock::now() + limit;
   while (got.size() < count && std::chrono::steady_clock::now() < deadline) {
-    for (auto& m : ch.wait(100ms)) got.push_back(std::move(m));
+    for (auto& m : ch.wait(100ms).messages) got.push_back(std::move(m));
   }
   return got;
 }
@@ -64,7 +73,7 @@ int exchange(World& world) {
       if (p == world.rank()) continue;
       Outgoing m;
       m.payload = pattern(world.rank(), p, i, sizes[i]);
-      m.sender_step = i;
+      m.meta = Metadata({i});
       ch->send(p, m);
     }
   }
@@ -72,8 +81,8 @@ int exchange(World& world) {
   std::vector<int> next(world.size(), 0);
   int bad = 0;
   for (const auto& m : got) {
-    int i = next[m.sender()]++;
-    if (!m.payload.equal(pattern(m.sender(), world.rank(), i, sizes[i]))) ++bad;
+    int i = next[m.sender]++;
+    if (m.meta.field(0) != i || !m.payload.equal(pattern(m.sender, world.rank(), i, sizes[i]))) ++bad;
   }
   bool closed = ch->close(60s);
   std::printf("rank %d received %zu messages, %d wrong, closed %s\n", world.rank(), got.size(), bad,
@@ -83,11 +92,14 @@ int exchange(World& world) {
 
 int flood(World& world, int n, int64_t bytes) {
   if (world.size() != 2) throw ConfigError("flood needs exactly 2 ranks");
+  const int64_t numel = bytes / 4;
   ChannelOptions o;
   o.name = "flood";
-  o.capacity_bytes = bytes;
+  o.capacity_bytes = 0;
+  MetaSchema schema;
+  schema.fields = {Merge::kSum};  // updates carried
+  o.additive = {AdditiveStream{0, c10::kFloat, numel, schema}};
   auto ch = world.open_channel(o);
-  const int64_t numel = bytes / 4;
   std::printf("ready %d\n", world.rank());
   std::fflush(stdout);
   if (world.rank() == 0) {
@@ -100,11 +112,9 @@ int flood(World& world, int n, int64_t bytes) {
     for (int i = 0; i < n; ++i) {
       if (i == 100) warm = rss_kb();
       Outgoing m;
-      m.kind = MessageKind::kDelta;
       m.delivery = Delivery::kAdditive;
       m.payload = torch::full({numel}, static_cast<float>(i % 5 + 1));
-      m.updates.add(i);
-      m.model_version = i;
+      m.meta = Metadata({1});
       ch->send(1, m);
     }
     double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -122,9 +132,9 @@ int flood(World& world, int n, int64_t bytes) {
   bool ok = ch->close(120s);
   at::Tensor sum = torch::zeros({numel});
   int64_t updates = 0;
-  for (auto& m : ch->poll()) {
-    sum += m.payload;
-    updates += m.header.updates.count;
+  for (auto& a : ch->poll().additive) {
+    sum += a.sum;
+    for (const auto& part : a.parts) updates += part.second.field(0);
   }
   double expected = 0;
   for (int i = 0; i < n; ++i) expected += i % 5 + 1;
@@ -134,11 +144,69 @@ int flood(World& world, int n, int64_t bytes) {
   return ok && exact && updates == n ? 0 : 1;
 }
 
+int hostile(World& world, int rounds) {
+  const int64_t numel = 1000;
+  ChannelOptions o;
+  o.name = "hostile";
+  o.capacity_bytes = 0;
+  MetaSchema schema;
+  schema.fields = {Merge::kSum};
+  o.additive = {AdditiveStream{0, c10::kFloat, numel, schema}};
+  auto ch = world.open_channel(o);
+  const uint64_t slot = uint64_t{1} << 48;  // the first channel of the world
+  const bool attacker = world.rank() == world.size() - 1;
+  at::Tensor x = torch::zeros({numel});
+  int injected = 0;
+  auto inject = [&](int peer, std::vector<uint8_t> bytes) {
+    auto buf = world.gloo_context()->createUnboundBuffer(bytes.data(), bytes.size());
+    buf->send(peer, slot, 0, bytes.size());
+    buf->waitSend(std::chrono::seconds(30));
+    ++injected;
+  };
+  for (int i = 0; i < rounds; ++i) {
+    for (auto& a : ch->poll().additive) x += a.sum;
+    Outgoing m;
+    m.delivery = Delivery::kAdditive;
+    m.payload = torch::full({numel}, static_cast<float>(world.rank() + 1));
+    m.meta = Metadata({1});
+    x += m.payload;
+    ch->broadcast(m);
+    if (attacker && i % 10 == 5) {
+      FrameHeader h;
+      h.type = FrameType::kOrdered;
+      h.sender = world.rank();
+      h.sequence = 1u << 30;
+      h.token = 12345;  // not this job's
+      std::vector<uint8_t> other(kFrameHeaderBytes);
+      encode_frame_header(h, Metadata(), other.data());
+      std::vector<uint8_t> v1(128, 0);
+      const uint16_t one = 1;
+      std::memcpy(v1.data(), &kFrameMagic, 4);
+      std::memcpy(v1.data() + 4, &one, 2);
+      for (int p = 0; p < world.size() - 1; ++p) {
+        inject(p, std::vector<uint8_t>(200, 0x5a));
+        inject(p, other);
+        inject(p, v1);
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  const bool clean = ch->close(60s);
+  for (auto& a : ch->poll().additive) x += a.sum;
+  const int n = world.size();
+  const bool exact = x.equal(torch::full({numel}, static_cast<float>(rounds) * n * (n + 1) / 2));
+  uint64_t rejected = 0;
+  for (const auto& c : ch->counters()) rejected += c.rejected;
+  std::printf("rank %d rejected %lu injected %d sum %s\n", world.rank(),
+              static_cast<unsigned long>(rejected), injected, exact ? "exact" : "WRONG");
+  return clean && exact ? 0 : 1;
+}
+
 int train(const std::shared_ptr<World>& world, int64_t steps, int64_t numel) {
   torch::NoGradGuard no_grad;
   auto x = torch::zeros({numel});
   const double lr = 0.125;
-  DASGD opt(std::vector<torch::Tensor>{x}, DASGDOptions(lr), world);
+  DASGD opt(std::vector<torch::Tensor>{x}, torch::optim::SGDOptions(lr), DASGDOptions(), world);
   x.mutable_grad() = torch::full({numel}, (world->rank() + 1) / 1024.0);
   for (int64_t s = 1; s <= steps; ++s) {
     std::this_thread::sleep_for(2ms);
@@ -176,6 +244,7 @@ int main(int argc, char** argv) {
     if (mode == "exchange") return exchange(*world);
     if (mode == "flood") return flood(*world, std::stoi(argv[2]), std::stoll(argv[3]));
     if (mode == "train") return train(world, std::stoll(argv[2]), std::stoll(argv[3]));
+    if (mode == "hostile") return hostile(*world, std::stoi(argv[2]));
     if (mode == "mismatch") {
       Fingerprint fp;
       fp.add("fc1.weight", {50, world->rank() == 1 ? 321 : 320}, c10::kFloat);

@@ -123,6 +123,17 @@ inline bool wait_for_output(Proc& p, const std::string& text, std::chrono::milli
   return true;
 }
 
+// Waits until stderr contains `text`; false after `timeout`.
+inline bool wait_for_error(Proc& p, const std::string& text, std::chrono::milliseconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (p.err_buf.find(text) == std::string::npos) {
+    if (std::chrono::steady_clock::now() >= deadline || !pump(p, 50)) {
+      return p.err_buf.find(text) != std::string::npos;
+    }
+  }
+  return true;
+}
+
 inline void write_stdin(Proc& p, const std::string& s) {
   ssize_t unused = ::write(p.in, s.data(), s.size());
   (void)unused;

@@ -56,7 +56,7 @@ TEST_P(SyncSGDRanks, EqualsOneProcessOnTheConcatenatedBatch) {
   testing::spawn(n, [&](std::shared_ptr<World> world) {
     auto net = make_net();
     load(*net, x0);
-    SyncSGD opt(net->named_parameters(), SyncSGDOptions(0.1).momentum(0.9), world);
+    SyncSGD opt(net->named_parameters(), torch::optim::SGDOptions(0.1).momentum(0.9), SyncSGDOptions(), world);
     for (int t = 0; t < steps; ++t) {
       auto [x, y] = batch(world->rank(), t);
       opt.zero_grad();
@@ -78,6 +78,44 @@ TEST_P(SyncSGDRanks, EqualsOneProcessOnTheConcatenatedBatch) {
 
 INSTANTIATE_TEST_SUITE_P(Ranks, SyncSGDRanks, ::testing::Values(2, 4));
 
+// DDP's semantics for any rule: with Adam, every rank equals one process running Adam on
+// the mean gradient of all ranks' batches.
+TEST(SyncSGD, AdamOnTheMeanGradientOverRanks) {
+  const int n = 3, steps = 15;
+  const auto x0 = initial_params();
+  auto ref = make_net();
+  load(*ref, x0);
+  torch::optim::Adam adam(ref->parameters(), torch::optim::AdamOptions(0.01));
+  for (int t = 0; t < steps; ++t) {
+    std::vector<torch::Tensor> xs, ys;
+    for (int r = 0; r < n; ++r) {
+      auto [x, y] = batch(r, t);
+      xs.push_back(x);
+      ys.push_back(y);
+    }
+    adam.zero_grad();
+    torch::mse_loss(ref->forward(torch::cat(xs)), torch::cat(ys)).backward();
+    adam.step();
+  }
+  testing::spawn(n, [&](std::shared_ptr<World> world) {
+    auto net = make_net();
+    load(*net, x0);
+    SyncSGD opt(std::make_shared<torch::optim::Adam>(net->parameters(), torch::optim::AdamOptions(0.01)),
+                SyncSGDOptions(), world);
+    for (int t = 0; t < steps; ++t) {
+      auto [x, y] = batch(world->rank(), t);
+      opt.zero_grad();
+      torch::mse_loss(net->forward(x), y).backward();
+      opt.step();
+    }
+    auto mine = net->parameters(), theirs = ref->parameters();
+    for (size_t i = 0; i < mine.size(); ++i) {
+      EXPECT_TRUE(torch::allclose(mine[i], theirs[i], 1e-4, 1e-5))
+          << "rank " << world->rank() << " parameter " << i;
+    }
+  });
+}
+
 TEST(SyncSGD, OneRankIsBitIdenticalToSGD) {
   const auto x0 = initial_params();
   auto a = make_net();
@@ -85,7 +123,7 @@ TEST(SyncSGD, OneRankIsBitIdenticalToSGD) {
   load(*a, x0);
   load(*b, x0);
   torch::optim::SGD sgd(a->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9).nesterov(true));
-  SyncSGD sync(b->parameters(), SyncSGDOptions(0.05).momentum(0.9).nesterov(true));
+  SyncSGD sync(b->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9).nesterov(true));
   for (int t = 0; t < 50; ++t) {
     auto [x, y] = batch(0, t);
     for (auto* pair : {static_cast<torch::optim::Optimizer*>(&sgd), static_cast<torch::optim::Optimizer*>(&sync)}) {
@@ -106,7 +144,7 @@ TEST(SyncSGD, LocalCommunicatesNothing) {
     auto alone = make_net();
     load(*net, x0);
     load(*alone, x0);
-    SyncSGD opt(net->parameters(), SyncSGDOptions(0.1).local(true), world);
+    SyncSGD opt(net->parameters(), torch::optim::SGDOptions(0.1), SyncSGDOptions().local(true), world);
     torch::optim::SGD sgd(alone->parameters(), torch::optim::SGDOptions(0.1));
     for (int t = 0; t < 20; ++t) {
       auto [x, y] = batch(world->rank(), t);
@@ -126,7 +164,7 @@ TEST(SyncSGD, LocalCommunicatesNothing) {
 TEST(SyncSGD, MismatchedModelsAreRefused) {
   auto errors = testing::spawn_collect(2, [](std::shared_ptr<World> world) {
     auto net = torch::nn::Sequential(torch::nn::Linear(4, world->rank() == 0 ? 2 : 3));
-    SyncSGD opt(net->named_parameters(), SyncSGDOptions(0.1), world);
+    SyncSGD opt(net->named_parameters(), torch::optim::SGDOptions(0.1), SyncSGDOptions(), world);
   });
   for (const auto& e : errors) {
     EXPECT_NE(e.find("parameter '0.weight' has shape"), std::string::npos) << e;

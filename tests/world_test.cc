@@ -113,7 +113,7 @@ TEST(World, TwoJobsOnOneStoreStayApart) {
         m.payload = torch::full({16}, job == "job-a" ? 1.0f : 2.0f);
         ch->send(1 - rank, m);
         std::vector<Message> got;
-        for (int k = 0; k < 100 && got.empty(); ++k) got = ch->wait(100ms);
+        for (int k = 0; k < 100 && got.empty(); ++k) got = ch->wait(100ms).messages;
         EXPECT_TRUE(ch->close(10s));
         results[i] = got.size() == 1 ? (got[0].payload[0].item<float>() == 1.0f ? "job-a" : "job-b")
                                      : "nothing";

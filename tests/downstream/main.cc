@@ -1,23 +1,37 @@
 #include <cstdio>
+#include <vector>
 
+#include <torch/torch.h>
 #include <torch_asgd/torch_asgd.h>
 
 int main() {
-  // A world of one from an empty environment, and a header round trip.
+  // A world of one from an empty environment, a frame header round trip, and an
+  // optimizer around an inner Adam.
   auto options = torch_asgd::WorldOptions::from_env({});
-  torch_asgd::MessageHeader h;
+  torch_asgd::FrameHeader h;
   h.sender = 0;
   h.payload_bytes = 4;
   h.dtype = c10::ScalarType::Float;
-  uint8_t bytes[torch_asgd::kHeaderBytes];
-  torch_asgd::encode_header(h, bytes);
+  h.meta_fields = 1;
+  torch_asgd::Metadata meta({7});
+  std::vector<uint8_t> bytes(h.frame_bytes());
+  torch_asgd::encode_frame_header(h, meta, bytes.data());
   torch_asgd::DecodeLimits limits;
   limits.world_size = 2;
   limits.receiver = 1;
   limits.max_payload_bytes = 4;
-  torch_asgd::MessageHeader out;
+  limits.max_meta_bytes = 64;
+  limits.frame_capacity = 4096;
+  torch_asgd::FrameHeader out;
   bool ok = options.world_size == 1 &&
-            torch_asgd::decode_header(bytes, sizeof(bytes), limits, &out) == torch_asgd::Reject::kNone;
+            torch_asgd::decode_frame_header(bytes.data(), bytes.size(), limits, &out) ==
+                torch_asgd::Reject::kNone;
+  auto w = torch::zeros({3}, torch::requires_grad());
+  torch_asgd::DASGD opt(std::make_shared<torch::optim::Adam>(std::vector<torch::Tensor>{w},
+                                                            torch::optim::AdamOptions(0.1)));
+  w.mutable_grad() = torch::ones({3});
+  opt.step();
+  ok = ok && w.lt(0).all().item<bool>();
   std::printf("downstream %s\n", ok ? "ok" : "FAILED");
   return ok ? 0 : 1;
 }

@@ -1,0 +1,311 @@
+// Gossip (ALGORITHMS.md section 1b): the sum of the models changes only by the ranks'
+// own local steps, whatever the delivery order (delays, crossed requests, stalls and
+// late replies); with an optimum of its own per rank it reaches the average objective's;
+// a dead requester's lost reply is counted as a broken pair.
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include <torch/torch.h>
+
+#include "scripted.h"
+#include "testing.h"
+#include "torch_asgd/comm/error.h"
+#include "torch_asgd/optim/gossip.h"
+
+namespace torch_asgd {
+
+struct GossipTestAccess {
+  static void hold_arrivals(Gossip& g) { g.held_ = true; }
+  static void apply(Gossip& g) {
+    g.take(g.transport_->poll());
+    g.settle_with_gone_peers();
+  }
+  // The open exchange's reply is overdue: give it up at the next step.
+  static void make_late(Gossip& g) {
+    if (g.open_) g.open_->opened -= std::chrono::hours(1);
+  }
+  static bool open(const Gossip& g) { return g.open_.has_value(); }
+};
+
+namespace {
+
+// Rank r's own least-squares problem, with an optimum of its own and a curvature of its
+// own (rows scaled by r + 1), so that the optimum of the average objective is far from the
+// mean of the ranks' optima. Gradients over all of a rank's rows: no sampling noise.
+struct Problems {
+  explicit Problems(int n, int dim = 5) : dim(dim) {
+    for (int r = 0; r < n; ++r) {
+      auto gen = at::detail::createCPUGenerator(31 + r);
+      A.push_back(torch::randn({40, dim}, gen, torch::kDouble) * (r + 1) / std::sqrt(40.0));
+      b.push_back(A.back().matmul(2 * torch::randn({dim}, gen, torch::kDouble)));
+    }
+  }
+  torch::Tensor loss(const torch::Tensor& w, int r, int64_t) const {
+    return 0.5 * (A[r].matmul(w) - b[r]).pow(2).sum();
+  }
+  // The optimum of the average objective (normal equations).
+  torch::Tensor joint_optimum() const {
+    auto AtA = torch::zeros({dim, dim}, torch::kDouble);
+    auto Atb = torch::zeros({dim}, torch::kDouble);
+    for (size_t r = 0; r < A.size(); ++r) {
+      AtA += A[r].t().matmul(A[r]);
+      Atb += A[r].t().matmul(b[r]);
+    }
+    return torch::linalg_solve(AtA, Atb);
+  }
+  int dim;
+  std::vector<torch::Tensor> A, b;
+};
+
+struct Ranks {
+  Ranks(int n, const Problems& pb, double lr, GossipOptions o = GossipOptions()) : net(n) {
+    torch::manual_seed(9);
+    auto x0 = torch::randn({pb.dim}, torch::kDouble);
+    for (int r = 0; r < n; ++r) {
+      w.push_back(x0.clone().requires_grad_(true));
+      opt.push_back(std::make_unique<Gossip>(
+          std::make_shared<torch::optim::SGD>(std::vector<torch::Tensor>{w[r]}, torch::optim::SGDOptions(lr)),
+          o, net.endpoint(r)));
+      GossipTestAccess::hold_arrivals(*opt[r]);
+    }
+    sum0 = x0 * n;
+    local = torch::zeros_like(x0);
+  }
+  // A local step of rank r, its change recorded apart from any mixing.
+  void step(const Problems& pb, int r, int64_t t) {
+    auto before = w[r].detach().clone();
+    opt[r]->zero_grad();
+    pb.loss(w[r], r, t).backward();
+    opt[r]->step();
+    local += w[r].detach() - before;
+  }
+  torch::Tensor sum() const {
+    auto s = torch::zeros_like(sum0);
+    for (size_t r = 0; r < w.size(); ++r) {
+      if (!net.killed(static_cast<int>(r))) s += w[r].detach();
+    }
+    return s;
+  }
+  double conservation_error() const { return (sum() - (sum0 + local)).abs().max().item<double>(); }
+  void settle() {
+    for (int round = 0; round < 10; ++round) {
+      net.deliver_all();
+      for (auto& o : opt) GossipTestAccess::apply(*o);
+    }
+  }
+  ~Ranks() {
+    for (auto& o : opt) o->finish(std::chrono::milliseconds(0));  // nothing delivers now
+  }
+  testing::ScriptedNetwork net;
+  std::vector<torch::Tensor> w;
+  std::vector<std::unique_ptr<Gossip>> opt;
+  torch::Tensor sum0, local;
+};
+
+class Conservation : public ::testing::TestWithParam<int> {};
+
+TEST_P(Conservation, TheSumOfTheModelsMovesOnlyByLocalStepsUnderAnyDelivery) {
+  const int n = GetParam();
+  const Problems pb(n);
+  Ranks ranks(n, pb, 0.05);
+  std::mt19937 rng(17 + n);
+  int64_t late = 0;
+  for (int t = 0; t < 400; ++t) {
+    const int r = static_cast<int>(rng() % n);
+    ranks.step(pb, r, t);
+    // Delayed, reordered across peers, several at once; now and then a reply is overdue
+    // and given up (its late reply must then be undone).
+    for (int e = 0; e < 2; ++e) {
+      const int from = static_cast<int>(rng() % n), to = static_cast<int>(rng() % n);
+      if (from != to) ranks.net.deliver(from, to, 1 + rng() % 2);
+    }
+    const int a = static_cast<int>(rng() % n);
+    if (rng() % 25 == 0 && GossipTestAccess::open(*ranks.opt[a])) {
+      GossipTestAccess::make_late(*ranks.opt[a]);
+      ++late;
+    }
+    GossipTestAccess::apply(*ranks.opt[a]);
+    if (t % 100 == 99) {
+      // While an exchange is half done the sum is off by its other half: settle first.
+      ranks.settle();
+      ASSERT_LT(ranks.conservation_error(), 1e-10) << "n " << n << " step " << t;
+    }
+  }
+  ranks.settle();
+  EXPECT_LT(ranks.conservation_error(), 1e-10);
+  int64_t completed = 0, declined = 0, given_up = 0, undone = 0, undos = 0, answered = 0;
+  for (auto& o : ranks.opt) {
+    const GossipStats s = o->stats();
+    completed += s.completed;
+    declined += s.declined;
+    given_up += s.given_up;
+    undone += s.undone;
+    undos += s.undos_applied;
+    answered += s.answered;
+    EXPECT_EQ(s.broken, 0);
+    EXPECT_GE(s.lag.sum, 0);
+  }
+  EXPECT_GT(completed, 0);
+  EXPECT_GT(declined, 0) << "the schedule never made a rank decline";
+  EXPECT_EQ(undone, undos) << "every undo sent was applied";
+  EXPECT_EQ(answered, completed + undone) << "every answered request was mixed or undone";
+  RecordProperty("given_up", std::to_string(given_up));
+}
+
+INSTANTIATE_TEST_SUITE_P(Ranks, Conservation, ::testing::Values(2, 3, 4, 5));
+
+TEST(Gossip, CrossedRequestsMixOnce) {
+  // Ranks 0 and 1 open exchanges with each other at the same time: rank 0's (the lower
+  // rank's) is answered, rank 1's declined; one mix pair in all.
+  const Problems pb(2);
+  Ranks ranks(2, pb, 0.05);
+  ranks.step(pb, 0, 0);
+  ranks.step(pb, 1, 0);
+  ranks.settle();
+  const GossipStats s0 = ranks.opt[0]->stats(), s1 = ranks.opt[1]->stats();
+  EXPECT_EQ(s0.completed, 1);
+  EXPECT_EQ(s1.answered, 1);
+  EXPECT_EQ(s1.completed, 0);
+  EXPECT_EQ(s1.declined, 1);
+  EXPECT_EQ(s0.refused, 1);
+  EXPECT_LT(ranks.conservation_error(), 1e-12);
+  // The two models were averaged (alpha 0.5), the requester's own step kept.
+  EXPECT_TRUE(torch::allclose(ranks.w[0], ranks.w[1], 0, 1e-12));
+}
+
+TEST(Gossip, AStalledPeersLateReplyIsUndone) {
+  const Problems pb(3);
+  Ranks ranks(3, pb, 0.05);
+  ranks.step(pb, 0, 0);  // rank 0 asks rank 1
+  ranks.net.deliver(0, 1);
+  GossipTestAccess::apply(*ranks.opt[1]);  // rank 1 answers and mixes; the reply stalls
+  GossipTestAccess::make_late(*ranks.opt[0]);
+  ranks.step(pb, 0, 1);  // gives up, asks rank 2 instead
+  EXPECT_EQ(ranks.opt[0]->stats().given_up, 1);
+  ranks.settle();  // the late reply comes: rank 0 sends rank 1 its half back
+  EXPECT_EQ(ranks.opt[0]->stats().undone, 1);
+  EXPECT_EQ(ranks.opt[1]->stats().undos_applied, 1);
+  EXPECT_LT(ranks.conservation_error(), 1e-12);
+}
+
+TEST(Gossip, ARepliesLostToADeadRequesterAreCountedBroken) {
+  const Problems pb(3);
+  Ranks ranks(3, pb, 0.05);
+  ranks.step(pb, 0, 0);  // rank 0 asks rank 1
+  ranks.net.deliver(0, 1);
+  GossipTestAccess::apply(*ranks.opt[1]);  // rank 1 mixed; its reply waits
+  ranks.net.kill(0);
+  GossipTestAccess::apply(*ranks.opt[1]);
+  GossipTestAccess::apply(*ranks.opt[2]);
+  EXPECT_EQ(ranks.opt[1]->stats().broken, 1);
+  EXPECT_EQ(ranks.opt[2]->stats().broken, 0);
+  // The survivors go on.
+  for (int t = 1; t < 20; ++t) {
+    ranks.step(pb, 1, t);
+    ranks.step(pb, 2, t);
+    ranks.settle();
+  }
+  EXPECT_GT(ranks.opt[1]->stats().completed + ranks.opt[2]->stats().completed, 0);
+}
+
+TEST(Gossip, EachRankWithItsOwnOptimumReachesTheAverageObjectives) {
+  // Local SGD alone would take every rank to its own optimum; gossip must take them to
+  // the optimum of the average objective, and close the gap between them.
+  const int n = 4;
+  const Problems pb(n);
+  const auto star = pb.joint_optimum();
+  Ranks gossip(n, pb, 0.02);
+  Ranks alone(n, pb, 0.02);
+  double spread_early = 0;
+  std::mt19937 rng(23);
+  std::vector<int64_t> t_of(n, 0);
+  for (int e = 0; e < 16000; ++e) {
+    // A decreasing step size: with a constant one, disagreement leaves a bias O(lr).
+    if (e > 0 && e % 2000 == 0) {
+      for (auto* rs : {&gossip, &alone}) {
+        for (auto& o : rs->opt) o->param_groups()[0].options().set_lr(o->param_groups()[0].options().get_lr() / 2);
+      }
+    }
+    // Ranks at their own pace: one applies what reached it and steps; messages travel.
+    const int r = static_cast<int>(rng() % n);
+    GossipTestAccess::apply(*gossip.opt[r]);
+    gossip.step(pb, r, t_of[r]);
+    alone.step(pb, r, t_of[r]++);
+    const int from = static_cast<int>(rng() % n);
+    for (int to = 0; to < n; ++to) {
+      if (to != from) gossip.net.deliver(from, to);
+    }
+    if (e == 200) {
+      for (int k = 0; k < n; ++k) spread_early = std::max(spread_early, (gossip.w[k] - gossip.w[0]).norm().item<double>());
+    }
+  }
+  gossip.settle();
+  auto mean = [&](const Ranks& rs) {
+    auto m = torch::zeros_like(star);
+    for (const auto& w : rs.w) m += w.detach();
+    return m / n;
+  };
+  const double err_gossip = (mean(gossip) - star).norm().item<double>() / star.norm().item<double>();
+  const double err_alone = (mean(alone) - star).norm().item<double>() / star.norm().item<double>();
+  double spread = 0, spread_alone = 0;
+  for (int r = 0; r < n; ++r) {
+    spread = std::max(spread, (gossip.w[r] - gossip.w[0]).norm().item<double>());
+    spread_alone = std::max(spread_alone, (alone.w[r] - alone.w[0]).norm().item<double>());
+  }
+  RecordProperty("error_gossip", std::to_string(err_gossip));
+  RecordProperty("error_local_alone", std::to_string(err_alone));
+  std::printf("distance to the joint optimum (relative): gossip %.4f, local SGD alone %.4f; spread "
+              "%.4f (at step 200: %.4f; alone %.4f)\n",
+              err_gossip, err_alone, spread, spread_early, spread_alone);
+  EXPECT_GT(err_alone, 0.3) << "the problem is too easy: local SGD alone reaches the joint optimum";
+  EXPECT_LT(err_gossip, 0.1 * err_alone);
+  EXPECT_LT(spread, 0.5 * spread_early);
+  EXPECT_LT(spread, 0.2 * spread_alone);
+}
+
+TEST(Gossip, OverRealChannelsTheSumIsConservedAndEveryExchangeSettles) {
+  // Ranks as threads over real channels (nothing scripted): every rank steps freely;
+  // after finish(), the sum of the final models equals the sum of the starting models
+  // plus every local step.
+  const int n = 4;
+  const Problems pb(n);
+  std::vector<torch::Tensor> finals(n), locals(n);
+  std::vector<GossipStats> stats(n);
+  torch::manual_seed(10);
+  auto x0 = torch::randn({pb.dim}, torch::kDouble);
+  testing::spawn(n, [&](std::shared_ptr<World> world) {
+    const int me = world->rank();
+    auto w = x0.clone().requires_grad_(true);
+    Gossip opt(std::make_shared<torch::optim::SGD>(std::vector<torch::Tensor>{w}, torch::optim::SGDOptions(0.02)),
+               GossipOptions(), world);
+    GossipTestAccess::hold_arrivals(opt);
+    auto local = torch::zeros_like(x0);
+    for (int64_t t = 0; t < 150; ++t) {
+      auto before = w.detach().clone();
+      opt.zero_grad();
+      pb.loss(w, me, t).backward();
+      opt.step();
+      local += w.detach() - before;
+      GossipTestAccess::apply(opt);
+      std::this_thread::sleep_for(std::chrono::microseconds(200 * (me + 1)));
+    }
+    EXPECT_TRUE(opt.finish(std::chrono::seconds(30))) << "rank " << me;
+    finals[me] = w.detach().clone();
+    locals[me] = local;
+    stats[me] = opt.stats();
+  });
+  auto sum = torch::zeros_like(x0), expected = x0 * n;
+  int64_t completed = 0;
+  for (int r = 0; r < n; ++r) {
+    sum += finals[r];
+    expected += locals[r];
+    completed += stats[r].completed;
+    EXPECT_EQ(stats[r].broken, 0) << stats[r].str();
+  }
+  EXPECT_LT((sum - expected).abs().max().item<double>(), 1e-10);
+  EXPECT_GT(completed, 0);
+}
+
+}  // namespace
+}  // namespace torch_asgd
