@@ -26,6 +26,7 @@ using testing::Proc;
 
 struct Tick {
   long ms, step, rss_kb;
+  unsigned long held;
 };
 
 std::vector<Tick> ticks(const std::string& out) {
@@ -34,7 +35,7 @@ std::vector<Tick> ticks(const std::string& out) {
   std::string line;
   while (std::getline(in, line)) {
     Tick k{};
-    if (std::sscanf(line.c_str(), "tick %ld %ld %ld", &k.ms, &k.step, &k.rss_kb) == 3) t.push_back(k);
+    if (std::sscanf(line.c_str(), "tick %ld %ld %ld %lu", &k.ms, &k.step, &k.rss_kb, &k.held) == 4) t.push_back(k);
   }
   return t;
 }
@@ -62,9 +63,9 @@ std::vector<Proc> start_training(int n, const std::string& steps, const std::str
   return testing::start_ranks(n, {bin("asgd-test-peer"), "train", steps, numel}, "60");
 }
 
-// A peer stopped with SIGSTOP for 4 s: the others keep their pace, their memory stays
-// bounded, and after SIGCONT every replica ends exactly equal to the sum of every
-// rank's every update.
+// A peer stopped with SIGSTOP for 4 s: the others keep their pace, what they keep for it
+// stays two messages at most, and after SIGCONT every replica ends exactly equal to the
+// sum of every rank's every update.
 TEST(StalledPeer, NobodySlowsDownMemoryStaysBoundedNoUpdateIsLost) {
   auto ranks = start_training(3, "3000", "1000000");  // 4 MB of parameters
   // Past the start-up, rank 0 at step 400 (a tick is "tick <ms> <step> <rss>").
@@ -90,18 +91,23 @@ TEST(StalledPeer, NobodySlowsDownMemoryStaysBoundedNoUpdateIsLost) {
     RecordProperty("rank" + std::to_string(r) + "_steps_per_s_stalled", std::to_string(during));
     EXPECT_GT(before, 0) << "rank " << r << " made no steps before the stall";
     EXPECT_GT(during, 0.7 * before) << "rank " << r << " slowed down while rank 2 was stopped";
-    // Frames of 4 MB come and go, so RSS swings by a few of them in steady state: compare
-    // the peak during the stall with the peak of the 2 s before it. Queueing what the
-    // stopped rank does not take would grow by 4 MB a step (~600 MB over the stall); the
-    // channel may hold a few more frames for it (in flight, coalescing): < 4 frames.
+    // What the channel keeps for one peer, counted by the channel: a stopped peer holds
+    // the message in flight to it and the one sum of everything sent since, never more
+    // (holding every missed delta would be 4 MB a step, ~600 MB over the stall).
+    const unsigned long model = 4000000;
+    unsigned long held_max = 0;
     long peak_before = -1, peak_during = -1;
     for (const auto& k : t) {
+      if (k.ms > stop_at && k.ms <= cont_at) {
+        held_max = std::max(held_max, k.held);
+        peak_during = std::max(peak_during, k.rss_kb);
+      }
       if (k.ms > stop_at - 2000 && k.ms <= stop_at) peak_before = std::max(peak_before, k.rss_kb);
-      if (k.ms > stop_at && k.ms <= cont_at) peak_during = std::max(peak_during, k.rss_kb);
     }
-    ASSERT_GT(peak_before, 0);
+    EXPECT_LE(held_max, 2 * model) << "rank " << r << " kept more than two messages for a peer";
+    EXPECT_GE(held_max, model) << "rank " << r << ": nothing held for the stopped peer (was it stopped?)";
+    // RSS, for the record: frames come and go, and the allocator keeps some.
     RecordProperty("rank" + std::to_string(r) + "_rss_growth_kb", std::to_string(peak_during - peak_before));
-    EXPECT_LT(peak_during - peak_before, 16 * 1024) << "rank " << r << " grew while rank 2 was stopped";
   }
 }
 

@@ -15,7 +15,8 @@
 //                        step of rank r applies the gradient (r+1)/1024 after 2 ms of
 //                        "compute", so that after finish() every replica must equal
 //                        -lr/1024 * STEPS * (1 + 2 + ... + size) exactly. Prints a
-//                        "tick <steady ms> <step> <rss kb>" line every 25 steps, then
+//                        "tick <steady ms> <step> <rss kb> <held bytes>" line every 25 steps
+//                        (held: the most payload bytes the channel keeps for one peer), then
 //                        "final ... exact" or "... WRONG"
 // Exit code 0 when the mode's checks pass; errors print one line and exit 1.
 #include <unistd.h>
@@ -214,7 +215,8 @@ int train(const std::shared_ptr<World>& world, int64_t steps, int64_t numel) {
     if (s % 25 == 0 || s == steps) {
       const auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
           std::chrono::steady_clock::now().time_since_epoch());
-      std::printf("tick %ld %ld %ld\n", static_cast<long>(now.count()), static_cast<long>(s), rss_kb());
+      std::printf("tick %ld %ld %ld %lu\n", static_cast<long>(now.count()), static_cast<long>(s), rss_kb(),
+                  static_cast<unsigned long>(opt.stats().max_held_bytes));
       std::fflush(stdout);
     }
   }

@@ -256,6 +256,7 @@ PeerCounters Channel::counters(int peer) const {
   c.coalesced = out.coalesced;
   c.dropped = out.dropped;
   c.lost = out.lost;
+  c.held_bytes = out.held_bytes;
   c.queued = sender_->queued(peer);
   c.lagging = sender_->lagging(peer);
   c.received_messages = in.received_messages;

@@ -163,6 +163,7 @@ struct PeerCounters {
   uint64_t dropped = 0;             // outgoing messages to a failed peer
   uint64_t lost = 0;                // sent messages the peer never acknowledged before it failed
   uint64_t queued = 0;              // messages waiting for or in transmission now
+  uint64_t held_bytes = 0;          // payload bytes kept for it now (in flight and waiting)
   bool lagging = false;             // its previous message was still in flight at the last send
   bool closed = false;              // the peer said goodbye
   bool failed = false;              // the peer's connection failed

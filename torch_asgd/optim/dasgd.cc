@@ -374,6 +374,7 @@ DASGDStats DASGD::stats() const {
       s.coalesced += c.coalesced + c.coalesced_received;
       s.rejected += c.rejected;
       s.dropped += c.dropped;
+      s.max_held_bytes = std::max(s.max_held_bytes, c.held_bytes);
     }
     s.failed_peers = transport_->failed_peers();
   }

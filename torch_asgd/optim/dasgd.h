@@ -92,6 +92,7 @@ struct DASGDStats {
   double lead_wait_seconds = 0;
   std::vector<int> left_behind;  // peers not waited for (stalled beyond lead_timeout)
   uint64_t messages_sent = 0, messages_received = 0, coalesced = 0, rejected = 0, dropped = 0;
+  uint64_t max_held_bytes = 0;  // the most payload bytes the channel keeps for one peer now
   std::vector<int> failed_peers;  // ranks whose connection failed
   std::string str() const;
 };

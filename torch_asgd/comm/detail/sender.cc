@@ -251,7 +251,17 @@ bool Sender::idle(int peer) const {
 
 Sender::Counts Sender::counts(int peer) const {
   std::lock_guard<std::mutex> lock(mu_);
-  return peers_[peer]->counts;
+  const PeerOut& p = *peers_[peer];
+  Counts c = p.counts;
+  // Payload bytes this peer keeps referenced: in flight, and waiting (a buffer shared
+  // with other peers counts for each).
+  for (const auto& f : p.unacked) c.held_bytes += f.msg ? f.msg->bytes() : 0;
+  for (const auto& m : p.ordered) c.held_bytes += m->bytes();
+  for (int s = 0; s < kMaxStreams; ++s) {
+    if (p.replace[s]) c.held_bytes += p.replace[s]->bytes();
+    if (p.additive[s]) c.held_bytes += p.additive[s]->bytes();
+  }
+  return c;
 }
 
 bool Sender::lagging(int peer) const {

@@ -75,6 +75,7 @@ class Sender {
   bool lagging(int peer) const;
   struct Counts {
     uint64_t sent_messages = 0, sent_bytes = 0, coalesced = 0, dropped = 0, lost = 0;
+    uint64_t held_bytes = 0;
   };
   Counts counts(int peer) const;
   // Wait until the peer is idle / has at most `max_queued` messages queued (or failed).
