@@ -296,6 +296,64 @@ TEST(Channel, AStalledPeerLagsAloneAndGetsTheExactSumWhenItWakes) {
   });
 }
 
+TEST(Channel, PeersThatLagInStepShareOneCoalescingBuffer) {
+  // Ranks 1 and 2 take nothing while rank 0 broadcasts; rank 3 keeps up. The first
+  // broadcast is in flight to both, everything after it waits for both: one shared sum,
+  // not one per peer (2 model-sized buffers in all, where a buffer per lagging peer would
+  // be 3). Then rank 1 wakes and catches up while rank 2 stays stalled, so the group
+  // splits; every rank must still end with the exact sum.
+  const int kSends = 60;
+  const int64_t numel = 100000;
+  const uint64_t model = numel * sizeof(float);
+  spawn(4, [&](std::shared_ptr<World> world) {
+    auto ch = world->open_channel(additive_options("group", numel));
+    const int me = world->rank();
+    if (me == 1 || me == 2) ChannelTestAccess::hold_receiver(*ch, true);
+    world->barrier("held");
+    float expected = 0;
+    auto send = [&](int i) {
+      Outgoing m;
+      m.delivery = Delivery::kAdditive;
+      m.payload = torch::full({numel}, static_cast<float>(i % 5 + 1));
+      m.meta = Metadata({1, i, i, i});
+      ch->broadcast(m);
+      expected += static_cast<float>(i % 5 + 1);
+    };
+    if (me == 0) {
+      for (int i = 0; i < kSends; ++i) send(i);
+      EXPECT_TRUE(eventually([&] { return ch->counters(3).queued == 0; }));
+      EXPECT_TRUE(eventually([&] { return ch->counters(1).coalesced + 2 >= kSends; }));
+      // (the last broadcasts may still wait to be handed out: then it holds them too)
+      EXPECT_TRUE(eventually([&] { return ch->held_bytes() == 2 * model; }))
+          << "one buffer in flight and one sum for both, not " << ch->held_bytes() / model;
+      EXPECT_EQ(ch->counters(1).held_bytes, 2 * model);
+      world->store().set("wake1", std::vector<uint8_t>{1});
+      EXPECT_TRUE(eventually([&] { return ch->counters(1).queued == 0; }));
+      for (int i = kSends; i < 2 * kSends; ++i) send(i);
+      EXPECT_TRUE(eventually([&] { return ch->counters(1).queued == 0 && ch->counters(3).queued == 0; }));
+      // Rank 2: the first message in flight, and one sum of all the rest.
+      EXPECT_TRUE(eventually([&] { return ch->held_bytes() == 2 * model; }))
+          << ch->held_bytes() / model << " models held";
+      world->store().set("wake2", std::vector<uint8_t>{1});
+    } else if (me == 1 || me == 2) {
+      world->store().wait({me == 1 ? "wake1" : "wake2"});
+      ChannelTestAccess::hold_receiver(*ch, false);
+    }
+    EXPECT_TRUE(ch->close(30s));
+    if (me != 0) {
+      at::Tensor total = torch::zeros({numel});
+      int64_t updates = 0;
+      for (auto& a : ch->poll().additive) {
+        total += a.sum;
+        for (const auto& part : a.parts) updates += part.second.field(0);
+      }
+      for (int i = 0; i < 2 * kSends; ++i) expected += static_cast<float>(i % 5 + 1);
+      EXPECT_TRUE(total.equal(torch::full({numel}, expected))) << "rank " << me;
+      EXPECT_EQ(updates, 2 * kSends) << "rank " << me;
+    }
+  });
+}
+
 TEST(Channel, CloseReturnsOnlyOnceThePeerHasEverything) {
   // Rank 1 is stalled while rank 0 sends and closes: rank 0's close() must not return
   // true before rank 1 has taken and acknowledged every message (else rank 0 might exit
@@ -610,6 +668,59 @@ TEST(Channel, NonFiniteUpdatesAreRejectedAndCounted) {
       }
     });
   }
+}
+
+TEST(Channel, AnAdditiveMessageRejectedMidStreamTaintsItsSum) {
+  // The NaN sits in the third of four chunks: the first two are summed before it shows,
+  // so the sum cannot be delivered as if the message had never come.
+  const int64_t numel = 8 * 1024;  // 32 KB: four 8 KB chunks
+  spawn(2, [&](std::shared_ptr<World> world) {
+    ChannelOptions opts = additive_options("taint", numel);
+    opts.chunk_bytes = 8192;
+    opts.max_meta_bytes = 1024;
+    opts.inline_bytes = 0;
+    auto ch = world->open_channel(opts);
+    auto send = [&](at::Tensor payload) {
+      Outgoing m;
+      m.delivery = Delivery::kAdditive;
+      m.payload = payload;
+      m.meta = Metadata({1, 1, 1, 0});
+      m.meta.records = {0};
+      ch->send(0, m);
+      EXPECT_TRUE(ch->flush(20s));
+      world->barrier("sent");
+    };
+    auto arrival = [&]() {
+      AdditiveArrival got;
+      EXPECT_TRUE(eventually([&] {
+        Arrivals a = ch->poll();
+        if (a.additive.empty()) return false;
+        got = std::move(a.additive[0]);
+        return true;
+      }));
+      world->barrier("seen");
+      return got;
+    };
+    if (world->rank() == 1) {
+      auto bad = torch::ones({numel});
+      bad[numel / 2 + 7] = std::numeric_limits<float>::quiet_NaN();
+      send(bad);
+      world->barrier("seen");
+      send(torch::full({numel}, 2.0f));
+      world->barrier("seen");
+    } else {
+      world->barrier("sent");
+      AdditiveArrival a = arrival();
+      EXPECT_TRUE(a.tainted) << "half a rejected message is in the sum";
+      EXPECT_EQ(ch->counters(1).rejected, 1u);
+      EXPECT_EQ(ch->counters(1).last_reject, to_string(Reject::kNonFinite));
+      world->barrier("sent");
+      AdditiveArrival b = arrival();
+      EXPECT_FALSE(b.tainted) << "the taint lasts one arrival";
+      EXPECT_TRUE(b.sum.equal(torch::full({numel}, 2.0f)));
+    }
+    EXPECT_TRUE(ch->close(20s));
+  });
 }
 
 TEST(Channel, AnIdleDeadPeerIsNoticedAndRethrownOnTheTrainingThread) {

@@ -271,6 +271,8 @@ PeerCounters Channel::counters(int peer) const {
   return c;
 }
 
+uint64_t Channel::held_bytes() const { return core_->sender->held_bytes(); }
+
 std::vector<PeerCounters> Channel::counters() const {
   std::vector<PeerCounters> out;
   for (int p = 0; p < core_->size; ++p) {

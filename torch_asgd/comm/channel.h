@@ -29,7 +29,9 @@
 // - Every frame is checked (wire.h): sizes, sender, sequence, token, header checksum,
 //   and by default an XXH3 checksum of every payload. What fails a check is counted in
 //   PeerCounters::rejected, logged once per reason, and never delivered. Floating-point
-//   payloads holding NaN or Inf are rejected too (on_non_finite).
+//   payloads holding NaN or Inf are rejected too (on_non_finite). An additive message is
+//   summed chunk by chunk as it streams in: one rejected after a first chunk was summed
+//   leaves its stream's next AdditiveArrival marked `tainted` (not to be applied).
 // - An error on a background thread (a peer's connection failing) is stored and
 //   rethrown, as CommError, by the next call on the training thread. With
 //   PeerFailure::kContinue it is logged once instead, that peer is marked failed, and
@@ -143,6 +145,10 @@ struct AdditiveArrival {
   uint8_t stream = 0;
   at::Tensor sum;
   std::vector<std::pair<int, Metadata>> parts;  // (sender, metadata), oldest first per sender
+  // A message rejected after some of its chunks were already summed in (non-finite values
+  // in a later chunk, a payload checksum that failed at the end): `sum` is not the sum of
+  // `parts` and must not be applied. The rejection is counted as usual.
+  bool tainted = false;
 };
 
 struct Arrivals {
@@ -228,6 +234,9 @@ class Channel : public Transport {
   std::vector<int> failed_peers() const override;
   // Peers that said goodbye.
   std::vector<int> closed_peers() const override;
+  // Payload bytes the sender keeps referenced for all peers together, a buffer shared by
+  // several peers counted once (PeerCounters::held_bytes counts it for each).
+  uint64_t held_bytes() const;
   // Background threads serving this channel (for tests and benchmarks).
   int threads() const { return 3; }
 

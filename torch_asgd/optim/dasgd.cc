@@ -239,6 +239,12 @@ void DASGD::apply(Arrivals arrivals) {
   }
   for (auto& a : arrivals.additive) {
     if (a.stream != 0) continue;
+    if (a.tainted) {  // a rejected delta is partly in the sum
+      check_rejections();
+      throw CommError(fmt::format("rank {}: DASGD: a rejected delta was partly summed into what "
+                                  "arrived; restart from the last checkpoint (with resync())",
+                                  rank_));
+    }
     at::Tensor x = flat().flat();
     at::Tensor sum = pipeline_ ? pipeline_->to_device(a.sum) : a.sum;
     detail::add_both(x, shadow_, sum);

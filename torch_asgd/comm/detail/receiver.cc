@@ -41,6 +41,7 @@ struct Receiver::Accumulator {
   at::Tensor current;
   at::Tensor spare;
   bool has_data = false;
+  bool tainted = false;  // a rejected message was partly summed into current
   std::vector<std::pair<int, Metadata>> parts;
   std::vector<size_t> parts_of;  // by peer
 
@@ -303,7 +304,14 @@ void Receiver::finish_message(PeerIn& p) {
           "corrupt",
           core_.prefix(), p.rank))));
     }
-    reject(p, p.why);
+    reject(p, p.why);  // (counted before the taint shows)
+    if (h.type == FrameType::kAdditive && p.merged) {
+      // Chunks of it are in the sum already and cannot be taken out again.
+      Accumulator& a = *acc_[h.stream];
+      std::lock_guard<std::mutex> lock(a.mu);
+      a.tainted = true;
+      a.has_data = true;
+    }
     p.buffer = at::Tensor();
     whole(p, h.sequence, ack_requested);  // processed, if not delivered
     return;
@@ -408,6 +416,8 @@ Arrivals Receiver::poll() {
     if (!a->has_data) continue;
     AdditiveArrival arrival;
     arrival.stream = a->spec->id;
+    arrival.tainted = a->tainted;
+    a->tainted = false;
     at::Tensor full = std::move(a->current);
     a->current = a->fresh();
     a->has_data = false;

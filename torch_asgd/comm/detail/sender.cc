@@ -34,7 +34,6 @@ struct Sender::PeerOut {
   std::deque<OutRef> ordered;                  // waiting, oldest first
   std::array<OutRef, kMaxStreams> replace{};   // waiting: the newest of each stream
   std::array<OutRef, kMaxStreams> additive{};  // waiting: the sum of what came meanwhile
-  std::array<bool, kMaxStreams> additive_own{};  // additive[s] is this peer's own buffer
   std::array<bool, kMaxStreams> additive_in_flight{};
   size_t ordered_in_flight = 0;  // ordered and replace messages not yet acknowledged
   std::deque<Posted> unacked;    // by sequence number
@@ -108,7 +107,7 @@ OutRef Sender::new_message(FrameType type, uint8_t stream, c10::ScalarType dtype
     if (m->type == FrameType::kAdditive && m->payload.defined()) {
       std::lock_guard<std::mutex> lock(free->mu);
       auto& list = free->buffers[m->stream];
-      if (list.size() < 2) list.push_back(std::move(m->payload));
+      if (list.empty()) list.push_back(std::move(m->payload));
     }
     delete m;
   };
@@ -139,7 +138,8 @@ void Sender::enqueue(int peer, OutRef msg) {
     if (p.replace[msg->stream]) ++p.counts.coalesced;
     p.replace[msg->stream] = std::move(msg);
   } else {
-    coalesce_locked(p, msg->stream, msg, /*own=*/true);
+    const uint8_t stream = msg->stream;
+    coalesce_locked(p, stream, std::move(msg));
   }
   wake_locked();
 }
@@ -264,6 +264,28 @@ Sender::Counts Sender::counts(int peer) const {
   return c;
 }
 
+uint64_t Sender::held_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<const OutMsg*> seen;
+  uint64_t total = 0;
+  auto add = [&](const OutRef& m) {
+    if (!m || std::find(seen.begin(), seen.end(), m.get()) != seen.end()) return;
+    seen.push_back(m.get());
+    total += m->bytes();
+  };
+  for (const auto& b : pending_broadcast_) add(b);
+  for (const auto& p : peers_) {
+    if (!p) continue;
+    for (const auto& f : p->unacked) add(f.msg);
+    for (const auto& m : p->ordered) add(m);
+    for (int s = 0; s < kMaxStreams; ++s) {
+      add(p->replace[s]);
+      add(p->additive[s]);
+    }
+  }
+  return total;
+}
+
 bool Sender::lagging(int peer) const {
   std::lock_guard<std::mutex> lock(mu_);
   return peers_[peer]->lagging;
@@ -282,38 +304,40 @@ bool Sender::wait_room(int peer, size_t max_queued, std::chrono::steady_clock::t
 
 // ---- the thread ---------------------------------------------------------------------
 
-void Sender::coalesce_locked(PeerOut& p, uint8_t s, const OutRef& msg, bool own) {
+void Sender::coalesce_locked(PeerOut& p, uint8_t s, OutRef msg) {
+  // A message for this peer alone (`msg` is a fresh private copy).
   const AdditiveStream& spec = *core_.streams[s];
   OutRef& waiting = p.additive[s];
   if (!waiting) {
     // The first one while nothing waits: posted as soon as the one in flight is
     // acknowledged (at once if none is).
-    waiting = msg;
-    p.additive_own[s] = own;
+    waiting = std::move(msg);
     if (p.additive_in_flight[s]) p.lagging = true;
     return;
   }
   ++p.counts.coalesced;
   p.lagging = true;
-  if (!p.additive_own[s]) {
-    // Shared with other peers: this peer lags and needs a buffer of its own.
-    OutRef mine = new_message(FrameType::kAdditive, s, spec.dtype, spec.numel);
-    at::add_out(mine->payload, waiting->payload, msg->payload);
-    mine->meta = waiting->meta;
-    merge(mine->meta, msg->meta, spec.meta);
-    waiting = std::move(mine);
-    p.additive_own[s] = true;
+  if (!waiting->frozen && waiting.use_count() == 1) {
+    waiting->payload.add_(msg->payload);
+    waiting->checksummed = false;
+    merge(waiting->meta, msg->meta, spec.meta);
     return;
   }
-  waiting->payload.add_(msg->payload);
-  waiting->checksummed = false;
-  merge(waiting->meta, msg->meta, spec.meta);
+  // Shared with other peers, or already posted: what waits is added into the new one.
+  msg->payload.add_(waiting->payload);
+  Metadata meta = waiting->meta;
+  merge(meta, msg->meta, spec.meta);
+  msg->meta = std::move(meta);
+  waiting = std::move(msg);
 }
 
 void Sender::distribute_broadcasts_locked(std::unique_lock<std::mutex>& lock) {
   for (int s = 0; s < kMaxStreams; ++s) {
     if (!pending_broadcast_[s]) continue;
     OutRef m = std::move(pending_broadcast_[s]);
+    // Not frozen yet: until some peer posts it, it is only in waiting slots, and the
+    // peers that hold it there receive the same broadcasts, so the next ones can be
+    // added into it in place.
     if (core_.options.verify_payload) {
       // Immutable from now on: one checksum serves every peer. Outside the lock, so
       // that the training thread can go on sending.
@@ -322,13 +346,45 @@ void Sender::distribute_broadcasts_locked(std::unique_lock<std::mutex>& lock) {
       m->checksummed = true;
       lock.lock();
     }
+    const AdditiveStream& spec = *core_.streams[s];
+    // Peers that waited with the same buffer get the same sum: one per group.
+    std::vector<OutMsg*> summed;                       // not frozen: m added in place
+    std::vector<std::pair<OutRef, OutRef>> replaced;  // frozen: its successor
     for (auto& p : peers_) {
       if (!p) continue;
       if (p->failed) {
         ++p->counts.dropped;
         continue;
       }
-      coalesce_locked(*p, static_cast<uint8_t>(s), m, /*own=*/false);
+      OutRef& waiting = p->additive[s];
+      if (!waiting) {
+        waiting = m;
+        if (p->additive_in_flight[s]) p->lagging = true;
+        continue;
+      }
+      ++p->counts.coalesced;
+      p->lagging = true;
+      if (!waiting->frozen) {
+        if (std::find(summed.begin(), summed.end(), waiting.get()) == summed.end()) {
+          waiting->payload.add_(m->payload);
+          waiting->checksummed = false;
+          merge(waiting->meta, m->meta, spec.meta);
+          summed.push_back(waiting.get());
+        }
+        continue;
+      }
+      auto it = std::find_if(replaced.begin(), replaced.end(),
+                             [&](const auto& r) { return r.first == waiting; });
+      if (it != replaced.end()) {
+        waiting = it->second;
+        continue;
+      }
+      OutRef group = new_message(FrameType::kAdditive, static_cast<uint8_t>(s), spec.dtype, spec.numel);
+      at::add_out(group->payload, waiting->payload, m->payload);
+      group->meta = waiting->meta;
+      merge(group->meta, m->meta, spec.meta);
+      replaced.emplace_back(waiting, group);
+      waiting = std::move(group);
     }
   }
 }
@@ -357,7 +413,7 @@ void Sender::post_ready_locked(PeerOut& p) {
       p.additive_in_flight[s] = true;
       OutRef m = std::move(p.additive[s]);
       p.additive[s].reset();
-      p.additive_own[s] = false;
+      m->frozen = true;  // Gloo reads it now; peers of its group post the same bytes
       if (core_.options.verify_payload && !m->checksummed) {
         m->checksum = checksum64(m->payload.data_ptr(), m->bytes());
         m->checksummed = true;

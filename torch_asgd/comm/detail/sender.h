@@ -4,9 +4,10 @@
 // delivered: a stopped or slow peer holds only its own messages, never the thread.
 //
 // Per peer and additive stream at most one message is in flight; what is sent meanwhile
-// is summed into the one pending message (a broadcast's buffer is shared by every peer
-// until one of them lags and needs a buffer of its own). Ordered and replace messages
-// are in flight up to max_in_flight per peer. Internal.
+// is summed into the one pending message. A broadcast's buffer is shared by every peer;
+// peers that lag share one coalescing buffer for as long as they waited for the same
+// broadcasts (a group), so that n lagging peers in step cost one buffer, not n. Ordered
+// and replace messages are in flight up to max_in_flight per peer. Internal.
 #pragma once
 
 #include <condition_variable>
@@ -31,6 +32,10 @@ struct OutMsg {
   Metadata meta;
   bool checksummed = false;
   uint64_t checksum = 0;  // of the payload, computed once when first posted
+  // Additive: posted to some peer, and so never to be added into again. A buffer that is
+  // not frozen is referenced only by peers' waiting slots, all of which receive the same
+  // broadcasts: it may be summed into in place.
+  bool frozen = false;
 
   uint64_t bytes() const;
 };
@@ -78,6 +83,7 @@ class Sender {
     uint64_t held_bytes = 0;
   };
   Counts counts(int peer) const;
+  uint64_t held_bytes() const;  // over all peers, each buffer once
   // Wait until the peer is idle / has at most `max_queued` messages queued (or failed).
   bool wait_idle(int peer, std::chrono::steady_clock::time_point deadline);
   bool wait_room(int peer, size_t max_queued, std::chrono::steady_clock::time_point deadline);
@@ -90,7 +96,7 @@ class Sender {
   void wake_locked();
   bool idle_locked(const PeerOut& p) const;
   void distribute_broadcasts_locked(std::unique_lock<std::mutex>& lock);
-  void coalesce_locked(PeerOut& p, uint8_t stream, const OutRef& msg, bool own);
+  void coalesce_locked(PeerOut& p, uint8_t stream, OutRef msg);
   void post_ready_locked(PeerOut& p);
   void post_locked(PeerOut& p, OutRef msg, FrameType type, bool ack_requested);
   void release_locked(PeerOut& p, uint64_t ack);
