@@ -32,6 +32,20 @@ std::runtime_error system_error(const std::string& what, const std::string& path
 
 }  // namespace
 
+const char* const kFingerprintKey = "example/model_fingerprint";
+
+Fingerprint fingerprint(const torch::nn::Module& model) {
+  torch::NoGradGuard no_grad;
+  Fingerprint f;
+  for (const auto& p : model.parameters()) {
+    const auto x = p.detach().to(torch::kCPU, torch::kDouble).reshape(-1);
+    const auto w = torch::arange(x.numel(), torch::kLong).remainder(7).add(1).to(torch::kDouble);
+    f.value += x.mul(w).sum().item<double>();
+    f.scale += x.abs().mul(w).sum().item<double>();
+  }
+  return f;
+}
+
 RankCheckpoint::RankCheckpoint(std::string dir, int rank)
     : dir_(std::move(dir)), path_(fmt::format("{}/rank-{}.pt", dir_, rank)) {
   // A process killed mid-write leaves its temporary file behind: remove this rank's.

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 
+#include <torch/nn/module.h>
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
 
@@ -20,6 +21,17 @@ struct CheckpointMeta {
   int rank = 0;
   int64_t step = 0;  // the rank's steps (the server: gradients applied)
 };
+
+// A model's fingerprint: sum_k x_k * (k mod 7 + 1) over its parameters in order, in
+// float64, and the same sum of |x_k|, its scale. Linear in the model, so the fingerprint
+// of a mean of models is the mean of theirs: what a resumed run prints, and tests check
+// against the checkpoints it read. Checkpoints store it under kFingerprintKey.
+struct Fingerprint {
+  double value = 0;
+  double scale = 0;
+};
+Fingerprint fingerprint(const torch::nn::Module& model);
+extern const char* const kFingerprintKey;  // a float64 tensor {value, scale}
 
 class RankCheckpoint {
  public:

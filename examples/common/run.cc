@@ -173,6 +173,8 @@ void save_rank(const RankCheckpoint& checkpoint, const CheckpointMeta& meta, con
   model.save(model_archive);
   a.write(key, state_archive);
   a.write("model", model_archive);
+  const Fingerprint f = fingerprint(model);
+  a.write(kFingerprintKey, torch::tensor({f.value, f.scale}, torch::kDouble));
   if (more) more(a);
   checkpoint.write(a, meta);
 }
@@ -322,8 +324,8 @@ void Run::setup() {
         world_, model_->named_parameters().keys());
     if (o_.resume) {
       const int64_t at = load_rank(*checkpoint_, meta_, "server", *server_, *model_);
-      std::printf("rank 0: resumed from %s at gradient %ld\n", checkpoint_->path().c_str(),
-                  static_cast<long>(at));
+      std::printf("rank 0: resumed from %s at gradient %ld (model fingerprint %.17g)\n",
+                  checkpoint_->path().c_str(), static_cast<long>(at), fingerprint(*model_).value);
     }
     total_steps_ = budget;
   } else {
@@ -404,8 +406,10 @@ void Run::resume_trainer() {
     }
   }
   first_step_ = step_;
-  std::printf("rank %d: resumed from %s at step %ld\n", rank_, checkpoint_->path().c_str(),
-              static_cast<long>(step_));
+  // The fingerprint of the model this rank goes on from (after the mean): a check that
+  // every replica starts from the same model, and what the resume test compares.
+  std::printf("rank %d: resumed from %s at step %ld (model fingerprint %.17g)\n", rank_,
+              checkpoint_->path().c_str(), static_cast<long>(step_), fingerprint(*model_).value);
 }
 
 // ---- the loop --------------------------------------------------------------------------
