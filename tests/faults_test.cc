@@ -6,6 +6,7 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -363,15 +364,28 @@ TEST_P(KilledAndResumed, GoesOnFromTheCheckpointedModelsAndFinishes) {
     if (resume) argv.push_back("--resume");
     return testing::start_ranks(n, argv);
   };
-  // An uninterrupted run: how long the job takes, so that the kill lands mid-run.
+  // An uninterrupted run: the steps a whole run takes (and, for sync, its accuracy).
   auto clean = start_job("clean", "ckpt-clean", false);
   for (auto& p : clean) testing::finish(p, 180s);
   for (auto& p : clean) ASSERT_EQ(p.exit_code, 0) << p.err_buf;
   const double clean_seconds = clean[0].seconds;
 
+  // Killed as soon as every rank (the AsGrad workers too: they resume their samplers)
+  // has written its first checkpoint, at step 20 of 800 (gradient 20 of 2400): mid-run
+  // by construction, not by a guess at how long the run takes on a loaded machine.
   auto killed = start_job("killed", "ckpt", false);
-  ASSERT_TRUE(testing::wait_for_output(killed[0], "progress:", 60s)) << killed[0].err_buf;
-  std::this_thread::sleep_for(std::chrono::duration<double>(0.6 * clean_seconds));
+  const int writers = n;
+  const auto give_up = std::chrono::steady_clock::now() + 120s;
+  auto all_written = [&] {
+    // (stat, not RankCheckpoint: its constructor removes a rank's half-written file)
+    for (int r = 0; r < writers; ++r) {
+      struct stat st {};
+      if (::stat((dir + "/ckpt/rank-" + std::to_string(r) + ".pt").c_str(), &st) != 0) return false;
+    }
+    return true;
+  };
+  while (!all_written() && std::chrono::steady_clock::now() < give_up) std::this_thread::sleep_for(5ms);
+  ASSERT_TRUE(all_written()) << killed[0].err_buf;
   if (server_algo) {
     ::kill(killed[0].pid, SIGKILL);  // the workers then fail on their own
   } else {
