@@ -1,6 +1,7 @@
 // End-to-end tests: real processes on loopback, started by asgd-launch or directly.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <regex>
 
 #include "process.h"
@@ -88,6 +89,19 @@ TEST(BadEnvironment, UnreachableMaster) {
             std::string::npos)
       << p.err_buf;
   EXPECT_NE(p.err_buf.find("Is rank 0 running"), std::string::npos) << p.err_buf;
+  // c10d's retries and socket warnings stay off the terminal: one line, ours.
+  EXPECT_EQ(std::count(p.err_buf.begin(), p.err_buf.end(), '\n'), 1) << p.err_buf;
+}
+
+TEST(BadEnvironment, UnresolvableMasterAddrIsOneLine) {
+  auto env = rank_env(1, 2, testing::free_port(), "300");
+  env["MASTER_ADDR"] = "nosuchhost.invalid";
+  Proc p = testing::run({peer()}, env, 60s);
+  EXPECT_FALSE(p.timed_out);
+  EXPECT_EQ(p.exit_code, 1);
+  EXPECT_NE(p.err_buf.find("rank 1: MASTER_ADDR=nosuchhost.invalid does not resolve"), std::string::npos)
+      << p.err_buf;
+  EXPECT_EQ(std::count(p.err_buf.begin(), p.err_buf.end(), '\n'), 1) << p.err_buf;
 }
 
 TEST(BadEnvironment, PortInUse) {

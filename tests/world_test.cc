@@ -126,6 +126,88 @@ TEST(World, TwoJobsOnOneStoreStayApart) {
   EXPECT_EQ(results, (std::vector<std::string>{"job-a", "job-a", "job-b", "job-b"}));
 }
 
+// Rendezvous over a TCP store that World hosts (rank 0) or joins, at a free port.
+WorldOptions tcp_options(int rank, int size, int port, const std::string& job,
+                         std::chrono::milliseconds timeout) {
+  auto o = testing::thread_world_options(rank, size);
+  o.master_addr = "127.0.0.1";
+  o.master_port = port;
+  o.job_id = job;
+  o.timeout = timeout;
+  return o;
+}
+
+// Two jobs on one port: the second job's rank 0 cannot host its store, and its rank 1
+// reaches the first job's store. It must say so at once, naming both jobs, and not wait
+// for ranks that will never come there (nor touch the other job's keys).
+TEST(World, AStoreHostedByAnotherJobIsNamedAtOnce) {
+  const int port = testing::free_port();
+  std::string a_error;
+  std::thread job_a([&] {
+    try {
+      World::create(tcp_options(0, 2, port, "job-a", 4s));
+    } catch (const std::exception& e) {
+      a_error = e.what();
+    }
+  });
+  std::string b_error;
+  try {
+    World::create(tcp_options(1, 2, port, "job-b", 120s));
+  } catch (const std::exception& e) {
+    b_error = e.what();
+    EXPECT_NE(dynamic_cast<const ConfigError*>(&e), nullptr) << "not a ConfigError: " << b_error;
+  }
+  job_a.join();
+  EXPECT_NE(b_error.find("rank 1: the rendezvous store at MASTER_ADDR=127.0.0.1 MASTER_PORT=" +
+                         std::to_string(port) + " is hosted by job 'job-a', not by this job 'job-b'"),
+            std::string::npos)
+      << b_error;
+  // Job a's own rank 1 never came; job b's did not count as it.
+  EXPECT_NE(a_error.find("rendezvous timed out after 4 s: ranks [1] of WORLD_SIZE=2"), std::string::npos)
+      << a_error;
+}
+
+// The store's host (rank 0) ends while another rank waits in the rendezvous: the wait
+// ends at once with what happened, not with a timeout it never reached.
+TEST(World, AStoreWhoseHostEndsEndsTheWaitWithWhatHappened) {
+  const int port = testing::free_port();
+  std::string host_error;
+  std::thread host([&] {
+    try {
+      World::create(tcp_options(0, 3, port, "job", 3s));  // rank 2 never comes
+    } catch (const std::exception& e) {
+      host_error = e.what();
+    }
+  });
+  std::string error;
+  try {
+    World::create(tcp_options(1, 3, port, "job", 120s));
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  host.join();
+  EXPECT_NE(host_error.find("timed out after 3 s"), std::string::npos) << host_error;
+  EXPECT_NE(error.find("rank 1: the rendezvous store at MASTER_ADDR=127.0.0.1 MASTER_PORT=" +
+                       std::to_string(port) + " went away"),
+            std::string::npos)
+      << error;
+  EXPECT_NE(error.find("into the rendezvous (job 'job')"), std::string::npos) << error;
+  EXPECT_EQ(error.find("timed out"), std::string::npos) << error;
+}
+
+TEST(World, AnUnresolvableMasterAddrIsOneLineAtOnce) {
+  auto o = tcp_options(1, 2, testing::free_port(), "job", 120s);
+  o.master_addr = "nosuchhost.invalid";
+  std::string error;
+  try {
+    World::create(o);
+  } catch (const ConfigError& e) {
+    error = e.what();
+  }
+  EXPECT_EQ(error.rfind("rank 1: MASTER_ADDR=nosuchhost.invalid does not resolve (", 0), 0u) << error;
+  EXPECT_EQ(error.find('\n'), std::string::npos) << error;
+}
+
 TEST(World, BarrierAndCollectivesComplete) {
   testing::spawn(3, [](std::shared_ptr<World> w) {
     w->barrier("one");

@@ -1,8 +1,15 @@
 #include "torch_asgd/comm/world.h"
 
+#include <netdb.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <thread>
+
+#include <c10/util/Logging.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <gloo/rendezvous/context.h>
@@ -57,6 +64,86 @@ uint64_t token_of(const std::string& s) {
   return h == 0 ? 1 : h;
 }
 
+// Rank 0, when it hosts the TCP store, writes its job id here (outside every job's
+// prefix): a rank that reached another job's store says so at once instead of waiting
+// for ranks that will never come there.
+const char* const kOwnerKey = "torch_asgd.store_owner";
+
+// Whether a rank hosts or joins a TCP store that World opened itself (not the
+// torchelastic agent's, not a FileStore, not one the program passed in).
+bool owns_tcp_store(const WorldOptions& o) { return o.store_path.empty() && !o.use_agent_store; }
+
+// The name first: c10d retries an unresolvable host once a second until the timeout,
+// logging every try; one line now is what the user needs.
+void resolve_master_addr(const WorldOptions& o) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  const int rc = ::getaddrinfo(o.master_addr.c_str(), nullptr, &hints, &found);
+  if (rc != 0) {
+    throw ConfigError(fmt::format(
+        "rank {}: MASTER_ADDR={} does not resolve ({}): set it to rank 0's host name or IP "
+        "address, the same on every rank",
+        o.rank, o.master_addr, ::gai_strerror(rc)));
+  }
+  ::freeaddrinfo(found);
+}
+
+// c10d logs its retries, socket warnings and the errors torch_asgd reports itself (in
+// one line that says what to do) to stderr, gated by c10's caffe2_log_level, which c10
+// takes from TORCH_CPP_LOG_LEVEL at start-up. Unless the user set that variable, raise
+// the level to FATAL: c10d's LOG_IF lines then stay off the terminal (and so does glog's
+// "Logging before InitGoogleLogging()"). TORCH_CPP_LOG_LEVEL=INFO brings them back.
+void quiet_c10d_unless_asked() {
+  const char* asked = std::getenv("TORCH_CPP_LOG_LEVEL");
+  if (asked == nullptr || *asked == 0) FLAGS_caffe2_log_level = std::max(FLAGS_caffe2_log_level, 3);
+}
+
+std::string store_address(const WorldOptions& o) {
+  if (!o.store_path.empty()) return fmt::format("file store '{}'", o.store_path);
+  if (o.master_addr.empty()) return "store";
+  return fmt::format("store at MASTER_ADDR={} MASTER_PORT={}", o.master_addr, o.master_port);
+}
+
+void claim_or_check_owner(c10d::Store& store, const WorldOptions& o) {
+  // What the store throws (its host is gone) becomes one line that says so.
+  auto guarded = [&](auto&& call) {
+    try {
+      return call();
+    } catch (const std::exception& e) {
+      std::string why = e.what();
+      why = why.substr(0, why.find('\n'));
+      throw CommError(fmt::format("rank {}: the rendezvous {} went away while this rank joined "
+                                  "it: {}. Did rank 0 exit?",
+                                  o.rank, store_address(o), why.substr(0, 200)));
+    }
+  };
+  if (o.rank == 0) {
+    guarded([&] { store.set(kOwnerKey, std::vector<uint8_t>(o.job_id.begin(), o.job_id.end())); });
+    return;
+  }
+  const auto deadline = std::chrono::steady_clock::now() + o.timeout;
+  while (!guarded([&] { return store.check({kOwnerKey}); })) {
+    if (std::chrono::steady_clock::now() >= deadline) {
+      throw CommError(fmt::format(
+          "rank {}: the rendezvous {} answers, but no torch_asgd rank 0 claimed it within {}: "
+          "is another program's store on this port? Pick another MASTER_PORT",
+          o.rank, store_address(o), seconds(o.timeout)));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  const auto v = guarded([&] { return store.get(kOwnerKey); });
+  const std::string owner(v.begin(), v.end());
+  if (owner != o.job_id) {
+    throw ConfigError(fmt::format(
+        "rank {}: the rendezvous {} is hosted by job '{}', not by this job '{}': another job is "
+        "using this port (so this job's rank 0 could not host its store there). Give each job "
+        "its own MASTER_PORT",
+        o.rank, store_address(o), owner, o.job_id));
+  }
+}
+
 c10::intrusive_ptr<c10d::Store> open_store(const WorldOptions& o) {
   if (!o.store_path.empty()) {
     try {
@@ -69,6 +156,7 @@ c10::intrusive_ptr<c10d::Store> open_store(const WorldOptions& o) {
                                   o.rank, o.store_path, e.what()));
     }
   }
+  resolve_master_addr(o);
   c10d::TCPStoreOptions t;
   t.port = static_cast<uint16_t>(o.master_port);
   t.isServer = o.rank == 0 && !o.use_agent_store;
@@ -117,7 +205,11 @@ std::shared_ptr<World> World::from_env(const WorldOptions& overrides) {
 std::shared_ptr<World> World::create(const WorldOptions& options) {
   options.validate();
   c10::intrusive_ptr<c10d::Store> store;
-  if (options.world_size > 1) store = open_store(options);
+  if (options.world_size > 1) {
+    quiet_c10d_unless_asked();
+    store = open_store(options);
+    if (owns_tcp_store(options)) claim_or_check_owner(*store, options);
+  }
   std::shared_ptr<World> w(new World(options, std::move(store)));
   w->connect();
   return w;
@@ -161,27 +253,43 @@ void World::retire(std::shared_ptr<void> resource) {
 }
 
 void World::wait_for_all(const std::string& prefix, const std::string& what) {
+  // Polled, not one blocking wait: a store that goes away (its host ended) is told
+  // apart from ranks that do not come, and every figure printed is the real one.
   std::vector<std::string> keys;
   for (int r = 0; r < size(); ++r) keys.push_back(prefix + std::to_string(r));
-  try {
-    store_->wait(keys, options_.timeout);
-    return;
-  } catch (const std::exception&) {
-    // Fall through and name who is missing.
-  }
-  std::vector<int> missing;
-  for (int r = 0; r < size(); ++r) {
-    try {
-      if (!store_->check({keys[r]})) missing.push_back(r);
-    } catch (const std::exception&) {
-      missing.push_back(r);
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto deadline = t0 + options_.timeout;
+  std::vector<bool> arrived(size(), false);
+  auto pause = std::chrono::milliseconds(5);
+  while (true) {
+    std::vector<int> missing;
+    for (int r = 0; r < size(); ++r) {
+      if (arrived[r]) continue;
+      try {
+        arrived[r] = store_->check({keys[r]});
+      } catch (const std::exception& e) {
+        const double after = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        std::string why = e.what();
+        why = why.substr(0, why.find('\n'));
+        throw CommError(fmt::format(
+            "rank {}: the rendezvous {} went away {:.1f} s into the {} (job '{}'): {}. The "
+            "process hosting it ended: this job's rank 0 exited or was killed (see its "
+            "output), or the store belonged to another job on the same MASTER_ADDR:MASTER_PORT",
+            rank(), store_address(options_), after, what, options_.job_id, why.substr(0, 200)));
+      }
+      if (!arrived[r]) missing.push_back(r);
     }
+    if (missing.empty()) return;
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= deadline) {
+      throw CommError(fmt::format(
+          "rank {}: {} timed out after {}: ranks [{}] of WORLD_SIZE={} did not arrive (job '{}'). "
+          "Are they running, with the same MASTER_ADDR, MASTER_PORT, WORLD_SIZE and job id?",
+          rank(), what, seconds(options_.timeout), fmt::join(missing, ", "), size(), options_.job_id));
+    }
+    std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(pause, deadline - now));
+    pause = std::min(pause * 2, std::chrono::milliseconds(100));
   }
-  if (missing.empty()) return;
-  throw CommError(fmt::format(
-      "rank {}: {} timed out after {}: ranks [{}] of WORLD_SIZE={} did not arrive (job '{}'). "
-      "Are they running, with the same MASTER_ADDR, MASTER_PORT, WORLD_SIZE and job id?",
-      rank(), what, seconds(options_.timeout), fmt::join(missing, ", "), size(), options_.job_id));
 }
 
 void World::connect() {
@@ -220,9 +328,10 @@ void World::connect() {
     int64_t joined = store_->add("arrived_count/" + std::to_string(o.rank), 1);
     if (joined > 1) {
       throw ConfigError(fmt::format(
-          "rank {}: another process already joined job '{}' as rank {}; every process needs its "
-          "own RANK (or pick a fresh job id with TORCH_ASGD_JOB_ID)",
-          o.rank, o.job_id, o.rank));
+          "rank {}: another process already joined job '{}' as rank {} in the rendezvous {}: "
+          "every process needs its own RANK, and two jobs on one MASTER_ADDR:MASTER_PORT need "
+          "distinct job ids (TORCH_ASGD_JOB_ID) or, better, distinct ports",
+          o.rank, o.job_id, o.rank, store_address(o)));
     }
     store_->set("arrived/" + std::to_string(o.rank), bytes(std::to_string(o.world_size)));
     wait_for_all("arrived/", "rendezvous");
