@@ -4,6 +4,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <signal.h>
 #include <sys/stat.h>
 
 #include <thread>
@@ -157,6 +158,28 @@ TEST(Mnist, HelpListsEveryOption) {
   EXPECT_EQ(p.out_buf.find("--synthetic"), std::string::npos) << "a CIFAR option in asgd-mnist's help";
   Proc c = testing::run({bin("asgd-cifar"), "--help"}, {}, 30s);
   EXPECT_NE(c.out_buf.find("--synthetic"), std::string::npos) << c.out_buf;
+}
+
+// A first SIGINT stops the run at the next step boundary: the last checkpoint is
+// written, the summary and the metrics are printed, and the exit code is 130 (a second
+// signal would kill). Without the handler the process dies on the spot with neither.
+TEST(MnistSignals, AFirstSigintWritesTheCheckpointAndTheSummaryThenExits130) {
+  const std::string dir = make_mnist_dir("sigint", false);
+  const std::string json = dir + "/m.json";
+  Proc p = testing::start({bin("asgd-mnist"), "--data", dir, "--algo", "local", "--epochs", "100000",
+                           "--batch-size", "10", "--checkpoint-dir", dir + "/ckpt",
+                           "--checkpoint-every", "100000000", "--eval-every", "0", "--metrics-out", json});
+  ASSERT_TRUE(testing::wait_for_output(p, "progress:", 60s)) << p.err_buf;
+  ::kill(p.pid, SIGINT);
+  testing::finish(p, 60s);
+  EXPECT_FALSE(p.timed_out);
+  EXPECT_EQ(p.exit_code, 130) << p.err_buf;
+  EXPECT_NE(p.out_buf.find("asgd-mnist: algo=local"), std::string::npos) << p.out_buf;
+  struct stat st {};
+  EXPECT_EQ(::stat((dir + "/ckpt/rank-0.pt").c_str(), &st), 0) << "no checkpoint written on the signal";
+  const auto m = metrics_in(json);
+  ASSERT_TRUE(m.is_object()) << "no metrics written on the signal";
+  EXPECT_EQ(m["stopped_by"], "signal") << m.dump(2);
 }
 
 TEST(AsGradProcesses, ServerThatDiesIsAClearErrorOnEveryWorker) {

@@ -4,6 +4,23 @@
 #include <torch/torch.h>
 #include <torch_asgd/torch_asgd.h>
 
+// The README's sharding snippet ("Sharding the data"), on an in-memory data set: with a
+// world of one, each epoch visits every sample once.
+int64_t samples_in_shards(const torch_asgd::World& world, int epochs) {
+  auto data = torch::data::datasets::TensorDataset(torch::arange(100).unsqueeze(1))
+                  .map(torch::data::transforms::Stack<torch::data::TensorExample>());
+  const size_t n = data.size().value();
+  int64_t seen = 0;
+  for (int epoch = 0; epoch < epochs; ++epoch) {
+    torch::data::samplers::DistributedRandomSampler shard(n, world.size(), world.rank());
+    shard.set_epoch(epoch);
+    auto loader = torch::data::make_data_loader(data, std::move(shard),
+                                                torch::data::DataLoaderOptions().batch_size(16));
+    for (auto& batch : *loader) seen += batch.data.size(0);
+  }
+  return seen;
+}
+
 int main() {
   // A world of one from an empty environment, a frame header round trip, and an
   // optimizer around an inner Adam.
@@ -32,6 +49,7 @@ int main() {
   w.mutable_grad() = torch::ones({3});
   opt.step();
   ok = ok && w.lt(0).all().item<bool>();
+  ok = ok && samples_in_shards(*torch_asgd::World::from_env(), 2) == 200;
   std::printf("downstream %s\n", ok ? "ok" : "FAILED");
   return ok ? 0 : 1;
 }
