@@ -658,5 +658,38 @@ TEST(DASGD, OverlapIsIgnoredForCpuParameters) {
   EXPECT_THROW(detail::DevicePipeline(c10::Device(c10::kCPU), 4, c10::kFloat), ConfigError);
 }
 
+// On a GPU (skipped without one): DASGD with its parameters on the device, with and
+// without the overlapped pipeline, leaves every replica where the CPU run does once
+// finish() returns, with random gradients that differ per rank and per step.
+TEST(DASGDOnTheGpu, ReplicasAgreeAfterFinishWithAndWithoutOverlap) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device (this LibTorch: CPU only)";
+  const int n = 2, steps = 40;
+  auto grads = [&](int r, int s) {
+    auto gen = at::detail::createCPUGenerator(1000 * r + s);
+    return torch::randn({1000}, gen, torch::kDouble);
+  };
+  // The CPU reference: plain SGD, every rank's every update applied everywhere.
+  auto expected = torch::linspace(0, 1, 1000, torch::kDouble);
+  for (int r = 0; r < n; ++r) {
+    for (int s = 0; s < steps; ++s) expected -= 0.01 * grads(r, s);
+  }
+  for (bool overlap : {false, true}) {
+    testing::spawn(n, [&](std::shared_ptr<World> world) {
+      const int r = world->rank();
+      auto p = torch::linspace(0, 1, 1000, torch::kDouble).to(torch::kCUDA);
+      DASGD opt(std::vector<torch::Tensor>{p}, torch::optim::SGDOptions(0.01),
+                DASGDOptions().overlap(overlap), world);
+      for (int s = 0; s < steps; ++s) {
+        p.mutable_grad() = grads(r, s).to(torch::kCUDA);
+        opt.step();
+      }
+      ASSERT_TRUE(opt.finish(30s));
+      EXPECT_TRUE(p.cpu().allclose(expected, 1e-10, 1e-10))
+          << "rank " << r << " overlap " << overlap << ": max difference "
+          << (p.cpu() - expected).abs().max().item<double>();
+    });
+  }
+}
+
 }  // namespace
 }  // namespace torch_asgd

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <fstream>
 #include <iterator>
 #include <string>
@@ -91,7 +92,9 @@ inline std::vector<uint8_t> gunzip(const std::string& path) {
 // directory of the test's own. Data on which a broken run misses an accuracy bound that
 // a healthy one meets, unlike the generated bars (which every run learns perfectly).
 inline std::string make_fashion_dir(const std::string& name, int train, int test) {
-  const std::string src = "/usr/share/datasets/fashion-mnist";
+  // TORCH_ASGD_FASHION_MNIST names another copy (scripts/gpu-check.sh brings its own).
+  const char* other = std::getenv("TORCH_ASGD_FASHION_MNIST");
+  const std::string src = other != nullptr && *other != 0 ? other : "/usr/share/datasets/fashion-mnist";
   std::string dir = ::testing::TempDir() + "asgd_fashion_" + name + "_" + std::to_string(::getpid());
   ::mkdir(dir.c_str(), 0755);
   auto cut = [&](const std::string& stem, int n) {
