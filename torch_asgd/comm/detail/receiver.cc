@@ -8,6 +8,7 @@
 #include <gloo/context.h>
 #include <gloo/transport/unbound_buffer.h>
 
+#include "torch_asgd/comm/detail/log.h"
 #include "torch_asgd/comm/detail/sender.h"
 #include "torch_asgd/comm/error.h"
 
@@ -26,6 +27,10 @@ struct Receiver::PeerIn {
   Metadata meta;
   uint64_t done = 0;  // payload bytes so far
   bool merged = false;  // additive: it shares the stream's buffer with earlier arrivals
+  // Additive: the last chunk, summed in finish_message() under the same lock as the
+  // message's metadata, so that no poll() hands out an update without its parts.
+  const uint8_t* tail = nullptr;
+  size_t tail_bytes = 0;
   Reject why = Reject::kNone;
   StreamingChecksum checksum;
   at::Tensor buffer;  // ordered and replace: the message's own payload
@@ -44,6 +49,7 @@ struct Receiver::Accumulator {
   bool tainted = false;  // a rejected message was partly summed into current
   std::vector<std::pair<int, Metadata>> parts;
   std::vector<size_t> parts_of;  // by peer
+  std::vector<char> partial_from;  // by peer: chunks of an unfinished message are in current
 
   at::Tensor fresh() {
     if (spare.defined()) return std::move(spare);
@@ -70,6 +76,7 @@ Receiver::Receiver(ChannelCore& core) : core_(core) {
     a->spec = &s;
     a->current = at::zeros({s.numel}, at::TensorOptions().dtype(s.dtype));
     a->parts_of.assign(core_.size, 0);
+    a->partial_from.assign(core_.size, 0);
     acc_[s.id] = std::move(a);
   }
 }
@@ -269,7 +276,10 @@ void Receiver::on_payload(PeerIn& p, const uint8_t* data, size_t bytes) {
     p.why = Reject::kNonFinite;
   }
   if (p.why == Reject::kNone) {
-    if (h.type == FrameType::kAdditive) {
+    if (h.type == FrameType::kAdditive && p.done + bytes == h.payload_bytes) {
+      p.tail = data;  // valid until finish_message() below returns
+      p.tail_bytes = bytes;
+    } else if (h.type == FrameType::kAdditive) {
       Accumulator& a = *acc_[h.stream];
       std::lock_guard<std::mutex> lock(a.mu);
       if (!p.merged) {
@@ -278,6 +288,7 @@ void Receiver::on_payload(PeerIn& p, const uint8_t* data, size_t bytes) {
       }
       add_into(static_cast<uint8_t*>(a.current.data_ptr()) + p.done, data, bytes, h.dtype);
       a.has_data = true;
+      a.partial_from[p.rank] = 1;
     } else {
       std::memcpy(static_cast<uint8_t*>(p.buffer.data_ptr()) + p.done, data, bytes);
     }
@@ -305,12 +316,14 @@ void Receiver::finish_message(PeerIn& p) {
           core_.prefix(), p.rank))));
     }
     reject(p, p.why);  // (counted before the taint shows)
+    p.tail = nullptr;  // a rejected last chunk is never summed
     if (h.type == FrameType::kAdditive && p.merged) {
       // Chunks of it are in the sum already and cannot be taken out again.
       Accumulator& a = *acc_[h.stream];
       std::lock_guard<std::mutex> lock(a.mu);
       a.tainted = true;
       a.has_data = true;
+      a.partial_from[p.rank] = 0;
     }
     p.buffer = at::Tensor();
     whole(p, h.sequence, ack_requested);  // processed, if not delivered
@@ -322,6 +335,12 @@ void Receiver::finish_message(PeerIn& p) {
     Accumulator& a = *acc_[h.stream];
     std::lock_guard<std::mutex> lock(a.mu);
     if (!p.merged && a.has_data) ++p.coalesced;
+    if (p.tail != nullptr) {
+      add_into(static_cast<uint8_t*>(a.current.data_ptr()) + (p.done - p.tail_bytes), p.tail,
+               p.tail_bytes, h.dtype);
+      p.tail = nullptr;
+    }
+    a.partial_from[p.rank] = 0;
     a.has_data = true;  // (an empty payload still brings its metadata)
     if (a.parts_of[p.rank] >= kMaxPartsPerPeer) {
       for (auto it = a.parts.rbegin(); it != a.parts.rend(); ++it) {
@@ -382,7 +401,25 @@ void Receiver::notify() {
 uint64_t Receiver::last_whole(int peer) const { return peers_[peer]->last_whole; }
 
 void Receiver::peer_failed(int peer) {
-  (void)peer;  // its posted receives are left out from now on; a half message never ends
+  // Its posted receives are left out from now on; a half message never ends. Chunks of
+  // it already summed stay (they cannot be taken out, and tainting the sum would stop
+  // survivors that were asked to go on without the peer): said once, loudly.
+  for (auto& a : acc_) {
+    if (!a) continue;
+    bool partial = false;
+    {
+      std::lock_guard<std::mutex> lock(a->mu);
+      partial = a->partial_from[peer] != 0;
+      a->partial_from[peer] = 0;
+    }
+    if (partial) {
+      log_warning(fmt::format("{}: rank {} failed in the middle of an additive message on "
+                              "stream {}: the chunks of it that had arrived are in this rank's "
+                              "sum, so this replica may differ from the others by part of "
+                              "that rank's last update",
+                              core_.prefix(), peer, a->spec->id));
+    }
+  }
 }
 
 Receiver::Counts Receiver::counts(int peer) const {

@@ -236,12 +236,17 @@ size_t Sender::queued(int peer) const {
   return peers_[peer]->queued();
 }
 
+bool Sender::broadcast_undistributed_locked() const {
+  if (distributing_ > 0) return true;
+  for (const auto& b : pending_broadcast_) {
+    if (b) return true;
+  }
+  return false;
+}
+
 bool Sender::idle_locked(const PeerOut& p) const {
   if (p.failed) return true;
-  for (const auto& b : pending_broadcast_) {
-    if (b) return false;
-  }
-  return p.queued() == 0;
+  return !broadcast_undistributed_locked() && p.queued() == 0;
 }
 
 bool Sender::idle(int peer) const {
@@ -299,7 +304,9 @@ bool Sender::wait_idle(int peer, std::chrono::steady_clock::time_point deadline)
 bool Sender::wait_room(int peer, size_t max_queued, std::chrono::steady_clock::time_point deadline) {
   std::unique_lock<std::mutex> lock(mu_);
   const PeerOut& p = *peers_[peer];
-  return done_cv_.wait_until(lock, deadline, [&] { return p.failed || p.queued() <= max_queued; });
+  return done_cv_.wait_until(lock, deadline, [&] {
+    return p.failed || p.queued() + (broadcast_undistributed_locked() ? 1 : 0) <= max_queued;
+  });
 }
 
 // ---- the thread ---------------------------------------------------------------------
@@ -341,10 +348,12 @@ void Sender::distribute_broadcasts_locked(std::unique_lock<std::mutex>& lock) {
     if (core_.options.verify_payload) {
       // Immutable from now on: one checksum serves every peer. Outside the lock, so
       // that the training thread can go on sending.
+      ++distributing_;
       lock.unlock();
       m->checksum = checksum64(m->payload.data_ptr(), m->bytes());
       m->checksummed = true;
       lock.lock();
+      --distributing_;
     }
     const AdditiveStream& spec = *core_.streams[s];
     // Peers that waited with the same buffer get the same sum: one per group.
@@ -422,7 +431,9 @@ void Sender::post_ready_locked(PeerOut& p) {
     }
   }
   if (p.failed) return;
-  if (p.bye_wanted && !p.bye_posted && !p.waiting()) {
+  // The goodbye goes after everything sent before close(), broadcasts not yet in this
+  // peer's slots included.
+  if (p.bye_wanted && !p.bye_posted && !p.waiting() && !broadcast_undistributed_locked()) {
     p.bye_posted = true;
     post_locked(p, nullptr, FrameType::kBye, /*ack_requested=*/true);
   }

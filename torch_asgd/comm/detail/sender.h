@@ -94,6 +94,7 @@ class Sender {
 
   void run();
   void wake_locked();
+  bool broadcast_undistributed_locked() const;
   bool idle_locked(const PeerOut& p) const;
   void distribute_broadcasts_locked(std::unique_lock<std::mutex>& lock);
   void coalesce_locked(PeerOut& p, uint8_t stream, OutRef msg);
@@ -113,6 +114,9 @@ class Sender {
   std::vector<std::unique_ptr<PeerOut>> peers_;  // by rank; null for self
   // Broadcasts not yet handed to the peers, by additive stream (summed while waiting).
   std::array<OutRef, kMaxStreams> pending_broadcast_{};
+  // Broadcasts taken out of pending_broadcast_ and being checksummed outside the lock:
+  // in no peer's slot yet, but not delivered either (idle, room and goodbye wait).
+  int distributing_ = 0;
   std::vector<std::pair<int, std::string>> failures_;  // posts that failed, to report unlocked
 
   // Additive payload buffers to reuse, by stream.
