@@ -139,7 +139,7 @@ torch::Tensor Gossip::step(LossClosure closure) {
   ++versions_[rank_];
   if (!transport_) return loss;
   if (!held_) take(transport_->poll());
-  settle_with_gone_peers();
+  settle_with_gone_peers(/*may_poll=*/!held_);
   give_up_if_late();
   if (!open_ && !finishing_ && local_steps_ % options_.exchange_every() == 0) open_exchange();
   return loss;
@@ -273,7 +273,7 @@ void Gossip::open_exchange() {
   }
 }
 
-void Gossip::settle_with_gone_peers() {
+void Gossip::settle_with_gone_peers(bool may_poll) {
   const auto failed = transport_->failed_peers();
   for (int p : failed) {
     if (counted_failed_[p]) continue;
@@ -290,8 +290,19 @@ void Gossip::settle_with_gone_peers() {
   }
   const auto gone = gone_peers();
   auto is_gone = [&](int p) { return std::find(gone.begin(), gone.end(), p) != gone.end(); };
+  auto waits_on_gone = [&] {
+    if (open_ && is_gone(open_->peer)) return true;
+    for (const auto& g : given_up_) {
+      if (is_gone(g.second.peer)) return true;
+    }
+    return false;
+  };
+  // A goodbye comes after every reply its sender sent, and the channel queues a reply
+  // before it records the goodbye: a reply that came with it is in the next poll.
+  // (`may_poll`: false inside step() while a test scripts the arrivals.)
+  if (may_poll && waits_on_gone()) take(transport_->poll());
   // A peer that said goodbye or died answers nothing more: what it had not answered, it
-  // did not mix (a goodbye comes after every reply it sent).
+  // did not mix.
   if (open_ && is_gone(open_->peer)) {
     open_.reset();
     ++counts_.declined;

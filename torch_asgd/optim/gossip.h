@@ -124,7 +124,7 @@ class Gossip : public DistributedOptimizer {
   void handle_pending();
   void handle(const Message& m);
   void open_exchange();
-  void settle_with_gone_peers();
+  void settle_with_gone_peers(bool may_poll = true);
   void give_up_if_late();
   void send(int peer, int64_t kind, int64_t id, const at::Tensor& payload);
   void record_lag(const Message& m);
