@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <mutex>
 #include <thread>
 
 #include <c10/util/Logging.h>
@@ -95,9 +96,14 @@ void resolve_master_addr(const WorldOptions& o) {
 // takes from TORCH_CPP_LOG_LEVEL at start-up. Unless the user set that variable, raise
 // the level to FATAL: c10d's LOG_IF lines then stay off the terminal (and so does glog's
 // "Logging before InitGoogleLogging()"). TORCH_CPP_LOG_LEVEL=INFO brings them back.
+// The flag is process-wide (it quiets c10's other LOG_IF lines too): set once, before
+// any World of this process opens a store, never lowered.
 void quiet_c10d_unless_asked() {
-  const char* asked = std::getenv("TORCH_CPP_LOG_LEVEL");
-  if (asked == nullptr || *asked == 0) FLAGS_caffe2_log_level = std::max(FLAGS_caffe2_log_level, 3);
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const char* asked = std::getenv("TORCH_CPP_LOG_LEVEL");
+    if (asked == nullptr || *asked == 0) FLAGS_caffe2_log_level = std::max(FLAGS_caffe2_log_level, 3);
+  });
 }
 
 std::string store_address(const WorldOptions& o) {
