@@ -19,8 +19,19 @@ done
 BIN=build/bin
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
-field() { sed -n "s/.*\"$1\": \\([^,}]*\\).*/\\1/p" "$2" | head -1; }
-list() { sed -n "s/.*\"$1\": \\[\\([^]]*\\)\\].*/\\1/p" "$2" | head -1; }
+# One table row from a --metrics-out file.
+row() {
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+name, m = sys.argv[1], json.load(open(sys.argv[2]))
+rates = " / ".join(f"{r:.0f}" for r in m["samples_per_second"])
+ttt = m["time_to_target_seconds"]
+ttt = "not reached" if ttt is None else f"{ttt:.1f} s"
+s = m["staleness"]
+print(f"| {name} | {rates} | {m['aggregate_samples_per_second']:.0f} | {ttt} | {m['test_accuracy']:.4f} | "
+      f"{s['mean']:.2f} / {s['max']} |")
+PY
+}
 
 table="| algorithm | samples/s per worker | aggregate samples/s | time to ${TARGET} test accuracy | final test accuracy | staleness mean / max |
 |---|---|---:|---:|---:|---:|"
@@ -30,11 +41,7 @@ run() {
   "$BIN/asgd-launch" --nproc "$nproc" --master-port 0 -- "$BIN/asgd-mnist" --epochs "$EPOCHS" --lr 0.05 --momentum 0.5 \
     --straggler "$straggler:2" --target-accuracy "$TARGET" --eval-every "$EVAL" \
     --metrics-out "$json" "$@" >"$TMP/$name.log" 2>&1 || { cat "$TMP/$name.log" >&2; exit 1; }
-  local rates ttt
-  rates=$(list samples_per_second "$json" | awk -F', ' '{for (i = 1; i <= NF; i++) printf "%s%.0f", (i > 1 ? " / " : ""), $i}')
-  ttt=$(field time_to_target_seconds "$json")
-  [[ $ttt == null ]] && ttt="not reached" || ttt=$(printf "%.1f s" "$ttt")
-  table+=$'\n'"| $name | $rates | $(printf %.0f "$(field aggregate_samples_per_second "$json")") | $ttt | $(field test_accuracy "$json") | $(printf %.2f "$(sed -n 's/.*"staleness": {"mean": \([^,]*\), "max": \([^,]*\),.*/\1/p' "$json")") / $(sed -n 's/.*"staleness": {"mean": [^,]*, "max": \([^,]*\),.*/\1/p' "$json") |"
+  table+=$'\n'"$(row "$name" "$json")"
   echo "$name done" >&2
 }
 run asgd-pure 4 3 --algo asgd-pure
@@ -45,7 +52,8 @@ run sync 3 2 --algo sync
 echo "$table"
 if [[ -n $OUT ]]; then
   {
-    echo "MNIST example network on Fashion-MNIST, $EPOCHS epochs, batch 32, lr 0.05, momentum 0.5 (SyncSGD);"
+    echo "MNIST example network on Fashion-MNIST, $EPOCHS epochs, batch 32, local rule SGD lr 0.05 momentum 0.5"
+    echo "(every algorithm: the server's rule for AsGrad, each rank's for sync);"
     echo "server algorithms: 4 ranks (server + 3 workers), worker 3 twice as slow (--straggler 3:2);"
     echo "sync: 3 ranks, rank 2 twice as slow. One run each on $(nproc) cores, $(date -u +%Y-%m-%d)."
     echo "Produced by benchmarks/asgrad_mnist.sh."

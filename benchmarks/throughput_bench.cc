@@ -4,6 +4,10 @@
 //
 //   asgd-launch --nproc 2 -- asgd-bench-throughput --algo {local,dasgd,gossip,sync}
 //                            [--steps 300] [--warmup 30] [--batch-size 64] [--broadcast-every 1]
+//                            [--optimizer sgd|adam|adamw] [--max-lead L] [--lead-policy wait|damp]
+//
+// "local" is the inner optimizer alone (a plain torch::optim optimizer, no wrapper):
+// the others' figures with one process are the wrapper's own per-step cost.
 //
 // Inputs are synthetic batches of MNIST's shape, made before timing, so the figure
 // is compute plus communication, not data loading. Prints one line per rank:
@@ -23,6 +27,8 @@ using namespace torch_asgd;
 int main(int argc, char** argv) {
   std::string algo = "dasgd";
   int steps = 300, warmup = 30, batch = 64, broadcast_every = 1;
+  int64_t max_lead = 0;
+  std::string optimizer = "sgd", lead_policy = "wait";
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string a = argv[i];
     if (a == "--algo") algo = argv[i + 1];
@@ -30,6 +36,9 @@ int main(int argc, char** argv) {
     else if (a == "--warmup") warmup = std::stoi(argv[i + 1]);
     else if (a == "--batch-size") batch = std::stoi(argv[i + 1]);
     else if (a == "--broadcast-every") broadcast_every = std::stoi(argv[i + 1]);
+    else if (a == "--optimizer") optimizer = argv[i + 1];
+    else if (a == "--max-lead") max_lead = std::stoll(argv[i + 1]);
+    else if (a == "--lead-policy") lead_policy = argv[i + 1];
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -43,14 +52,28 @@ int main(int argc, char** argv) {
     torch::manual_seed(1);
     examples::MnistNet net;
     std::unique_ptr<torch::optim::Optimizer> opt;
+    std::shared_ptr<torch::optim::Optimizer> local;  // the inner optimizer alone
     DASGD* dasgd = nullptr;
     Gossip* gossip = nullptr;
-    auto rule = [&] {
+    auto rule = [&]() -> std::shared_ptr<torch::optim::Optimizer> {
+      if (optimizer == "adam") {
+        return std::make_shared<torch::optim::Adam>(net->parameters(), torch::optim::AdamOptions(1e-3));
+      }
+      if (optimizer == "adamw") {
+        return std::make_shared<torch::optim::AdamW>(net->parameters(), torch::optim::AdamWOptions(1e-3));
+      }
+      if (optimizer != "sgd") throw std::invalid_argument("--optimizer must be sgd, adam or adamw");
       return std::make_shared<torch::optim::SGD>(net->parameters(),
                                                  torch::optim::SGDOptions(0.01).momentum(0.5));
     };
     if (algo == "dasgd") {
-      auto d = std::make_unique<DASGD>(rule(), DASGDOptions().broadcast_every(broadcast_every), world);
+      auto d = std::make_unique<DASGD>(
+          rule(),
+          DASGDOptions()
+              .broadcast_every(broadcast_every)
+              .max_lead(max_lead)
+              .lead_policy(lead_policy == "damp" ? LeadPolicy::kDamp : LeadPolicy::kWait),
+          world);
       dasgd = d.get();
       opt = std::move(d);
     } else if (algo == "gossip") {
@@ -60,12 +83,12 @@ int main(int argc, char** argv) {
     } else if (algo == "sync") {
       opt = std::make_unique<SyncSGD>(rule(), SyncSGDOptions(), world);
     } else if (algo == "local") {
-      opt = std::make_unique<torch::optim::SGD>(net->parameters(),
-                                                torch::optim::SGDOptions(0.01).momentum(0.5));
+      local = rule();
     } else {
       std::fprintf(stderr, "unknown --algo %s (local, dasgd, gossip, sync)\n", algo.c_str());
       return 2;
     }
+    torch::optim::Optimizer* step_with = local ? local.get() : opt.get();
     auto gen = at::detail::createCPUGenerator(100 + rank);
     std::vector<torch::Tensor> xs, ys;
     for (int i = 0; i < 16; ++i) {
@@ -74,10 +97,10 @@ int main(int argc, char** argv) {
     }
     auto run = [&](int n) {
       for (int s = 0; s < n; ++s) {
-        opt->zero_grad();
+        step_with->zero_grad();
         auto loss = torch::nll_loss(net->forward(xs[s % 16]), ys[s % 16]);
         loss.backward();
-        opt->step();
+        step_with->step();
       }
     };
     run(warmup);
@@ -97,8 +120,8 @@ int main(int argc, char** argv) {
       auto s = gossip->stats();
       extra = " lag_mean=" + std::to_string(s.lag.mean()) + " exchanges=" + std::to_string(s.completed);
     }
-    std::printf("throughput algo=%s rank=%d samples_per_second=%.1f steps=%d seconds=%.3f%s\n",
-                algo.c_str(), rank, steps * batch / secs, steps, secs, extra.c_str());
+    std::printf("throughput algo=%s optimizer=%s rank=%d samples_per_second=%.1f steps=%d seconds=%.3f%s\n",
+                algo.c_str(), optimizer.c_str(), rank, steps * batch / secs, steps, secs, extra.c_str());
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());

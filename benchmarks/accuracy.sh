@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Accuracy tables on the real Fashion-MNIST (MNIST example network, 4 ranks), one run
+# per row, median-free: each row is one run (say so where you quote it).
+#   benchmarks/accuracy.sh lead   [--out FILE]  by-label shards, 1 epoch, no straggler and
+#                                               rank 3 4x slower: sync, dasgd, dasgd with
+#                                               the bounded lead (wait, damp), gossip
+#   benchmarks/accuracy.sh rules  [--out FILE]  iid, 1 and 2 epochs: dasgd, gossip, sync,
+#                                               asgd-shuffle with adam and adamw
+# Extra options after the suite go to every asgd-mnist run (e.g. --max-lead 4).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SUITE=${1:?usage: benchmarks/accuracy.sh lead|rules [--out FILE] [asgd-mnist options]}
+shift
+OUT=""
+EXTRA=()
+while (($#)); do
+  case $1 in
+    --out) OUT=$2; shift 2 ;;
+    *) EXTRA+=("$1"); shift ;;
+  esac
+done
+BIN=build/bin
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+row() {  # row LABEL JSON -> a table row
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+label, m = sys.argv[1], json.load(open(sys.argv[2]))
+s = m["staleness"]
+rates = m["samples_per_second"]
+print(f"| {label} | {100 * m['test_accuracy']:.1f} | {100 * m['worst_class_accuracy']:.1f} | "
+      f"{m['wall_seconds']:.1f} | {m['aggregate_samples_per_second']:.0f} | {max(rates):.0f} | "
+      f"{s['mean']:.1f} / {s['max']} |")
+PY
+}
+header="| configuration | test accuracy % | worst class % | wall s | aggregate samples/s | fastest rank samples/s | staleness (lag) mean / max |
+|---|---:|---:|---:|---:|---:|---:|"
+table=$header
+run() {  # run LABEL NPROC ARGS...
+  local label=$1 n=$2; shift 2
+  local json="$TMP/run.json"
+  "$BIN/asgd-launch" --nproc "$n" --master-port 0 -- "$BIN/asgd-mnist" --eval-every 0 \
+    --metrics-out "$json" "$@" "${EXTRA[@]}" >"$TMP/run.log" 2>&1 || { tail -5 "$TMP/run.log" >&2; exit 1; }
+  table+=$'\n'"$(row "$label" "$json")"
+  echo "$label done" >&2
+}
+case $SUITE in
+  lead)
+    what="4 ranks (asgd-shuffle: server + 3 workers), --partition by-label, 1 epoch, the examples' defaults (SGD lr 0.03, momentum 0.7; the AsGrad server: momentum 0), batch 32"
+    for straggler in none 3:4; do
+      s=(); [[ $straggler != none ]] && s=(--straggler "$straggler")
+      common=(--partition by-label --epochs 1 --batch-size 32 "${s[@]}")
+      run "sync, straggler $straggler" 4 --algo sync "${common[@]}"
+      run "dasgd, straggler $straggler" 4 --algo dasgd "${common[@]}"
+      for L in 4 16; do
+        run "dasgd max-lead $L wait, straggler $straggler" 4 --algo dasgd --max-lead $L --lead-policy wait "${common[@]}"
+        run "dasgd max-lead $L damp, straggler $straggler" 4 --algo dasgd --max-lead $L --lead-policy damp "${common[@]}"
+      done
+      run "gossip, straggler $straggler" 4 --algo gossip "${common[@]}"
+      run "asgd-shuffle, straggler $straggler" 4 --algo asgd-shuffle "${common[@]}"
+    done
+    ;;
+  rules)
+    what="4 ranks (asgd-shuffle: server + 3 workers), iid shards, batch 32, adam and adamw at the examples' defaults (lr 1e-3; adamw weight decay 0.01)"
+    for epochs in 1 2; do
+      for opt in adam adamw; do
+        for algo in dasgd gossip sync asgd-shuffle; do
+          run "$algo, $opt, $epochs epoch(s)" 4 --algo $algo --optimizer $opt --epochs $epochs --batch-size 32
+        done
+      done
+    done
+    ;;
+  *) echo "unknown suite $SUITE (lead, rules)" >&2; exit 2 ;;
+esac
+echo "$table"
+if [[ -n $OUT ]]; then
+  {
+    echo "Fashion-MNIST (60000 train, 10000 test), MNIST example network, $what."
+    echo "One run per row on $(nproc) cores, $(date -u +%Y-%m-%d). Produced by benchmarks/accuracy.sh $SUITE ${EXTRA[*]}."
+    echo
+    echo "$table"
+  } >"$OUT"
+fi
