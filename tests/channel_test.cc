@@ -40,6 +40,24 @@ std::vector<Message> receive(Channel& ch, size_t count) {
   return got;
 }
 
+// Additive arrivals added up: their sums, the updates their parts count, whether any
+// was tainted. A receiver may hand out parts of one message in several polls.
+struct Summed {
+  explicit Summed(int64_t numel) : total(torch::zeros({numel})) {}
+  at::Tensor total;
+  int64_t updates = 0;
+  bool tainted = false;
+  int arrivals = 0;
+  void add(const Arrivals& got) {
+    for (const auto& a : got.additive) {
+      total += a.sum;
+      for (const auto& part : a.parts) updates += part.second.field(0);
+      tainted = tainted || a.tainted;
+      ++arrivals;
+    }
+  }
+};
+
 struct Shape {
   int64_t numel;
   c10::ScalarType dtype;
@@ -282,16 +300,12 @@ TEST(Channel, AStalledPeerLagsAloneAndGetsTheExactSumWhenItWakes) {
     }
     EXPECT_TRUE(ch->close(30s));
     if (me != 0) {
-      at::Tensor total = torch::zeros({numel});
-      int64_t updates = 0;
-      for (auto& a : ch->poll().additive) {
-        total += a.sum;
-        for (const auto& part : a.parts) updates += part.second.field(0);
-      }
+      Summed got(numel);
+      got.add(ch->poll());
       float expected = 0;
       for (int i = 0; i < kSends; ++i) expected += static_cast<float>(i % 5 + 1);
-      EXPECT_TRUE(total.equal(torch::full({numel}, expected))) << "rank " << me;
-      EXPECT_EQ(updates, kSends) << "rank " << me;
+      EXPECT_TRUE(got.total.equal(torch::full({numel}, expected))) << "rank " << me;
+      EXPECT_EQ(got.updates, kSends) << "rank " << me;
     }
   });
 }
@@ -310,14 +324,12 @@ TEST(Channel, PeersThatLagInStepShareOneCoalescingBuffer) {
     const int me = world->rank();
     if (me == 1 || me == 2) ChannelTestAccess::hold_receiver(*ch, true);
     world->barrier("held");
-    float expected = 0;
     auto send = [&](int i) {
       Outgoing m;
       m.delivery = Delivery::kAdditive;
       m.payload = torch::full({numel}, static_cast<float>(i % 5 + 1));
       m.meta = Metadata({1, i, i, i});
       ch->broadcast(m);
-      expected += static_cast<float>(i % 5 + 1);
     };
     if (me == 0) {
       for (int i = 0; i < kSends; ++i) send(i);
@@ -341,15 +353,12 @@ TEST(Channel, PeersThatLagInStepShareOneCoalescingBuffer) {
     }
     EXPECT_TRUE(ch->close(30s));
     if (me != 0) {
-      at::Tensor total = torch::zeros({numel});
-      int64_t updates = 0;
-      for (auto& a : ch->poll().additive) {
-        total += a.sum;
-        for (const auto& part : a.parts) updates += part.second.field(0);
-      }
+      Summed got(numel);
+      got.add(ch->poll());
+      float expected = 0;
       for (int i = 0; i < 2 * kSends; ++i) expected += static_cast<float>(i % 5 + 1);
-      EXPECT_TRUE(total.equal(torch::full({numel}, expected))) << "rank " << me;
-      EXPECT_EQ(updates, 2 * kSends) << "rank " << me;
+      EXPECT_TRUE(got.total.equal(torch::full({numel}, expected))) << "rank " << me;
+      EXPECT_EQ(got.updates, 2 * kSends) << "rank " << me;
     }
   });
 }
@@ -692,26 +701,14 @@ TEST(Channel, AnAdditiveMessageRejectedMidStreamTaintsItsSum) {
     };
     // A receiver may hand out part of a message before the rest arrives (channel.h):
     // collect every arrival until `done` (the peer's counters show the message processed),
-    // then once more, and give back their sum and whether any was tainted.
-    struct Collected {
-      at::Tensor sum = torch::zeros({numel});
-      bool tainted = false;
-      int arrivals = 0;
-    };
-    auto collect = [&](const std::function<bool(const Collected&)>& done) {
-      Collected c;
-      auto take = [&] {
-        for (auto& a : ch->poll().additive) {
-          c.sum += a.sum;
-          c.tainted = c.tainted || a.tainted;
-          ++c.arrivals;
-        }
-      };
+    // then once more.
+    auto collect = [&](const std::function<bool(const Summed&)>& done) {
+      Summed c(numel);
       EXPECT_TRUE(eventually([&] {
-        take();
+        c.add(ch->poll());
         return done(c);
       }));
-      take();
+      c.add(ch->poll());
       world->barrier("seen");
       return c;
     };
@@ -725,15 +722,15 @@ TEST(Channel, AnAdditiveMessageRejectedMidStreamTaintsItsSum) {
     } else {
       world->barrier("sent");
       // The rejection is counted just before the taint is set: wait for both.
-      Collected a = collect([&](const Collected& c) { return ch->counters(1).rejected == 1 && c.tainted; });
+      Summed a = collect([&](const Summed& c) { return ch->counters(1).rejected == 1 && c.tainted; });
       EXPECT_TRUE(a.tainted) << "half a rejected message is in the sum";
       EXPECT_GE(a.arrivals, 1);
       EXPECT_EQ(ch->counters(1).last_reject, to_string(Reject::kNonFinite));
       const uint64_t before = ch->counters(1).received_messages;
       world->barrier("sent");
-      Collected b = collect([&](const Collected&) { return ch->counters(1).received_messages > before; });
+      Summed b = collect([&](const Summed&) { return ch->counters(1).received_messages > before; });
       EXPECT_FALSE(b.tainted) << "the taint lasts until it is handed out once";
-      EXPECT_TRUE(b.sum.equal(torch::full({numel}, 2.0f))) << "the next message is summed alone";
+      EXPECT_TRUE(b.total.equal(torch::full({numel}, 2.0f))) << "the next message is summed alone";
       EXPECT_EQ(ch->counters(1).rejected, 1u);
     }
     EXPECT_TRUE(ch->close(20s));

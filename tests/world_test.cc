@@ -137,27 +137,33 @@ WorldOptions tcp_options(int rank, int size, int port, const std::string& job,
   return o;
 }
 
+// What World::create(o) threw ("" if it returned), and whether that was a ConfigError.
+struct CreateError {
+  std::string what;
+  bool config = false;
+};
+CreateError create_error(const WorldOptions& o) {
+  try {
+    World::create(o);
+  } catch (const ConfigError& e) {
+    return {e.what(), true};
+  } catch (const std::exception& e) {
+    return {e.what(), false};
+  }
+  return {};
+}
+
 // Two jobs on one port: the second job's rank 0 cannot host its store, and its rank 1
 // reaches the first job's store. It must say so at once, naming both jobs, and not wait
 // for ranks that will never come there (nor touch the other job's keys).
 TEST(World, AStoreHostedByAnotherJobIsNamedAtOnce) {
   const int port = testing::free_port();
   std::string a_error;
-  std::thread job_a([&] {
-    try {
-      World::create(tcp_options(0, 2, port, "job-a", 4s));
-    } catch (const std::exception& e) {
-      a_error = e.what();
-    }
-  });
-  std::string b_error;
-  try {
-    World::create(tcp_options(1, 2, port, "job-b", 120s));
-  } catch (const std::exception& e) {
-    b_error = e.what();
-    EXPECT_NE(dynamic_cast<const ConfigError*>(&e), nullptr) << "not a ConfigError: " << b_error;
-  }
+  std::thread job_a([&] { a_error = create_error(tcp_options(0, 2, port, "job-a", 4s)).what; });
+  const CreateError b = create_error(tcp_options(1, 2, port, "job-b", 120s));
   job_a.join();
+  const std::string& b_error = b.what;
+  EXPECT_TRUE(b.config) << "not a ConfigError: " << b_error;
   EXPECT_NE(b_error.find("rank 1: the rendezvous store at MASTER_ADDR=127.0.0.1 MASTER_PORT=" +
                          std::to_string(port) + " is hosted by job 'job-a', not by this job 'job-b'"),
             std::string::npos)
@@ -172,19 +178,8 @@ TEST(World, AStoreHostedByAnotherJobIsNamedAtOnce) {
 TEST(World, AStoreWhoseHostEndsEndsTheWaitWithWhatHappened) {
   const int port = testing::free_port();
   std::string host_error;
-  std::thread host([&] {
-    try {
-      World::create(tcp_options(0, 3, port, "job", 3s));  // rank 2 never comes
-    } catch (const std::exception& e) {
-      host_error = e.what();
-    }
-  });
-  std::string error;
-  try {
-    World::create(tcp_options(1, 3, port, "job", 120s));
-  } catch (const std::exception& e) {
-    error = e.what();
-  }
+  std::thread host([&] { host_error = create_error(tcp_options(0, 3, port, "job", 3s)).what; });  // rank 2 never comes
+  const std::string error = create_error(tcp_options(1, 3, port, "job", 120s)).what;
   host.join();
   EXPECT_NE(host_error.find("timed out after 3 s"), std::string::npos) << host_error;
   EXPECT_NE(error.find("rank 1: the rendezvous store at MASTER_ADDR=127.0.0.1 MASTER_PORT=" +
@@ -198,12 +193,9 @@ TEST(World, AStoreWhoseHostEndsEndsTheWaitWithWhatHappened) {
 TEST(World, AnUnresolvableMasterAddrIsOneLineAtOnce) {
   auto o = tcp_options(1, 2, testing::free_port(), "job", 120s);
   o.master_addr = "nosuchhost.invalid";
-  std::string error;
-  try {
-    World::create(o);
-  } catch (const ConfigError& e) {
-    error = e.what();
-  }
+  const CreateError got = create_error(o);
+  const std::string& error = got.what;
+  EXPECT_TRUE(got.config) << error;
   EXPECT_EQ(error.rfind("rank 1: MASTER_ADDR=nosuchhost.invalid does not resolve (", 0), 0u) << error;
   EXPECT_EQ(error.find('\n'), std::string::npos) << error;
 }

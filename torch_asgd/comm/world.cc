@@ -106,6 +106,12 @@ void quiet_c10d_unless_asked() {
   });
 }
 
+// What a store threw, as one short line for a message of ours.
+std::string first_line(const std::exception& e) {
+  std::string why = e.what();
+  return why.substr(0, std::min<size_t>(why.find('\n'), 200));
+}
+
 std::string store_address(const WorldOptions& o) {
   if (!o.store_path.empty()) return fmt::format("file store '{}'", o.store_path);
   if (o.master_addr.empty()) return "store";
@@ -118,11 +124,9 @@ void claim_or_check_owner(c10d::Store& store, const WorldOptions& o) {
     try {
       return call();
     } catch (const std::exception& e) {
-      std::string why = e.what();
-      why = why.substr(0, why.find('\n'));
       throw CommError(fmt::format("rank {}: the rendezvous {} went away while this rank joined "
                                   "it: {}. Did rank 0 exit?",
-                                  o.rank, store_address(o), why.substr(0, 200)));
+                                  o.rank, store_address(o), first_line(e)));
     }
   };
   if (o.rank == 0) {
@@ -275,13 +279,11 @@ void World::wait_for_all(const std::string& prefix, const std::string& what) {
         arrived[r] = store_->check({keys[r]});
       } catch (const std::exception& e) {
         const double after = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        std::string why = e.what();
-        why = why.substr(0, why.find('\n'));
         throw CommError(fmt::format(
             "rank {}: the rendezvous {} went away {:.1f} s into the {} (job '{}'): {}. The "
             "process hosting it ended: this job's rank 0 exited or was killed (see its "
             "output), or the store belonged to another job on the same MASTER_ADDR:MASTER_PORT",
-            rank(), store_address(options_), after, what, options_.job_id, why.substr(0, 200)));
+            rank(), store_address(options_), after, what, options_.job_id, first_line(e)));
       }
       if (!arrived[r]) missing.push_back(r);
     }

@@ -311,6 +311,18 @@ bool Sender::wait_room(int peer, size_t max_queued, std::chrono::steady_clock::t
 
 // ---- the thread ---------------------------------------------------------------------
 
+namespace {
+
+// `m` summed into `into`, a waiting buffer no peer has posted yet (its checksum is
+// then stale), metadata by the stream's rules.
+void add_in_place(OutMsg& into, const OutMsg& m, const AdditiveStream& spec) {
+  into.payload.add_(m.payload);
+  into.checksummed = false;
+  merge(into.meta, m.meta, spec.meta);
+}
+
+}  // namespace
+
 void Sender::coalesce_locked(PeerOut& p, uint8_t s, OutRef msg) {
   // A message for this peer alone (`msg` is a fresh private copy).
   const AdditiveStream& spec = *core_.streams[s];
@@ -325,9 +337,7 @@ void Sender::coalesce_locked(PeerOut& p, uint8_t s, OutRef msg) {
   ++p.counts.coalesced;
   p.lagging = true;
   if (!waiting->frozen && waiting.use_count() == 1) {
-    waiting->payload.add_(msg->payload);
-    waiting->checksummed = false;
-    merge(waiting->meta, msg->meta, spec.meta);
+    add_in_place(*waiting, *msg, spec);
     return;
   }
   // Shared with other peers, or already posted: what waits is added into the new one.
@@ -375,9 +385,7 @@ void Sender::distribute_broadcasts_locked(std::unique_lock<std::mutex>& lock) {
       p->lagging = true;
       if (!waiting->frozen) {
         if (std::find(summed.begin(), summed.end(), waiting.get()) == summed.end()) {
-          waiting->payload.add_(m->payload);
-          waiting->checksummed = false;
-          merge(waiting->meta, m->meta, spec.meta);
+          add_in_place(*waiting, *m, spec);
           summed.push_back(waiting.get());
         }
         continue;
