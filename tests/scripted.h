@@ -12,6 +12,8 @@
 #include <memory>
 #include <set>
 #include <stdexcept>
+#include <thread>
+#include <functional>
 #include <vector>
 
 #include <torch/torch.h>
@@ -86,6 +88,12 @@ class ScriptedNetwork {
   void fail_next_broadcast(int rank) { fail_broadcast_[rank] = true; }
   // Additive payloads sent so far, by sender (what a test's reference adds up).
   const std::vector<at::Tensor>& additive_sent(int from) const { return sent_[from]; }
+  // What happens while `rank` blocks in wait(): the script moves other ranks and
+  // deliveries here, so that a wait ends by what the test did, not by a clock. Without
+  // it a wait finds only what is delivered already, after sleeping its timeout when that
+  // is nothing (nothing else can arrive meanwhile).
+  std::function<void(int rank)> on_wait;
+  int waits(int rank) const { return waits_.count(rank) ? waits_.at(rank) : 0; }
 
  private:
   class Endpoint : public Transport {
@@ -152,7 +160,15 @@ class ScriptedNetwork {
       net_->inboxes_[rank_].clear();
       return out;
     }
-    Arrivals wait(std::chrono::milliseconds) override { return poll(); }
+    Arrivals wait(std::chrono::milliseconds timeout) override {
+      ++net_->waits_[rank_];
+      if (net_->on_wait) {
+        net_->on_wait(rank_);
+      } else if (net_->inboxes_[rank_].empty()) {
+        std::this_thread::sleep_for(timeout);
+      }
+      return poll();
+    }
     bool close(std::chrono::milliseconds) override {
       net_->closed_[rank_] = true;
       return true;
@@ -211,6 +227,7 @@ class ScriptedNetwork {
   std::vector<bool> killed_, closed_, fail_broadcast_;
   std::vector<uint64_t> rejected_, lost_;
   std::vector<std::vector<at::Tensor>> sent_;
+  std::map<int, int> waits_;
 };
 
 }  // namespace testing
