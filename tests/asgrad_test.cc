@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include <cstdio>
+#include <deque>
 #include <map>
 #include <set>
 
@@ -188,6 +189,58 @@ torch::Tensor quadratic(int worker, const torch::Tensor& x) {
   return 0.5 * (x - c).pow(2).sum();
 }
 
+// The same, scripted: time is counted in ticks, and worker w needs periods[w - 1] ticks
+// for a gradient (from the tick its job arrived or its previous one was done). Each tick
+// the server's messages are delivered, the workers whose gradient is ready send it, and
+// the server serves once. Nothing depends on a clock: a run is a function of its options.
+Run run_scripted(ServerOptions options, const std::vector<int>& periods,
+                 const std::function<torch::Tensor(int, const torch::Tensor&)>& loss_of,
+                 int64_t dim, double lr) {
+  const int n = static_cast<int>(periods.size()) + 1;
+  testing::ScriptedNetwork net(n);
+  auto w = torch::zeros({dim}, torch::TensorOptions().dtype(torch::kDouble).requires_grad(true));
+  ParameterServer server(std::make_shared<torch::optim::SGD>(std::vector<torch::Tensor>{w},
+                                                             torch::optim::SGDOptions(lr)),
+                         options.keep_log(true), net.endpoint(0));
+  struct Held {
+    int64_t version;
+    torch::Tensor snapshot;
+  };
+  std::vector<std::unique_ptr<Transport>> workers;
+  std::vector<std::deque<Held>> jobs(n);
+  std::vector<int64_t> busy_until(n, -1);
+  for (int r = 1; r < n; ++r) workers.push_back(net.endpoint(r));
+  Run out;
+  bool more = true;
+  for (int64_t tick = 0; more; ++tick) {
+    for (int r = 1; r < n; ++r) net.deliver(0, r);
+    for (int r = 1; r < n; ++r) {
+      for (auto& m : workers[r - 1]->poll().messages) {
+        if (detail::asgrad_kind(m) != detail::kJob) continue;
+        out.job_versions[r].push_back(detail::asgrad_version(m));
+        jobs[r].push_back(Held{detail::asgrad_version(m), m.payload.clone()});
+      }
+      if (jobs[r].empty()) continue;
+      if (busy_until[r] < 0) busy_until[r] = tick + periods[r - 1];  // starts on the job
+      if (tick < busy_until[r]) continue;
+      Held job = std::move(jobs[r].front());
+      jobs[r].pop_front();
+      auto x = job.snapshot.clone().requires_grad_(true);
+      loss_of(r, x).backward();
+      workers[r - 1]->send(0, detail::asgrad_message(detail::kGradient, job.version, x.grad()));
+      out.sent[r] += 1;
+      busy_until[r] = jobs[r].empty() ? -1 : tick + periods[r - 1];
+    }
+    for (int r = 1; r < n; ++r) net.deliver(r, 0);
+    more = server.serve(std::chrono::milliseconds(0));
+  }
+  out.server = server.stats();
+  out.job_log = server.job_log();
+  out.apply_log = server.apply_log();
+  out.final_model[0] = w.detach().clone();
+  return out;
+}
+
 TEST(AsGrad, EveryGradientOnceAndStalenessEqualsVersionDifferences) {
   auto r = run_asgrad(ServerOptions().policy(AssignPolicy::kShuffle).max_gradients(150).seed(3),
                       {1ms, 2ms, 3ms}, quadratic, 4, 0.01);
@@ -231,9 +284,9 @@ TEST(AsGrad, EveryGradientOnceAndStalenessEqualsVersionDifferences) {
 }
 
 TEST(AsGrad, StalenessCapDropsAndCounts) {
-  auto r = run_asgrad(
-      ServerOptions().policy(AssignPolicy::kRandom).staleness_cap(2).max_gradients(120),
-      {1ms, 1ms, 6ms}, quadratic, 4, 0.01);
+  auto r = run_scripted(
+      ServerOptions().policy(AssignPolicy::kRandom).staleness_cap(2).max_gradients(120).seed(7),
+      {1, 1, 6}, quadratic, 4, 0.01);
   EXPECT_EQ(r.server.gradients, 120);
   EXPECT_EQ(r.server.version + r.server.dropped, 120);
   EXPECT_GT(r.server.dropped, 0) << "a 6x slower worker's gradients are often 2 or more stale";
@@ -266,8 +319,8 @@ TEST(AsGrad, ShuffleBeatsPureOnHeterogeneousData) {
     };
     std::map<AssignPolicy, double> error;
     for (AssignPolicy policy : {AssignPolicy::kPure, AssignPolicy::kShuffle}) {
-      auto r = run_asgrad(ServerOptions().policy(policy).max_gradients(450).seed(seed),
-                          {1ms, 1ms, 8ms}, loss, dim, 0.1);
+      auto r = run_scripted(ServerOptions().policy(policy).max_gradients(450).seed(seed),
+                            {1, 1, 8}, loss, dim, 0.1);
       error[policy] = (r.final_model[0] - optimum).norm().item<double>();
       std::printf("seed %lu %s: distance to the optimum %.4f; %s\n",
                   static_cast<unsigned long>(seed), to_string(policy).c_str(), error[policy],
@@ -435,8 +488,8 @@ TEST(AsGrad, TheDelayAdaptiveStepIsLrTimesMinOneAndNOverTau) {
   for (StepRule rule : {StepRule::kConstant, StepRule::kDelayAdaptive}) {
     const double lr = 0.05;
     const int dim = 3, n = 3;
-    auto r = run_asgrad(ServerOptions().policy(AssignPolicy::kPure).step_rule(rule).max_gradients(90),
-                        {1ms, 1ms, 25ms}, quadratic, dim, lr);
+    auto r = run_scripted(ServerOptions().policy(AssignPolicy::kPure).step_rule(rule).max_gradients(90),
+                          {1, 1, 25}, quadratic, dim, lr);
     // Replay: model history by version; the i-th applied gradient (worker w) was computed
     // at the job version v the worker received: g = x_v - c_w (the quadratic's).
     std::vector<torch::Tensor> x = {torch::zeros({dim}, torch::kDouble)};
