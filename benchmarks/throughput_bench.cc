@@ -1,24 +1,30 @@
-// Training throughput of one rank of the MNIST example network under an algorithm;
+// Training throughput of one rank of an example network (MNIST's, or with --net cifar
+// the CIFAR example's ResNet-20) under an algorithm;
 // run several ranks with asgd-launch. benchmarks/throughput.sh runs every algorithm
 // in one go and tabulates the aggregate samples/s.
 //
 //   asgd-launch --nproc 2 -- asgd-bench-throughput --algo {local,dasgd,gossip,sync}
 //                            [--steps 300] [--warmup 30] [--batch-size 64] [--broadcast-every 1]
 //                            [--optimizer sgd|adam|adamw] [--max-lead L] [--lead-policy wait|damp]
+//                            [--net mnist|cifar]
 //
 // "local" is the inner optimizer alone (a plain torch::optim optimizer, no wrapper):
 // the others' figures with one process are the wrapper's own per-step cost.
 //
-// Inputs are synthetic batches of MNIST's shape, made before timing, so the figure
+// Inputs are synthetic batches of the data set's shape, made before timing, so the figure
 // is compute plus communication, not data loading. Prints one line per rank:
 //   throughput algo=dasgd rank=0 samples_per_second=1234.5 steps=300 ...
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <functional>
+#include <memory>
+#include <stdexcept>
 #include <string>
 
 #include <torch/torch.h>
 
+#include "cifar/resnet.h"
 #include "mnist/net.h"
 #include "torch_asgd/torch_asgd.h"
 
@@ -28,7 +34,7 @@ int main(int argc, char** argv) {
   std::string algo = "dasgd";
   int steps = 300, warmup = 30, batch = 64, broadcast_every = 1;
   int64_t max_lead = 0;
-  std::string optimizer = "sgd", lead_policy = "wait";
+  std::string optimizer = "sgd", lead_policy = "wait", net_name = "mnist";
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string a = argv[i];
     if (a == "--algo") algo = argv[i + 1];
@@ -39,6 +45,7 @@ int main(int argc, char** argv) {
     else if (a == "--optimizer") optimizer = argv[i + 1];
     else if (a == "--max-lead") max_lead = std::stoll(argv[i + 1]);
     else if (a == "--lead-policy") lead_policy = argv[i + 1];
+    else if (a == "--net") net_name = argv[i + 1];
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -50,7 +57,20 @@ int main(int argc, char** argv) {
     std::shared_ptr<World> world = algo == "local" ? nullptr : World::from_env();
     const int rank = world ? world->rank() : WorldOptions::from_env().rank;
     torch::manual_seed(1);
-    examples::MnistNet net;
+    if (net_name != "mnist" && net_name != "cifar") throw std::invalid_argument("--net must be mnist or cifar");
+    const bool cifar = net_name == "cifar";
+    std::shared_ptr<torch::nn::Module> module;
+    std::function<torch::Tensor(const torch::Tensor&)> forward;  // log-probabilities
+    if (cifar) {
+      auto m = std::make_shared<examples::ResNetImpl>(3);
+      forward = [m](const torch::Tensor& x) { return m->forward(x); };
+      module = m;
+    } else {
+      auto m = std::make_shared<examples::MnistNetImpl>();
+      forward = [m](const torch::Tensor& x) { return m->forward(x); };
+      module = m;
+    }
+    auto* net = module.get();
     std::unique_ptr<torch::optim::Optimizer> opt;
     std::shared_ptr<torch::optim::Optimizer> local;  // the inner optimizer alone
     DASGD* dasgd = nullptr;
@@ -92,13 +112,13 @@ int main(int argc, char** argv) {
     auto gen = at::detail::createCPUGenerator(100 + rank);
     std::vector<torch::Tensor> xs, ys;
     for (int i = 0; i < 16; ++i) {
-      xs.push_back(torch::randn({batch, 1, 28, 28}, gen));
+      xs.push_back(cifar ? torch::randn({batch, 3, 32, 32}, gen) : torch::randn({batch, 1, 28, 28}, gen));
       ys.push_back(torch::randint(0, 10, {batch}, gen));
     }
     auto run = [&](int n) {
       for (int s = 0; s < n; ++s) {
         step_with->zero_grad();
-        auto loss = torch::nll_loss(net->forward(xs[s % 16]), ys[s % 16]);
+        auto loss = torch::nll_loss(forward(xs[s % 16]), ys[s % 16]);
         loss.backward();
         step_with->step();
       }
