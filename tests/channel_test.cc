@@ -15,6 +15,8 @@ namespace torch_asgd {
 // Tests: a receiver thread that takes nothing, as a stalled process's would.
 struct ChannelTestAccess {
   static void hold_receiver(Channel& ch, bool hold) { ch.core_->hold_receiver = hold; }
+  // The sender thread throws when it next wakes.
+  static void fail_sender_thread(Channel& ch) { ch.core_->fail_sender_thread = true; }
 };
 
 namespace {
@@ -160,6 +162,40 @@ ChannelOptions additive_options(const std::string& name, int64_t numel) {
   o.name = name;
   o.additive = {AdditiveStream{0, c10::kFloat, numel, delta_schema()}};
   return o;
+}
+
+// An error the sending thread did not foresee does not end the process (std::terminate)
+// and does not leave the training thread waiting: its next call throws it, named.
+TEST(Channel, ASendingThreadThatThrowsIsAnErrorOnTheTrainingThreadNotACrash) {
+  spawn(2, [&](std::shared_ptr<World> world) {
+    auto ch = world->open_channel(additive_options("dies", 16));
+    world->barrier("open");
+    if (world->rank() == 0) {
+      ChannelTestAccess::fail_sender_thread(*ch);
+      Outgoing m;
+      m.delivery = Delivery::kAdditive;
+      m.payload = torch::ones({16});
+      m.meta = Metadata({1, 0, 0, 0});
+      std::string error;
+      const auto give_up = std::chrono::steady_clock::now() + 30s;
+      while (error.empty() && std::chrono::steady_clock::now() < give_up) {
+        try {
+          ch->broadcast(m);
+          ch->poll();
+        } catch (const CommError& e) {
+          error = e.what();
+        }
+        std::this_thread::sleep_for(1ms);
+      }
+      EXPECT_NE(error.find("rank 0: channel 'dies': the sending thread stopped: a test made it "
+                           "throw"),
+                std::string::npos)
+          << error;
+      // Waiting for the dead thread would take the whole (long) timeout: it must not.
+      EXPECT_THROW(ch->flush(1000s), CommError);
+    }
+    world->barrier("checked");
+  });
 }
 
 TEST(Channel, AdditiveMessagesCoalesceWithoutLoss) {

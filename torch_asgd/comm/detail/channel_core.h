@@ -74,6 +74,8 @@ struct ChannelCore {
   std::atomic<bool> closing{false};
   // Tests: the receiver thread takes no frame while set (a peer that stalls).
   std::atomic<bool> hold_receiver{false};
+  // Tests: the sender thread throws when it next wakes (an error it did not foresee).
+  std::atomic<bool> fail_sender_thread{false};
 
   std::mutex error_mu;  // guards error
   std::exception_ptr error;

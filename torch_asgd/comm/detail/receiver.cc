@@ -127,6 +127,17 @@ bool Receiver::post(Posted& p) {
 }
 
 void Receiver::run() {
+  try {
+    loop();
+  } catch (const std::exception& e) {
+    core_.fail(std::make_exception_ptr(CommError(fmt::format(
+        "{}: the receiving thread stopped: {}. Nothing more is received on this channel; "
+        "restart from the last checkpoint",
+        core_.prefix(), e.what()))));
+  }
+}
+
+void Receiver::loop() {
   for (;;) {
     gloo::transport::UnboundBuffer* buf;
     at::Tensor frame;

@@ -59,7 +59,8 @@ class Receiver {
     std::unique_ptr<gloo::transport::UnboundBuffer> buf;
   };
 
-  void run();
+  void run();  // loop(), and what to do if it throws
+  void loop();
   Posted make_buffer();
   bool post(Posted& p);  // false when no peer is left to receive from
   void on_frame(int src, const uint8_t* data);

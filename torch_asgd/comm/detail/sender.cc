@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <stdexcept>
 
 #include <ATen/Functions.h>
 #include <fmt/format.h>
@@ -298,15 +299,16 @@ bool Sender::lagging(int peer) const {
 
 bool Sender::wait_idle(int peer, std::chrono::steady_clock::time_point deadline) {
   std::unique_lock<std::mutex> lock(mu_);
-  return done_cv_.wait_until(lock, deadline, [&] { return idle_locked(*peers_[peer]); });
+  return done_cv_.wait_until(lock, deadline, [&] { return dead_ || idle_locked(*peers_[peer]); }) &&
+         !dead_;
 }
 
 bool Sender::wait_room(int peer, size_t max_queued, std::chrono::steady_clock::time_point deadline) {
   std::unique_lock<std::mutex> lock(mu_);
   const PeerOut& p = *peers_[peer];
   return done_cv_.wait_until(lock, deadline, [&] {
-    return p.failed || p.queued() + (broadcast_undistributed_locked() ? 1 : 0) <= max_queued;
-  });
+    return dead_ || p.failed || p.queued() + (broadcast_undistributed_locked() ? 1 : 0) <= max_queued;
+  }) && !dead_;
 }
 
 // ---- the thread ---------------------------------------------------------------------
@@ -558,9 +560,26 @@ void Sender::drop_locked(PeerOut& p) {
 }
 
 void Sender::run() {
+  try {
+    loop();
+  } catch (const std::exception& e) {
+    // Nothing is sent any more: the training thread learns it at its next call, and
+    // whoever waits for this thread stops waiting.
+    core_.fail(std::make_exception_ptr(CommError(fmt::format(
+        "{}: the sending thread stopped: {}. Nothing more can be sent on this channel; "
+        "restart from the last checkpoint",
+        core_.prefix(), e.what()))));
+    std::lock_guard<std::mutex> lock(mu_);
+    dead_ = true;
+    done_cv_.notify_all();
+  }
+}
+
+void Sender::loop() {
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
     cv_.wait(lock, [&] { return work_ || core_.stopping; });
+    if (core_.fail_sender_thread.exchange(false)) throw std::runtime_error("a test made it throw");
     if (core_.stopping) return;
     work_ = false;
     distribute_broadcasts_locked(lock);

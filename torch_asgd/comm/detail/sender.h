@@ -92,7 +92,8 @@ class Sender {
   struct Posted;
   struct PeerOut;
 
-  void run();
+  void run();   // loop(), and what to do if it throws
+  void loop();
   void wake_locked();
   bool broadcast_undistributed_locked() const;
   bool idle_locked(const PeerOut& p) const;
@@ -111,6 +112,7 @@ class Sender {
   std::condition_variable cv_;
   std::condition_variable done_cv_;  // something was acknowledged, posted or dropped
   bool work_ = false;  // something changed since the thread last looked
+  bool dead_ = false;  // the thread stopped on an error: nothing is sent any more
   std::vector<std::unique_ptr<PeerOut>> peers_;  // by rank; null for self
   // Broadcasts not yet handed to the peers, by additive stream (summed while waiting).
   std::array<OutRef, kMaxStreams> pending_broadcast_{};
