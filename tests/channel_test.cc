@@ -17,6 +17,8 @@ struct ChannelTestAccess {
   static void hold_receiver(Channel& ch, bool hold) { ch.core_->hold_receiver = hold; }
   // The sender thread throws when it next wakes.
   static void fail_sender_thread(Channel& ch) { ch.core_->fail_sender_thread = true; }
+  // The receiver thread throws once its next frame has arrived.
+  static void fail_receiver_thread(Channel& ch) { ch.core_->fail_receiver_thread = true; }
 };
 
 namespace {
@@ -164,39 +166,58 @@ ChannelOptions additive_options(const std::string& name, int64_t numel) {
   return o;
 }
 
-// An error the sending thread did not foresee does not end the process (std::terminate)
-// and does not leave the training thread waiting: its next call throws it, named.
-TEST(Channel, ASendingThreadThatThrowsIsAnErrorOnTheTrainingThreadNotACrash) {
+// An error the sending or receiving thread did not foresee does not end the process
+// (std::terminate) and leaves no wait for the channel's progress running out its
+// timeout: the training thread's next call throws it, named, and so do flush() and
+// close() at once (their timeouts here are far longer than ctest's).
+class ChannelThreadDies : public ::testing::TestWithParam<bool> {};
+
+TEST_P(ChannelThreadDies, ItsErrorIsThrownOnTheTrainingThreadNotACrash) {
+  const bool sender = GetParam();
   spawn(2, [&](std::shared_ptr<World> world) {
     auto ch = world->open_channel(additive_options("dies", 16));
     world->barrier("open");
+    Outgoing m;
+    m.delivery = Delivery::kAdditive;
+    m.payload = torch::ones({16});
+    m.meta = Metadata({1, 0, 0, 0});
     if (world->rank() == 0) {
-      ChannelTestAccess::fail_sender_thread(*ch);
-      Outgoing m;
-      m.delivery = Delivery::kAdditive;
-      m.payload = torch::ones({16});
-      m.meta = Metadata({1, 0, 0, 0});
+      if (sender) {
+        ChannelTestAccess::fail_sender_thread(*ch);
+      } else {
+        ChannelTestAccess::fail_receiver_thread(*ch);
+      }
+      world->barrier("armed");
       std::string error;
       const auto give_up = std::chrono::steady_clock::now() + 30s;
       while (error.empty() && std::chrono::steady_clock::now() < give_up) {
         try {
-          ch->broadcast(m);
+          if (sender) ch->broadcast(m);
           ch->poll();
         } catch (const CommError& e) {
           error = e.what();
         }
         std::this_thread::sleep_for(1ms);
       }
-      EXPECT_NE(error.find("rank 0: channel 'dies': the sending thread stopped: a test made it "
-                           "throw"),
+      const std::string which = sender ? "sending" : "receiving";
+      EXPECT_NE(error.find("rank 0: channel 'dies': the " + which +
+                           " thread stopped: a test made it throw"),
                 std::string::npos)
           << error;
-      // Waiting for the dead thread would take the whole (long) timeout: it must not.
       EXPECT_THROW(ch->flush(1000s), CommError);
+      EXPECT_THROW(ch->close(1000s), CommError);
+    } else {
+      world->barrier("armed");
+      if (!sender) ch->broadcast(m);  // a frame for rank 0's receiver
     }
     world->barrier("checked");
   });
 }
+
+INSTANTIATE_TEST_SUITE_P(Channel, ChannelThreadDies, ::testing::Bool(),
+                         [](const ::testing::TestParamInfo<bool>& i) {
+                           return std::string(i.param ? "Sending" : "Receiving");
+                         });
 
 TEST(Channel, AdditiveMessagesCoalesceWithoutLoss) {
   // Two senders each send 300 additive deltas to rank 0, which does not look until

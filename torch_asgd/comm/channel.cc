@@ -227,7 +227,7 @@ bool Channel::close(std::chrono::milliseconds timeout) {
       if (p == core_->rank) continue;
       const bool done = core_->cv.wait_until(lock, deadline, [&] {
         const detail::PeerStatus& s = core_->peers[p];
-        return s.failed || (s.bye_received && s.bye_acked);
+        return core_->broken || s.failed || (s.bye_received && s.bye_acked);
       });
       if (!done) unfinished.push_back(p);
     }

@@ -111,6 +111,16 @@ void ChannelCore::fail(std::exception_ptr e) {
   if (receiver != nullptr) receiver->notify();
 }
 
+void ChannelCore::thread_died(std::exception_ptr e) {
+  fail(std::move(e));
+  broken = true;
+  {
+    std::lock_guard<std::mutex> lock(mu);  // a close() between its check and its sleep sees it
+  }
+  cv.notify_all();
+  if (sender != nullptr) sender->wake_waiters();
+}
+
 void ChannelCore::rethrow_if_failed() {
   std::lock_guard<std::mutex> lock(error_mu);
   if (error) std::rethrow_exception(error);

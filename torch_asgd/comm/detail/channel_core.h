@@ -76,9 +76,12 @@ struct ChannelCore {
   std::atomic<bool> hold_receiver{false};
   // Tests: the sender thread throws when it next wakes (an error it did not foresee).
   std::atomic<bool> fail_sender_thread{false};
+  // Tests: the receiver thread throws once its next frame has arrived.
+  std::atomic<bool> fail_receiver_thread{false};
 
   std::mutex error_mu;  // guards error
   std::exception_ptr error;
+  std::atomic<bool> broken{false};  // a thread of the channel died: nothing moves any more
 
   bool critical(int peer) const;
   bool failed(int peer) const;
@@ -90,6 +93,9 @@ struct ChannelCore {
   void rejected(int peer, Reject why, const std::string& detail = "");
   // Stores an error for the training thread (the first one wins).
   void fail(std::exception_ptr e);
+  // The sending or receiving thread stopped on error `e`: fail(e), and end every wait
+  // for the channel's progress (close(), flush(), room for a message). Call with no lock.
+  void thread_died(std::exception_ptr e);
   void rethrow_if_failed();
   // Keeps `resource` alive as long as the Gloo connections (memory Gloo may still touch).
   void retire(std::shared_ptr<void> resource);

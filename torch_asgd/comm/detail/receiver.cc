@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <stdexcept>
 
 #include <ATen/Functions.h>
 #include <fmt/format.h>
@@ -130,7 +131,7 @@ void Receiver::run() {
   try {
     loop();
   } catch (const std::exception& e) {
-    core_.fail(std::make_exception_ptr(CommError(fmt::format(
+    core_.thread_died(std::make_exception_ptr(CommError(fmt::format(
         "{}: the receiving thread stopped: {}. Nothing more is received on this channel; "
         "restart from the last checkpoint",
         core_.prefix(), e.what()))));
@@ -167,6 +168,7 @@ void Receiver::loop() {
       }
       continue;
     }
+    if (core_.fail_receiver_thread.exchange(false)) throw std::runtime_error("a test made it throw");
     if (src >= 0 && src < core_.size && peers_[src]) {
       try {
         on_frame(src, static_cast<const uint8_t*>(frame.data_ptr()));

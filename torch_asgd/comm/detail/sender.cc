@@ -299,16 +299,17 @@ bool Sender::lagging(int peer) const {
 
 bool Sender::wait_idle(int peer, std::chrono::steady_clock::time_point deadline) {
   std::unique_lock<std::mutex> lock(mu_);
-  return done_cv_.wait_until(lock, deadline, [&] { return dead_ || idle_locked(*peers_[peer]); }) &&
-         !dead_;
+  return done_cv_.wait_until(lock, deadline, [&] { return core_.broken || idle_locked(*peers_[peer]); }) &&
+         !core_.broken;
 }
 
 bool Sender::wait_room(int peer, size_t max_queued, std::chrono::steady_clock::time_point deadline) {
   std::unique_lock<std::mutex> lock(mu_);
   const PeerOut& p = *peers_[peer];
   return done_cv_.wait_until(lock, deadline, [&] {
-    return dead_ || p.failed || p.queued() + (broadcast_undistributed_locked() ? 1 : 0) <= max_queued;
-  }) && !dead_;
+    return core_.broken || p.failed ||
+           p.queued() + (broadcast_undistributed_locked() ? 1 : 0) <= max_queued;
+  }) && !core_.broken;
 }
 
 // ---- the thread ---------------------------------------------------------------------
@@ -564,15 +565,19 @@ void Sender::run() {
     loop();
   } catch (const std::exception& e) {
     // Nothing is sent any more: the training thread learns it at its next call, and
-    // whoever waits for this thread stops waiting.
-    core_.fail(std::make_exception_ptr(CommError(fmt::format(
+    // whoever waits for the channel's progress stops waiting. (loop()'s lock is released.)
+    core_.thread_died(std::make_exception_ptr(CommError(fmt::format(
         "{}: the sending thread stopped: {}. Nothing more can be sent on this channel; "
         "restart from the last checkpoint",
         core_.prefix(), e.what()))));
-    std::lock_guard<std::mutex> lock(mu_);
-    dead_ = true;
-    done_cv_.notify_all();
   }
+}
+
+void Sender::wake_waiters() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);  // a waiter between its check and its sleep sees it
+  }
+  done_cv_.notify_all();
 }
 
 void Sender::loop() {

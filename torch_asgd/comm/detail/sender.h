@@ -69,6 +69,8 @@ class Sender {
 
   // Any thread: drop what waits for a failed peer.
   void peer_failed(int peer);
+  // Any thread not holding this sender's lock: waiters re-check (the channel broke).
+  void wake_waiters();
 
   // A new message whose payload buffer (numel elements of dtype) is the caller's to fill;
   // additive buffers are reused once no peer needs them any more.
@@ -112,7 +114,6 @@ class Sender {
   std::condition_variable cv_;
   std::condition_variable done_cv_;  // something was acknowledged, posted or dropped
   bool work_ = false;  // something changed since the thread last looked
-  bool dead_ = false;  // the thread stopped on an error: nothing is sent any more
   std::vector<std::unique_ptr<PeerOut>> peers_;  // by rank; null for self
   // Broadcasts not yet handed to the peers, by additive stream (summed while waiting).
   std::array<OutRef, kMaxStreams> pending_broadcast_{};
