@@ -13,9 +13,10 @@
 # a world of one: the wrappers' own per-step cost.
 # glibc's malloc raises its mmap threshold each time a large mmapped block is freed, so
 # whether a step's activations come from mmap (page faults every step) or the heap
-# depends on what a process happened to free before: a wrapper that flattens the
-# parameters frees them once and then runs up to 3.7x faster than the same inner
-# optimizer alone (measured 2026-12-02). Fixed thresholds make every configuration
+# depends on what a process happened to free before (a wrapper that flattens the
+# parameters frees them once): the same arithmetic per step ran up to 3.7x slower or
+# faster than the inner optimizer alone (measured 2026-12-02, README "Benchmarks").
+# Fixed thresholds make every configuration
 # allocate alike; --default-malloc measures without them.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -213,6 +213,10 @@ Run run_scripted(ServerOptions options, const std::vector<int>& periods,
   Run out;
   bool more = true;
   for (int64_t tick = 0; more; ++tick) {
+    if (tick == 1000000) {
+      ADD_FAILURE() << "the scripted run did not end: the server stopped taking gradients";
+      break;
+    }
     for (int r = 1; r < n; ++r) net.deliver(0, r);
     for (int r = 1; r < n; ++r) {
       for (auto& m : workers[r - 1]->poll().messages) {

@@ -5,6 +5,7 @@
 #include <fstream>
 #include <regex>
 #include <stdexcept>
+#include <thread>
 
 #include "process.h"
 #include "torch_asgd/launch/launcher.h"
@@ -115,15 +116,23 @@ TEST(Launcher, LeftoverBackgroundProcessesDoNotKeepItWaiting) {
                         {}, 60s);
   EXPECT_FALSE(p.timed_out) << "the launcher waited for its ranks' background processes";
   EXPECT_EQ(p.exit_code, 0);
+  // Still our sleep and not yet dead: a killed process closes its pipe before it is a
+  // zombie ("Z" after the name), so give a killed one time to get there (an event, not a
+  // bound: an unkilled sleep stays alive for 120 s).
+  auto sleeping = [](pid_t pid) {
+    std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+    std::string line;
+    return std::getline(stat, line) && line.find("(sleep) ") != std::string::npos &&
+           line.find("(sleep) Z") == std::string::npos;
+  };
   std::regex re("background (\\d+)");
   int found = 0, running = 0;
   for (std::sregex_iterator it(p.out_buf.begin(), p.out_buf.end(), re), end; it != end; ++it) {
     const pid_t bg = static_cast<pid_t>(std::stol((*it)[1]));
     ++found;
-    // Killed but perhaps not reaped yet: gone, or a zombie ("Z" after the name).
-    std::ifstream stat("/proc/" + std::to_string(bg) + "/stat");
-    std::string line;
-    if (std::getline(stat, line) && line.find(") Z") == std::string::npos) {
+    const auto give_up = std::chrono::steady_clock::now() + 30s;
+    while (sleeping(bg) && std::chrono::steady_clock::now() < give_up) std::this_thread::sleep_for(10ms);
+    if (sleeping(bg)) {
       ++running;
       ::kill(bg, SIGKILL);
     }
