@@ -532,6 +532,18 @@ TEST(Channel, BadOptionsAreRefusedByName) {
     o = ChannelOptions();
     o.recv_depth = 0;
     EXPECT_THROW(world->open_channel(o), ConfigError);
+    o.recv_depth = 1000;  // 1000 receive buffers of 4 MiB
+    EXPECT_THROW(world->open_channel(o), ConfigError);
+    o = ChannelOptions();
+    o.additive = {AdditiveStream{0, c10::kFloat, 0, {}}};  // would refuse every payload
+    try {
+      world->open_channel(o);
+      ADD_FAILURE() << "an additive stream of 0 elements was accepted";
+    } catch (const ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find("additive stream 0 has numel 0: it needs numel > 0"),
+                std::string::npos)
+          << e.what();
+    }
   });
 }
 

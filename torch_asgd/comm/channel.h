@@ -98,7 +98,7 @@ struct ChannelOptions {
   std::vector<AdditiveStream> additive;
   // Bytes of one Gloo transfer, and of each shared receive buffer (a multiple of 8).
   int64_t chunk_bytes = 4 << 20;
-  // Receive buffers kept posted, shared by all peers (>= 1).
+  // Receive buffers kept posted, shared by all peers (1..64).
   int recv_depth = 4;
   // Ordered and replace messages posted to Gloo at once per peer (>= 1).
   size_t max_in_flight = 2;

@@ -400,7 +400,10 @@ void validate(const ChannelOptions& o) {
     throw ConfigError(fmt::format("channel '{}': {}", o.name, what));
   };
   if (o.capacity_bytes < 0) bad("capacity_bytes must be >= 0");
-  if (o.recv_depth < 1) bad("recv_depth must be >= 1");
+  if (o.recv_depth < 1 || o.recv_depth > 64) {
+    bad(fmt::format("recv_depth {} must be within 1..64 (each is a receive buffer of chunk_bytes)",
+                    o.recv_depth));
+  }
   if (o.max_in_flight < 1) bad("max_in_flight must be >= 1");
   if (o.max_ordered < 1) bad("max_ordered must be >= 1");
   if (o.chunk_bytes < 4096 || o.chunk_bytes % 8 != 0) {
@@ -417,9 +420,10 @@ void validate(const ChannelOptions& o) {
                       static_cast<int>(s.id)));
     }
     seen[s.id] = true;
-    if (s.numel < 0 || dtype_size(s.dtype) == 0) {
-      bad(fmt::format("additive stream {} needs numel >= 0 and a dtype that can travel",
-                      static_cast<int>(s.id)));
+    if (s.numel <= 0 || dtype_size(s.dtype) == 0) {
+      bad(fmt::format("additive stream {} has numel {}: it needs numel > 0 (the elements every "
+                      "payload of it carries) and a dtype that can travel",
+                      static_cast<int>(s.id), s.numel));
     }
     const size_t meta = 8 * (s.meta.fields.size() +
                              static_cast<size_t>(std::max(0, s.meta.max_records)) *
