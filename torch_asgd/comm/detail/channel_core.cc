@@ -111,8 +111,11 @@ void ChannelCore::fail(std::exception_ptr e) {
   if (receiver != nullptr) receiver->notify();
 }
 
-void ChannelCore::thread_died(std::exception_ptr e) {
-  fail(std::move(e));
+void ChannelCore::thread_died(const std::string& thread, const std::string& what) {
+  fail(std::make_exception_ptr(CommError(fmt::format(
+      "{}: the {} thread stopped: {}. Nothing more moves on this channel; restart from the last "
+      "checkpoint",
+      prefix(), thread, what))));
   broken = true;
   {
     std::lock_guard<std::mutex> lock(mu);  // a close() between its check and its sleep sees it

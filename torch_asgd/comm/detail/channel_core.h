@@ -93,9 +93,10 @@ struct ChannelCore {
   void rejected(int peer, Reject why, const std::string& detail = "");
   // Stores an error for the training thread (the first one wins).
   void fail(std::exception_ptr e);
-  // The sending or receiving thread stopped on error `e`: fail(e), and end every wait
-  // for the channel's progress (close(), flush(), room for a message). Call with no lock.
-  void thread_died(std::exception_ptr e);
+  // The `thread` ("sending", "receiving") stopped on an error it did not handle (`what`):
+  // store a CommError naming both, and end every wait for the channel's progress
+  // (close(), flush(), room for a message). Call with no lock held.
+  void thread_died(const std::string& thread, const std::string& what);
   void rethrow_if_failed();
   // Keeps `resource` alive as long as the Gloo connections (memory Gloo may still touch).
   void retire(std::shared_ptr<void> resource);

@@ -131,10 +131,7 @@ void Receiver::run() {
   try {
     loop();
   } catch (const std::exception& e) {
-    core_.thread_died(std::make_exception_ptr(CommError(fmt::format(
-        "{}: the receiving thread stopped: {}. Nothing more is received on this channel; "
-        "restart from the last checkpoint",
-        core_.prefix(), e.what()))));
+    core_.thread_died("receiving", e.what());
   }
 }
 

@@ -566,10 +566,7 @@ void Sender::run() {
   } catch (const std::exception& e) {
     // Nothing is sent any more: the training thread learns it at its next call, and
     // whoever waits for the channel's progress stops waiting. (loop()'s lock is released.)
-    core_.thread_died(std::make_exception_ptr(CommError(fmt::format(
-        "{}: the sending thread stopped: {}. Nothing more can be sent on this channel; "
-        "restart from the last checkpoint",
-        core_.prefix(), e.what()))));
+    core_.thread_died("sending", e.what());
   }
 }
 
