@@ -189,16 +189,15 @@ TEST_P(ChannelThreadDies, ItsErrorIsThrownOnTheTrainingThreadNotACrash) {
       }
       world->barrier("armed");
       std::string error;
-      const auto give_up = std::chrono::steady_clock::now() + 30s;
-      while (error.empty() && std::chrono::steady_clock::now() < give_up) {
+      eventually([&] {
         try {
           if (sender) ch->broadcast(m);
           ch->poll();
         } catch (const CommError& e) {
           error = e.what();
         }
-        std::this_thread::sleep_for(1ms);
-      }
+        return !error.empty();
+      }, 30s);
       const std::string which = sender ? "sending" : "receiving";
       EXPECT_NE(error.find("rank 0: channel 'dies': the " + which +
                            " thread stopped: a test made it throw"),

@@ -21,6 +21,7 @@
 #include "common/checkpoint.h"
 #include "example_data.h"
 #include "process.h"
+#include "testing.h"
 
 namespace torch_asgd {
 namespace {
@@ -85,13 +86,8 @@ TEST(StalledPeer, NobodySlowsDownMemoryStaysBoundedNoUpdateIsLost) {
   const long stop_at = now_ms();
   ::kill(ranks[2].pid, SIGSTOP);
   std::vector<long> stopped_at = {last_step(ranks[0]), last_step(ranks[1])};
-  const auto give_up = std::chrono::steady_clock::now() + 90s;
-  bool went_on = false;
-  while (!went_on && std::chrono::steady_clock::now() < give_up) {
-    went_on = true;
-    for (int r = 0; r < 2; ++r) went_on = went_on && last_step(ranks[r]) >= stopped_at[r] + 600;
-    if (!went_on) std::this_thread::sleep_for(20ms);
-  }
+  auto went_on_by = [&](int r) { return last_step(ranks[r]) >= stopped_at[r] + 600; };
+  const bool went_on = testing::eventually([&] { return went_on_by(0) && went_on_by(1); }, 90s);
   const long cont_at = now_ms();
   const std::vector<long> cont_steps = {last_step(ranks[0]), last_step(ranks[1])};
   ::kill(ranks[2].pid, SIGCONT);
@@ -393,7 +389,6 @@ TEST_P(KilledAndResumed, GoesOnFromTheCheckpointedModelsAndFinishes) {
   // by construction, not by a guess at how long the run takes on a loaded machine.
   auto killed = start_job("killed", "ckpt", false);
   const int writers = n;
-  const auto give_up = std::chrono::steady_clock::now() + 120s;
   auto all_written = [&] {
     // (stat, not RankCheckpoint: its constructor removes a rank's half-written file)
     for (int r = 0; r < writers; ++r) {
@@ -402,8 +397,7 @@ TEST_P(KilledAndResumed, GoesOnFromTheCheckpointedModelsAndFinishes) {
     }
     return true;
   };
-  while (!all_written() && std::chrono::steady_clock::now() < give_up) std::this_thread::sleep_for(5ms);
-  ASSERT_TRUE(all_written()) << killed[0].err_buf;
+  ASSERT_TRUE(testing::eventually(all_written, 120s)) << killed[0].err_buf;
   if (server_algo) {
     ::kill(killed[0].pid, SIGKILL);  // the workers then fail on their own
   } else {

@@ -8,12 +8,12 @@
 
 #include <algorithm>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <set>
 #include <stdexcept>
 #include <thread>
-#include <functional>
 #include <vector>
 
 #include <torch/torch.h>
@@ -33,7 +33,7 @@ class ScriptedNetwork {
                   MetaSchema schema = MetaSchema())
       : n_(n), numel_(numel), dtype_(dtype), schema_(std::move(schema)), queues_(n * n),
         inboxes_(n), killed_(n, false), closed_(n, false), fail_broadcast_(n, false),
-        rejected_(n * n, 0), lost_(n * n, 0), sent_(n) {}
+        rejected_(n * n, 0), lost_(n * n, 0), sent_(n), waits_(n, 0) {}
 
   std::unique_ptr<Transport> endpoint(int rank) { return std::make_unique<Endpoint>(this, rank); }
   int size() const { return n_; }
@@ -93,7 +93,7 @@ class ScriptedNetwork {
   // it a wait finds only what is delivered already, after sleeping its timeout when that
   // is nothing (nothing else can arrive meanwhile).
   std::function<void(int rank)> on_wait;
-  int waits(int rank) const { return waits_.count(rank) ? waits_.at(rank) : 0; }
+  int waits(int rank) const { return waits_[rank]; }
 
  private:
   class Endpoint : public Transport {
@@ -227,7 +227,7 @@ class ScriptedNetwork {
   std::vector<bool> killed_, closed_, fail_broadcast_;
   std::vector<uint64_t> rejected_, lost_;
   std::vector<std::vector<at::Tensor>> sent_;
-  std::map<int, int> waits_;
+  std::vector<int> waits_;  // wait() calls, by rank
 };
 
 }  // namespace testing

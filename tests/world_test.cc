@@ -137,6 +137,16 @@ WorldOptions tcp_options(int rank, int size, int port, const std::string& job,
   return o;
 }
 
+// A TCP store on loopback at `port`, hosted by the test itself (as torchelastic's agent,
+// or a rank 0, would host it), waiting for no clients.
+c10::intrusive_ptr<c10d::TCPStore> host_store(int port) {
+  c10d::TCPStoreOptions o;
+  o.port = static_cast<uint16_t>(port);
+  o.isServer = true;
+  o.waitWorkers = false;
+  return c10::make_intrusive<c10d::TCPStore>("127.0.0.1", o);
+}
+
 // What World::create(o) threw ("" if it returned), and whether that was a ConfigError.
 struct CreateError {
   std::string what;
@@ -180,19 +190,11 @@ TEST(World, AStoreHostedByAnotherJobIsNamedAtOnce) {
 // 0's World would (owner key and all) and ends it once rank 1 has arrived.
 TEST(World, AStoreWhoseHostEndsEndsTheWaitWithWhatHappened) {
   const int port = testing::free_port();
-  c10d::TCPStoreOptions server_opts;
-  server_opts.port = static_cast<uint16_t>(port);
-  server_opts.isServer = true;
-  server_opts.waitWorkers = false;
-  auto host = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", server_opts);
+  auto host = host_store(port);
   host->set("torch_asgd.store_owner", std::vector<uint8_t>{'j', 'o', 'b'});
   std::string error;
   std::thread rank1([&] { error = create_error(tcp_options(1, 3, port, "job", 120s)).what; });
-  const auto give_up = std::chrono::steady_clock::now() + 60s;
-  while (!host->check({"torch_asgd/job/arrived/1"}) && std::chrono::steady_clock::now() < give_up) {
-    std::this_thread::sleep_for(5ms);
-  }
-  const bool arrived = host->check({"torch_asgd/job/arrived/1"});
+  const bool arrived = testing::eventually([&] { return host->check({"torch_asgd/job/arrived/1"}); }, 60s);
   host.reset();  // the host ends
   rank1.join();
   ASSERT_TRUE(arrived) << error;
@@ -228,11 +230,7 @@ TEST(World, BarrierAndCollectivesComplete) {
 TEST(World, AgentStoreMakesEveryRankAClient) {
   // torchelastic's agent hosts the store; rank 0 must not try to host it too.
   const int port = testing::free_port();
-  c10d::TCPStoreOptions server_opts;
-  server_opts.port = static_cast<uint16_t>(port);
-  server_opts.isServer = true;
-  server_opts.waitWorkers = false;
-  auto agent = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", server_opts);
+  auto agent = host_store(port);
   std::vector<std::thread> ranks;
   std::vector<std::string> errors(2);
   for (int r = 0; r < 2; ++r) {
