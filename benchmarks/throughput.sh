@@ -16,8 +16,8 @@
 # depends on what a process happened to free before (a wrapper that flattens the
 # parameters frees them once): the same arithmetic per step ran up to 3.7x slower or
 # faster than the inner optimizer alone (measured 2026-12-02, README "Benchmarks").
-# Fixed thresholds make every configuration
-# allocate alike; --default-malloc measures without them.
+# Fixed thresholds make every configuration allocate alike; --default-malloc measures
+# without them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FIXED_MALLOC=1

@@ -61,14 +61,14 @@ int main(int argc, char** argv) {
     const bool cifar = net_name == "cifar";
     std::shared_ptr<torch::nn::Module> module;
     std::function<torch::Tensor(const torch::Tensor&)> forward;  // log-probabilities
+    auto use = [&](auto m) {
+      forward = [m](const torch::Tensor& x) { return m->forward(x); };
+      module = m;
+    };
     if (cifar) {
-      auto m = std::make_shared<examples::ResNetImpl>(3);
-      forward = [m](const torch::Tensor& x) { return m->forward(x); };
-      module = m;
+      use(std::make_shared<examples::ResNetImpl>(3));
     } else {
-      auto m = std::make_shared<examples::MnistNetImpl>();
-      forward = [m](const torch::Tensor& x) { return m->forward(x); };
-      module = m;
+      use(std::make_shared<examples::MnistNetImpl>());
     }
     auto* net = module.get();
     std::unique_ptr<torch::optim::Optimizer> opt;
