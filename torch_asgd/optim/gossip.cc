@@ -288,6 +288,9 @@ void Gossip::settle_with_gone_peers(bool may_poll) {
       if (kinds[kinds.size() - 1 - i] == kReply) ++counts_.broken;
     }
   }
+  // What a gone peer sent before its goodbye may still wait to be polled (a reply it
+  // sent, having mixed): without that poll nothing about its exchanges can be concluded.
+  if (!may_poll) return;
   const auto gone = gone_peers();
   auto is_gone = [&](int p) { return std::find(gone.begin(), gone.end(), p) != gone.end(); };
   auto waits_on_gone = [&] {
@@ -299,8 +302,9 @@ void Gossip::settle_with_gone_peers(bool may_poll) {
   };
   // A goodbye comes after every reply its sender sent, and the channel queues a reply
   // before it records the goodbye: a reply that came with it is in the next poll.
-  // (`may_poll`: false inside step() while a test scripts the arrivals.)
-  if (may_poll && waits_on_gone()) take(transport_->poll());
+  // (`may_poll`: false inside step() while a test scripts the arrivals; the test's next
+  // GossipTestAccess::apply() polls and settles.)
+  if (waits_on_gone()) take(transport_->poll());
   // A peer that said goodbye or died answers nothing more: what it had not answered, it
   // did not mix.
   if (open_ && is_gone(open_->peer)) {
