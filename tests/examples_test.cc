@@ -252,6 +252,59 @@ TEST_P(KilledPeer, EverySurvivorFinishesAboveTheBound) {
 
 INSTANTIATE_TEST_SUITE_P(Algos, KilledPeer, ::testing::Values("dasgd", "gossip"), algo_test_name);
 
+// Budgets stop every rank, a straggler too (rank 2, 4x slower: the last rank, a worker
+// for AsGrad): the job ends on its own and every rank reports. A samples budget is spent
+// once over all ranks: the job trains at least the budget and at most 1.5x it plus a
+// batch per rank (the bound SharedStop keeps whatever the speeds; sync and the server
+// stop at the budget's step exactly).
+class Budgets : public ::testing::TestWithParam<std::string> {
+ protected:
+  nlohmann::json launch(const std::string& name, const std::vector<std::string>& budget) {
+    const std::string algo = GetParam();
+    const std::string dir = make_mnist_dir("budget_" + name + "_" + algo, false);
+    const std::string json = dir + "/metrics.json";
+    std::vector<std::string> argv = {bin("asgd-launch"), "--nproc", "3", "--master-port", "0", "--",
+                                     bin("asgd-mnist"), "--data", dir, "--algo", algo,
+                                     "--batch-size", "10", "--partition", "full", "--eval-every", "0",
+                                     "--straggler", "2:4", "--metrics-out", json};
+    argv.insert(argv.end(), budget.begin(), budget.end());
+    Proc p = testing::run(argv, {}, 240s);
+    EXPECT_FALSE(p.timed_out) << "a rank did not stop: " << p.out_buf << p.err_buf;
+    EXPECT_EQ(p.exit_code, 0) << p.out_buf << p.err_buf;
+    const auto m = metrics_in(json);
+    EXPECT_TRUE(m.is_object()) << slurp(json);
+    if (!m.is_object()) return m;
+    EXPECT_EQ(m["stopped_by"], "budget");
+    EXPECT_TRUE(m["epochs"].is_null()) << "a budget replaces the epochs";
+    EXPECT_EQ(m["ranks"].size(), 3u);
+    for (const auto& r : m["ranks"]) {
+      EXPECT_FALSE(r.is_null()) << "a rank sent no report";
+      if (!r.is_null() && r["trainer"].get<bool>()) EXPECT_GT(r["steps"].get<int64_t>(), 0) << r;
+    }
+    return m;
+  }
+};
+
+TEST_P(Budgets, ASecondsBudgetStopsEveryRankTheStragglerToo) {
+  const auto m = launch("seconds", {"--budget-seconds", "2"});
+  if (!m.is_object()) return;
+  RecordProperty("train_seconds", std::to_string(m["train_seconds"].get<double>()));
+  RecordProperty("straggler_steps", std::to_string(m["ranks"][2]["steps"].get<int64_t>()));
+}
+
+TEST_P(Budgets, ASamplesBudgetIsSpentOnceOverAllRanks) {
+  const int64_t budget = 3000, batch = 10, ranks = 3;
+  const auto m = launch("samples", {"--budget-samples", std::to_string(budget)});
+  if (!m.is_object()) return;
+  const int64_t samples = m["samples"].get<int64_t>();
+  RecordProperty("samples", std::to_string(samples));
+  EXPECT_GE(samples, budget) << m.dump(1);
+  EXPECT_LE(samples, budget + budget / 2 + ranks * batch) << m.dump(1);
+}
+
+INSTANTIATE_TEST_SUITE_P(Algos, Budgets, ::testing::Values("dasgd", "gossip", "sync", "asgd-shuffle"),
+                         algo_test_name);
+
 // ---- CIFAR ---------------------------------------------------------------------------
 
 // A CIFAR-10 directory of tiny generated batch files (records of 1 + 3072 bytes).

@@ -62,9 +62,16 @@ bool SharedStop::should_stop(int64_t samples, double seconds, bool force) {
     return true;
   }
   const auto now = std::chrono::steady_clock::now();
+  // A rank also reports once its unreported samples reach 1/(2n) of what it last saw
+  // left of the budget: each rank then trains at most that (plus one batch) past the
+  // moment the budget is spent, so the job trains at most 1.5x the budget plus n batches,
+  // whatever the ranks' speeds.
+  const bool due_by_samples =
+      world_ && budget_samples_ > 0 &&
+      2 * world_->size() * (samples - reported_) >= budget_samples_ - global_;
   if (!world_) {
     global_ = samples;
-  } else if (force || now - last_sync_ >= std::chrono::milliseconds(100)) {
+  } else if (force || due_by_samples || now - last_sync_ >= std::chrono::milliseconds(100)) {
     last_sync_ = now;
     auto& store = world_->store();
     global_ = store.add(kSamples, samples - reported_);

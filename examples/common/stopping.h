@@ -1,7 +1,8 @@
 // When a rank stops training: its epochs are done, the job's budget is spent (samples
 // over all ranks, or seconds), or SIGINT/SIGTERM asked it to. Asynchronous ranks agree
 // through the rendezvous store (a shared sample counter and a stop flag, read about every
-// 100 ms, so every rank stops within that of the others); synchronous ranks, which must
+// 100 ms, so every rank stops within that of the others, and more often as a samples
+// budget runs out, so that the job overshoots it by at most half); synchronous ranks, which must
 // stop at the same step, agree through a small all-reduce every few steps.
 #pragma once
 
@@ -29,7 +30,8 @@ class SharedStop {
   // `world` may be null (one rank). A budget of 0 means none.
   SharedStop(std::shared_ptr<World> world, int64_t budget_samples, double budget_seconds);
   // This rank has trained on `samples` in all and for `seconds`: whether to stop now.
-  // Talks to the store at most every 100 ms (and when `force`).
+  // Talks to the store every 100 ms, when `force`, and with a samples budget whenever
+  // this rank's unreported samples reach 1/(2 x ranks) of what is left of it.
   bool should_stop(int64_t samples, double seconds, bool force = false);
   // Tells every rank to stop (this one hit its end, or a signal came).
   void stop_all();
