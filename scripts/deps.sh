@@ -16,6 +16,8 @@ PACKAGES=(
   libbenchmark-dev
   clang libclang-rt-14-dev  # libFuzzer, for the message decoder's fuzz test
   dataset-fashion-mnist # the real Fashion-MNIST in IDX format, for the examples and the demo
+  python3-torch         # PyTorch 1.13 (/usr/bin/python3): the DDP baseline of benchmarks/run.sh
+  gnuplot-nox           # the benchmark plots (PNG)
 )
 
 missing=()

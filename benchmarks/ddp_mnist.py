@@ -1,0 +1,263 @@
+#!/usr/bin/python3
+"""PyTorch DDP on the MNIST example's network: the synchronous peer that torch_asgd's
+benchmarks compare against, in the same run, on the same data, batch, learning rule and
+straggler as asgd-mnist, and with asgd-mnist's metrics JSON (the keys the benchmark
+report reads).
+
+Runs under asgd-launch (or any launcher that exports RANK, WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT, rank 0 hosting the store), with Debian's python3-torch (1.13) and the gloo
+backend. Debian's torchrun 1.13 fails under Python 3.11 before it starts a worker, so it
+is not used:
+
+    asgd-launch --nproc 2 --master-port 0 -- /usr/bin/python3 benchmarks/ddp_mnist.py \\
+        --budget-seconds 30 --straggler 1:2 --metrics-out ddp.json
+
+What matches asgd-mnist (examples/common): the network (examples/mnist/net.h), the data
+(IDX files, scaled to [-1, 1]), the shards (--partition iid: a seeded permutation cut in
+WORLD_SIZE parts; full: every rank the whole set in its own order), reshuffled each pass,
+SGD with momentum (lr 0.03, momentum 0.7) or AdamW (lr 1e-3, weight decay 0.01), batch 32
+per rank, the straggler (rank R sleeps (F - 1) x its compute time each step), budgets
+(seconds or samples over all ranks; every rank stops at the same step, agreed every 16
+steps), and evaluation on a clock on rank 0's training thread, the pause excluded from
+the reported times. What differs: the straggler's measured compute includes the gradient
+all-reduce, which DDP overlaps with the backward pass (on loopback, ~1 ms of ~10 ms).
+"""
+import argparse
+import gzip
+import json
+import os
+import struct
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+class MnistNet(nn.Module):
+    """examples/mnist/net.h: LibTorch's MNIST example network, 21,840 parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
+        self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
+        self.conv2_drop = nn.Dropout2d()
+        self.fc1 = nn.Linear(320, 50)
+        self.fc2 = nn.Linear(50, 10)
+
+    def forward(self, x):
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))
+        x = x.view(-1, 320)
+        x = F.relu(self.fc1(x))
+        x = F.dropout(x, p=0.5, training=self.training)
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+def fail(message):
+    print(f"ddp_mnist.py: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def read_idx(directory, stem):
+    def load(name):
+        for path in (os.path.join(directory, name), os.path.join(directory, name + ".gz")):
+            if os.path.exists(path):
+                opener = gzip.open if path.endswith(".gz") else open
+                with opener(path, "rb") as f:
+                    return path, f.read()
+        fail(f"{directory}/{name}[.gz] not found: --data must name a directory with "
+             "MNIST-format IDX files (Debian's dataset-fashion-mnist: /usr/share/datasets/fashion-mnist)")
+
+    ipath, img = load(f"{stem}-images-idx3-ubyte")
+    lpath, lab = load(f"{stem}-labels-idx1-ubyte")
+    if len(img) < 16 or struct.unpack(">I", img[:4])[0] != 2051:
+        fail(f"{ipath}: not an IDX image file (magic number 2051 expected)")
+    if len(lab) < 8 or struct.unpack(">I", lab[:4])[0] != 2049:
+        fail(f"{lpath}: not an IDX label file (magic number 2049 expected)")
+    n, rows, cols = struct.unpack(">III", img[4:16])
+    (nl,) = struct.unpack(">I", lab[4:8])
+    if (rows, cols) != (28, 28) or len(img) != 16 + n * 784 or len(lab) != 8 + nl or n != nl:
+        fail(f"{ipath} and {lpath} do not hold matching 28x28 images and labels")
+    images = torch.frombuffer(bytearray(img[16:]), dtype=torch.uint8).view(n, 1, 28, 28)
+    labels = torch.frombuffer(bytearray(lab[8:]), dtype=torch.uint8).long()
+    return images.float().div_(255.0).sub_(0.5).div_(0.5), labels
+
+
+def evaluate(model, images, labels, limit):
+    model.eval()
+    n = min(limit, labels.numel())
+    correct = torch.zeros(10, dtype=torch.long)
+    seen = torch.zeros(10, dtype=torch.long)
+    with torch.no_grad():
+        for start in range(0, n, 1000):
+            out = model(images[start:start + 1000][: n - start])
+            y = labels[start:start + 1000][: n - start]
+            hit = out.argmax(1).eq(y)
+            seen += torch.bincount(y, minlength=10)
+            correct += torch.bincount(y[hit], minlength=10)
+    model.train()
+    per_class = [c / s for c, s in zip(correct.tolist(), seen.tolist()) if s > 0]
+    overall = correct.sum().item() / max(seen.sum().item(), 1)
+    return overall, per_class
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    p.add_argument("--lr", type=float, default=0)
+    p.add_argument("--momentum", type=float, default=0.7)
+    p.add_argument("--weight-decay", type=float, default=-1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--budget-seconds", type=float, default=0)
+    p.add_argument("--budget-samples", type=int, default=0)
+    p.add_argument("--partition", choices=["iid", "full"], default="iid")
+    p.add_argument("--straggler", default="")
+    p.add_argument("--target-accuracy", type=float, default=0)
+    p.add_argument("--eval-every-seconds", type=float, default=0)
+    p.add_argument("--eval-samples", type=int, default=2000)
+    p.add_argument("--metrics-out", default="")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    o = p.parse_args()
+    o.straggler_rank, o.straggler_factor = -1, 1.0
+    if o.straggler:
+        try:
+            r, f = o.straggler.split(":")
+            o.straggler_rank, o.straggler_factor = int(r), float(f)
+        except ValueError:
+            p.error(f"--straggler '{o.straggler}' must be RANK:FACTOR (e.g. 1:2)")
+        if o.straggler_rank < 0 or o.straggler_factor < 1:
+            p.error(f"--straggler '{o.straggler}' must be RANK:FACTOR with RANK >= 0 and FACTOR >= 1")
+    if o.budget_seconds > 0 and o.budget_samples > 0:
+        p.error("give one budget: samples or seconds")
+    if o.lr == 0:
+        o.lr = 0.03 if o.optimizer == "sgd" else 1e-3
+    if o.weight_decay < 0:
+        o.weight_decay = 0.01 if o.optimizer == "adamw" else 0.0
+    return o
+
+
+def main():
+    o = parse()
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            fail(f"{var} is not set: start it with asgd-launch --nproc N -- /usr/bin/python3 {sys.argv[0]} ...")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if o.straggler_rank >= world:
+        fail(f"--straggler rank {o.straggler_rank} is out of range: this job has ranks 0..{world - 1}")
+    torch.set_num_threads(o.threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    train_x, train_y = read_idx(o.data, "train")
+    test_x, test_y = read_idx(o.data, "t10k")
+    n = train_y.numel()
+    if o.partition == "full":
+        mine = torch.arange(n)
+    else:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(o.seed))
+        per = n // world
+        mine = order[rank * per:(rank + 1) * per]
+    if mine.numel() < o.batch_size:
+        fail(f"each of the {world} ranks gets {mine.numel()} samples, fewer than one batch of {o.batch_size}")
+    torch.manual_seed(o.seed)  # the same initial model everywhere (DDP broadcasts rank 0's anyway)
+    model = DDP(MnistNet())
+    if o.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    gen = torch.Generator().manual_seed(o.seed * 1000 + rank)
+    per_epoch = mine.numel() // o.batch_size
+    if o.budget_samples > 0:
+        total_steps = -(-o.budget_samples // (world * o.batch_size))
+    elif o.budget_seconds > 0:
+        total_steps = -1
+    else:
+        total_steps = o.epochs * per_epoch
+    stopped_by = "budget" if o.budget_samples > 0 or o.budget_seconds > 0 else "epochs"
+
+    t0 = time.monotonic()
+    pause = 0.0
+    clock = lambda: time.monotonic() - t0 - pause  # noqa: E731
+    curve, time_to_target = [], None
+    next_eval = o.eval_every_seconds
+    order, pos, step = None, per_epoch * o.batch_size, 0
+    while True:
+        if total_steps >= 0 and step >= total_steps:
+            break
+        if total_steps < 0 and step % 16 == 0:
+            flag = torch.tensor([1.0 if clock() >= o.budget_seconds else 0.0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() > 0:
+                break
+        if pos + o.batch_size > mine.numel():
+            order, pos = torch.randperm(mine.numel(), generator=gen), 0
+        idx = mine[order[pos:pos + o.batch_size]]
+        pos += o.batch_size
+        s0 = time.monotonic()
+        opt.zero_grad()
+        loss = F.nll_loss(model(train_x[idx]), train_y[idx])
+        loss.backward()  # DDP's all-reduce of the gradients, overlapped with the backward pass
+        compute = time.monotonic() - s0
+        if rank == o.straggler_rank and o.straggler_factor > 1:
+            time.sleep((o.straggler_factor - 1) * compute)
+        opt.step()
+        step += 1
+        if rank == 0 and o.eval_every_seconds > 0 and clock() >= next_eval:
+            e0 = time.monotonic()
+            acc, _ = evaluate(model.module, test_x, test_y, o.eval_samples)
+            pause += time.monotonic() - e0
+            at = clock()
+            curve.append({"seconds": at, "samples": step * world * o.batch_size, "accuracy": acc})
+            if o.target_accuracy > 0 and time_to_target is None and acc >= o.target_accuracy:
+                time_to_target = at
+            while next_eval <= clock():
+                next_eval += o.eval_every_seconds
+    train_seconds = clock()
+    acc, per_class = evaluate(model.module, test_x, test_y, test_y.numel())
+    if rank == 0 and o.target_accuracy > 0 and time_to_target is None and acc >= o.target_accuracy:
+        time_to_target = train_seconds
+    mine_report = {"trainer": True, "steps": step, "samples_per_second": step * o.batch_size / max(train_seconds, 1e-9),
+                   "accuracy": acc, "stats": {}}
+    reports = [None] * world
+    dist.all_gather_object(reports, mine_report)
+    wall_seconds = time.monotonic() - t0
+    if rank == 0:
+        rates = [r["samples_per_second"] for r in reports]
+        metrics = {
+            "program": "ddp-mnist", "algo": "ddp", "optimizer": o.optimizer, "lr": o.lr,
+            "world_size": world, "workers": world,
+            "epochs": None if stopped_by == "budget" else o.epochs,
+            "budget": {"samples": o.budget_samples or None, "seconds": o.budget_seconds or None},
+            "stopped_by": stopped_by, "partition": o.partition,
+            "straggler": {"rank": o.straggler_rank, "factor": o.straggler_factor} if o.straggler_rank >= 0 else None,
+            "test_accuracy": acc, "class_accuracy": per_class,
+            "worst_class_accuracy": min(per_class) if per_class else acc,
+            "wall_seconds": wall_seconds, "train_seconds": train_seconds, "eval_seconds": pause,
+            "target_accuracy": o.target_accuracy or None, "time_to_target_seconds": time_to_target,
+            "samples": sum(r["steps"] for r in reports) * o.batch_size,
+            "samples_per_second": rates, "aggregate_samples_per_second": sum(rates),
+            # Synchronous: every gradient is computed at the model it is applied to.
+            "staleness": {"kind": "staleness", "mean": 0.0, "max": 0, "count": sum(r["steps"] for r in reports),
+                          "bounded": 0},
+            "eval_curve": curve, "ranks": reports,
+        }
+        if o.metrics_out:
+            with open(o.metrics_out + ".tmp", "w") as f:
+                json.dump(metrics, f, indent=1)
+            os.replace(o.metrics_out + ".tmp", o.metrics_out)
+        print(f"ddp: {step} steps per rank in {train_seconds:.1f} s; test accuracy {acc:.4f}")
+    # Every rank is done with the store (hosted by rank 0) before any leaves. Then exit
+    # at once: in torch 1.13, tearing down the gloo group after a peer has left can hang.
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
