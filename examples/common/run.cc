@@ -425,8 +425,8 @@ void Run::evaluate_now() {
   // On rank 0's training thread; the clock stops meanwhile (reported times exclude it).
   const auto e0 = Clock::now();
   last_acc_ = evaluate(task_, *model_, test_, o_.eval_samples).overall;
-  const double at = clock();
   eval_pause_ += seconds_since(e0);
+  const double at = clock();  // this evaluation's pause excluded too
   curve_.push_back({{"seconds", at}, {"samples", global_samples()}, {"accuracy", last_acc_}});
   if (o_.target_accuracy > 0 && time_to_target_ < 0 && last_acc_ >= o_.target_accuracy) {
     time_to_target_ = at;
