@@ -59,7 +59,9 @@ class MnistNet(nn.Module):
 
 def fail(message):
     print(f"ddp_mnist.py: {message}", file=sys.stderr)
-    sys.exit(1)
+    sys.stderr.flush()
+    # Leave at once: once the gloo group exists, a normal exit can hang in its teardown.
+    os._exit(1)
 
 
 def read_idx(directory, stem):
@@ -84,6 +86,11 @@ def read_idx(directory, stem):
         fail(f"{ipath} and {lpath} do not hold matching 28x28 images and labels")
     images = torch.frombuffer(bytearray(img[16:]), dtype=torch.uint8).view(n, 1, 28, 28)
     labels = torch.frombuffer(bytearray(lab[8:]), dtype=torch.uint8).long()
+    if n == 0:
+        fail(f"{ipath} holds no images")
+    if labels.max().item() > 9:
+        bad = int((labels > 9).nonzero()[0].item())
+        fail(f"{lpath}: label {labels[bad].item()} of item {bad} is not a digit class 0..9")
     return images.float().div_(255.0).sub_(0.5).div_(0.5), labels
 
 
@@ -134,6 +141,14 @@ def parse():
             p.error(f"--straggler '{o.straggler}' must be RANK:FACTOR (e.g. 1:2)")
         if o.straggler_rank < 0 or o.straggler_factor < 1:
             p.error(f"--straggler '{o.straggler}' must be RANK:FACTOR with RANK >= 0 and FACTOR >= 1")
+    for name in ("batch_size", "epochs", "eval_samples", "threads"):
+        if getattr(o, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, not {getattr(o, name)}")
+    for name in ("budget_seconds", "budget_samples", "eval_every_seconds", "lr"):
+        if getattr(o, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must not be negative")
+    if not 0 <= o.target_accuracy <= 1:
+        p.error("--target-accuracy must be within 0..1")
     if o.budget_seconds > 0 and o.budget_samples > 0:
         p.error("give one budget: samples or seconds")
     if o.lr == 0:
@@ -152,18 +167,20 @@ def main():
     if o.straggler_rank >= world:
         fail(f"--straggler rank {o.straggler_rank} is out of range: this job has ranks 0..{world - 1}")
     torch.set_num_threads(o.threads)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # Bad data is found before the group is formed: every rank says so and exits.
     train_x, train_y = read_idx(o.data, "train")
     test_x, test_y = read_idx(o.data, "t10k")
     n = train_y.numel()
+    if (n if o.partition == "full" else n // world) < o.batch_size:
+        fail(f"each of the {world} ranks gets {n if o.partition == 'full' else n // world} samples, "
+             f"fewer than one batch of {o.batch_size}: use a smaller --batch-size or fewer ranks")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     if o.partition == "full":
         mine = torch.arange(n)
     else:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(o.seed))
         per = n // world
         mine = order[rank * per:(rank + 1) * per]
-    if mine.numel() < o.batch_size:
-        fail(f"each of the {world} ranks gets {mine.numel()} samples, fewer than one batch of {o.batch_size}")
     torch.manual_seed(o.seed)  # the same initial model everywhere (DDP broadcasts rank 0's anyway)
     model = DDP(MnistNet())
     if o.optimizer == "sgd":

@@ -48,11 +48,14 @@ done
 [[ $SECONDS_BUDGET =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --seconds must be a positive integer, not '$SECONDS_BUDGET'" >&2; exit 2; }
 [[ $SAMPLES_BUDGET =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --samples must be a positive integer, not '$SAMPLES_BUDGET'" >&2; exit 2; }
 SHORT=$((SECONDS_BUDGET / 4 > 2 ? SECONDS_BUDGET / 4 : 2))  # the scaling and staleness runs
-for s in ${SUITES//,/ }; do
+IFS=', ' read -ra SUITE_LIST <<<"$SUITES"
+((${#SUITE_LIST[@]} > 0)) || { echo "run.sh: --suites names no suite" >&2; exit 2; }
+for s in "${SUITE_LIST[@]}"; do
   case $s in stragglers|by-label|scaling|staleness) ;; *)
     echo "run.sh: unknown suite '$s' (stragglers, by-label, scaling, staleness)" >&2; exit 2 ;;
   esac
 done
+SUITES=$(IFS=,; echo "${SUITE_LIST[*]}")
 for f in "$BIN/asgd-launch" "$BIN/asgd-mnist"; do
   [[ -x $f ]] || { echo "run.sh: $f is missing: build first (./scripts/build.sh) or set TORCH_ASGD_BIN" >&2; exit 1; }
 done
@@ -87,6 +90,10 @@ run() {
         >"$LOG/$suite.$config.r$k.log" 2>&1; then
       echo "run.sh: $suite/$config (repeat $k) failed; its log, $LOG/$suite.$config.r$k.log, ends:" >&2
       tail -5 "$LOG/$suite.$config.r$k.log" >&2
+      exit 1
+    fi
+    if [[ ! -s $json.part ]]; then
+      echo "run.sh: $suite/$config (repeat $k) exited 0 but wrote no metrics; see $LOG/$suite.$config.r$k.log" >&2
       exit 1
     fi
     "$PY" - "$json.part" "$json" "$suite" "$config" "$k" "$n" "${cmd[@]}" <<'PY'
@@ -178,7 +185,7 @@ suite_staleness() {
 start=$(date +%s)
 [[ $SAMPLES_BUDGET =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --samples must be a positive integer, not '$SAMPLES_BUDGET'" >&2; exit 2; }
 SHORT=$((SECONDS_BUDGET / 4 > 2 ? SECONDS_BUDGET / 4 : 2))  # the scaling and staleness runs
-for s in ${SUITES//,/ }; do
+for s in "${SUITE_LIST[@]}"; do
   rm -rf "${OUT:?}/$s"
   "suite_${s//-/_}"
 done
