@@ -33,7 +33,7 @@ def load(results, suite):
         try:
             m = json.load(open(path))
             config = m["bench"]["config"]
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             fail(f"{path}: not a benchmark run's JSON ({e}); rerun benchmarks/run.sh")
         runs.setdefault(config, []).append(m)
     return runs
@@ -102,7 +102,7 @@ def gnuplot(script, png):
     path = png[:-4] + ".gp"
     with open(path, "w") as f:
         f.write(script)
-    p = subprocess.run(["gnuplot", path], capture_output=True, text=True)
+    p = subprocess.run(["gnuplot", os.path.abspath(path)], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(png)))
     if p.returncode != 0 or not os.path.exists(png) or os.path.getsize(png) == 0:
         fail(f"gnuplot failed on {path}: {p.stderr.strip()[-500:]}")
 
@@ -124,7 +124,7 @@ def plot_panels(png, panels, xlabel, ylabel, cols=3, logx=False, yrange=None):
     rows = (len(panels) + cols - 1) // cols
     cols = min(cols, len(panels))
     lines = [f"set terminal @TERMINAL@ size {420 * cols},{320 * rows}",
-             f"set output '{png}'", f"set multiplot layout {rows},{cols}",
+             f"set output '{os.path.basename(png)}'", f"set multiplot layout {rows},{cols}",
              f"set xlabel '{xlabel}'", f"set ylabel '{ylabel}'", "set key bottom right", "set grid"]
     if logx:
         lines.append("set logscale x 2")
@@ -132,7 +132,7 @@ def plot_panels(png, panels, xlabel, ylabel, cols=3, logx=False, yrange=None):
         lines.append(f"set yrange [{yrange[0]}:{yrange[1]}]")
     for title, files in panels:
         lines.append(f"set title '{title}'")
-        parts = [f"'{path}' using 1:2 with linespoints title '{t}'" for path, t, n in files if n > 0]
+        parts = [f"'{os.path.basename(path)}' using 1:2 with linespoints title '{t}'" for path, t, n in files if n > 0]
         if not parts:
             lines.append("set label 1 'no data' at graph 0.4, graph 0.5")
             lines.append("plot [0:1][0:1] NaN notitle")
@@ -180,7 +180,14 @@ def suite_stragglers(runs, plots):
         if f == 2 and "dasgd" in tt:
             for peer in ("ddp", "sync"):
                 if peer in tt:
-                    ratio = "-" if tt["dasgd"] is None or tt[peer] is None else f"{tt['dasgd'] / tt[peer]:.2f}"
+                    if tt["dasgd"] is None:
+                        ratio = "-"
+                    elif tt[peer] is None:
+                        # The peer never got there: its time is beyond its whole run.
+                        ran = median_or_none([m["train_seconds"] for m in algos[peer]])
+                        ratio = f"< {tt['dasgd'] / ran:.2f} ({peer} below 80 % at the end)"
+                    else:
+                        ratio = f"{tt['dasgd'] / tt[peer]:.2f}"
                     aims.append(f"| {n} ranks, {opt}, one rank 2x slower | DASGD's time to 80 % / {peer}'s "
                                 f"| {'<= 0.5' if peer == 'ddp' else '<= 0.6'} | {ratio} |")
         if f == 2 and (n, 1.0, opt) in by_setting and "dasgd" in algos and "dasgd" in by_setting[(n, 1.0, opt)]:
@@ -190,13 +197,13 @@ def suite_stragglers(runs, plots):
                 aims.append(f"| {n} ranks, {opt}, one rank 2x slower | DASGD's fast ranks' samples/s / "
                             f"without the straggler | >= 0.9 | {slow / base:.2f} |")
     png = os.path.join(plots, "stragglers.png")
-    gnuplot(plot_panels(png, [(f"{n} ranks, {'no straggler' if f == 1 else f'rank 1 {f:g}x slower'}, {opt}", files)
+    gnuplot(plot_panels(png, [(f"{n} ranks, {'no straggler' if f == 1 else f'one rank {f:g}x slower'}, {opt}", files)
                               for (n, f, opt), files in panels.items()],
                         "seconds of training", "test accuracy %", yrange=(0, 100)), png)
     text = header + "\n" + "\n".join(rows)
     if aims:
         text += "\n\n| setting | aim | target | measured |\n|---|---|---:|---:|\n" + "\n".join(aims)
-    return text + "\n\n![accuracy against seconds](results/plots/stragglers.png)"
+    return text + "\n\n![accuracy against seconds](@PLOTS@/stragglers.png)"
 
 
 def suite_by_label(runs, plots):
@@ -228,7 +235,7 @@ def suite_by_label(runs, plots):
     text = header + "\n" + "\n".join(rows)
     if aims:
         text += "\n\n| aim | measured | |\n|---|---:|---|\n" + "\n".join(aims)
-    return text + "\n\n![accuracy against seconds and steps](results/plots/by-label.png)"
+    return text + "\n\n![accuracy against seconds and steps](@PLOTS@/by-label.png)"
 
 
 def suite_scaling(runs, plots):
@@ -261,27 +268,46 @@ def suite_scaling(runs, plots):
                         "ranks", "samples/s", cols=1, logx=True), png)
     return (header + "\n" + "\n".join(rows) +
             "\n\nIn brackets: the ratio to `local` (the same processes, no communication) at that rank count."
-            "\n\n![aggregate samples/s against ranks](results/plots/scaling.png)")
+            "\n\n![aggregate samples/s against ranks](@PLOTS@/scaling.png)")
 
 
-def predicted(algo, n, every, factor):
-    """The job-count argument (ALGORITHMS.md's set-based staleness, delivery immediate).
-    Trainers t of speeds v (one of them 1/factor); an update computed at time 0 and
-    applied at time T meets every other trainer's v*T updates. Averaged over updates
-    weighted by their rate, the sum over senders cancels the speeds: S_avg = t - 1 for
-    pure ASGD; for DASGD a message of `every` steps is on average (every + 1) / 2 steps
-    old, and the receiver's own unsent updates, (every - 1) / 2, count too. The slowest
-    sender's updates are the stalest: (t - 1) * factor (times (every + 1) / 2)."""
-    t = n - 1 if algo.startswith("asgd") else n
-    age = (every + 1) / 2
-    mean = (t - 1) * age + (every - 1) / 2
-    slow = (t - 1) * factor * age + (every - 1) / 2
+def predicted(algo, n, every, factor, slow_rank):
+    """The job-count argument for ALGORITHMS.md's set-based staleness, in units of a fast
+    rank's step (delivery at once, no jitter). Trainers k of speeds v_k (1, or 1/factor
+    for the straggler) and step times T_k = 1/v_k.
+
+    Pure ASGD: a job of worker s is out for T_s, while the others' v_k T_s gradients reach
+    the server: tau_s = sum_{k != s} v_k / v_s. Weighted by the rates v_s, S_avg = t - 1
+    whatever the speeds; the straggler's gradients are the stalest, (t - 1) x factor.
+
+    DASGD: a message of `every` steps is on average A_s = T_s (every + 1) / 2 old when
+    sent; the receiver r applies it at its next step boundary, on average W_r = T_r / 2
+    later, then its own step's update too (+1/2 on average), and x_s lacked r's
+    (every - 1) / 2 unsent updates: tau_sr = sum_{k != s} v_k (A_s + W_r) + 1/2 +
+    (every - 1) / 2. Every update is also applied once at its own rank with tau = 0, and
+    S_avg averages over all of them (the measured figure counts those zeros too).
+    Returns (S_avg, the straggler's mean over its applied updates, own zeros excluded)."""
+    if algo.startswith("asgd"):
+        t = n - 1
+        return t - 1.0, (t - 1.0) * factor
+    t = n
+    v = [1.0 / factor if k == slow_rank else 1.0 for k in range(t)]
+    tau = [[0.0] * t for _ in range(t)]
+    for s in range(t):
+        for r in range(t):
+            if r != s:
+                window = (every + 1) / 2 / v[s] + 0.5 / v[r]
+                tau[s][r] = sum(v[k] for k in range(t) if k != s) * window + 0.5 + (every - 1) / 2
+    total = sum(v[s] * sum(tau[s]) for s in range(t))
+    mean = total / (sum(v) * t)
+    s = slow_rank if 0 <= slow_rank < t else 0
+    slow = sum(tau[s]) / (t - 1)
     return mean, slow
 
 
 def suite_staleness(runs, plots):
     header = ("| algorithm | broadcast_every | straggler | S_avg measured | S_avg predicted "
-              "| S_max measured | slowest sender's mean, predicted |\n|---|---:|---:|---:|---:|---:|---:|")
+              "| S_max measured | the straggler's updates: mean predicted |\n|---|---:|---:|---:|---:|---:|---:|")
     rows, series = [], OrderedDict()
     for config, ms in runs.items():
         m0 = ms[0]
@@ -292,7 +318,7 @@ def suite_staleness(runs, plots):
             every = int(cmd[cmd.index("--broadcast-every") + 1])
         factor = m0["straggler"]["factor"] if m0.get("straggler") else 1.0
         st = [all_staleness(m) for m in ms]
-        mean, slow = predicted(algo, m0["world_size"], every, factor)
+        mean, slow = predicted(algo, m0["world_size"], every, factor, straggler_rank(m0))
         rows.append(f"| {algo} | {every if algo == 'dasgd' else '-'} | {'none' if factor == 1 else f'{factor:g}x'} | "
                     f"{med([s[0] for s in st], '{:.2f}')} | {mean:.2f} | {med([s[1] for s in st], '{:.0f}')} | {slow:.1f} |")
         key = f"{algo} b={every}" if algo == "dasgd" else algo
@@ -302,9 +328,11 @@ def suite_staleness(runs, plots):
                                write_curves(plots, "staleness", [(k, sorted(v)) for k, v in series.items()]))],
                         "straggler factor", "S_avg", cols=1), png)
     return (header + "\n" + "\n".join(rows) +
-            "\n\nPredicted: see `predicted()` in benchmarks/report.py (no jitter, delivery at once). "
-            "S_max is the largest single value and sits above the slowest sender's mean."
-            "\n\n![measured mean staleness](results/plots/staleness.png)")
+            "\n\nPredicted: the job-count argument in `predicted()` in benchmarks/report.py (no jitter, "
+            "delivery at once, a message applied at the receiver's next step boundary; S_avg counts "
+            "each rank's own updates, applied with staleness 0). S_max is the largest single value: "
+            "it sits above the straggler's mean by the jitter of a loaded machine."
+            "\n\n![measured mean staleness](@PLOTS@/staleness.png)")
 
 
 SUITES = OrderedDict([("stragglers", suite_stragglers), ("by-label", suite_by_label),
@@ -327,7 +355,8 @@ def main():
         runs = load(o.results, suite)
         if not runs:
             fail(f"no runs under {o.results}/{suite}: run benchmarks/run.sh --suites {suite} first")
-        body = SUITES[suite](runs, plots)
+        link = os.path.relpath(os.path.abspath(plots), os.path.dirname(os.path.abspath(o.readme)))
+        body = SUITES[suite](runs, plots).replace("@PLOTS@", link)
         block = f"<!-- bench:{suite} -->\n{o.note}.\n\n{body}\n<!-- /bench:{suite} -->"
         pattern = re.compile(rf"<!-- bench:{re.escape(suite)} -->.*?<!-- /bench:{re.escape(suite)} -->", re.S)
         if pattern.search(readme):
