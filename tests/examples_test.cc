@@ -255,8 +255,9 @@ INSTANTIATE_TEST_SUITE_P(Algos, KilledPeer, ::testing::Values("dasgd", "gossip")
 // Budgets stop every rank, a straggler too (rank 2, 4x slower: the last rank, a worker
 // for AsGrad): the job ends on its own and every rank reports. A samples budget is spent
 // once over all ranks: the job trains at least the budget and at most 1.5x it plus a
-// batch per rank (the bound SharedStop keeps whatever the speeds; sync and the server
-// stop at the budget's step exactly).
+// batch per rank (the bound SharedStop keeps whatever the speeds; sync stops at the
+// budget's step exactly, the server at its gradient, the workers' last ones in flight
+// counted too).
 class Budgets : public ::testing::TestWithParam<std::string> {
  protected:
   nlohmann::json launch(const std::string& name, const std::vector<std::string>& budget) {
@@ -289,7 +290,9 @@ TEST_P(Budgets, ASecondsBudgetStopsEveryRankTheStragglerToo) {
   const auto m = launch("seconds", {"--budget-seconds", "2"});
   if (!m.is_object()) return;
   RecordProperty("train_seconds", std::to_string(m["train_seconds"].get<double>()));
-  RecordProperty("straggler_steps", std::to_string(m["ranks"][2]["steps"].get<int64_t>()));
+  if (m["ranks"].size() == 3 && !m["ranks"][2].is_null()) {
+    RecordProperty("straggler_steps", std::to_string(m["ranks"][2]["steps"].get<int64_t>()));
+  }
 }
 
 TEST_P(Budgets, ASamplesBudgetIsSpentOnceOverAllRanks) {

@@ -37,11 +37,17 @@ for suite, configs in SUITES.items():
         path = os.path.join(results, suite, f"{config}.r1.json")
         if not check(os.path.exists(path), f"{path} is missing"):
             continue
-        m = json.load(open(path))
-        check(m.get("bench", {}).get("config") == config, f"{path}: no bench.config {config}")
+        try:
+            m = json.load(open(path))
+        except ValueError as e:
+            check(False, f"{path}: not JSON ({e})")
+            continue
+        if not check(isinstance(m.get("bench"), dict) and m["bench"].get("config") == config
+                     and isinstance(m["bench"].get("nproc"), int), f"{path}: no bench object for {config}"):
+            continue
         check(0 <= m.get("test_accuracy", -1) <= 1, f"{path}: test_accuracy out of [0, 1]")
         check(m.get("train_seconds", 0) > 0, f"{path}: no train_seconds")
-        check(len(m.get("ranks", [])) == m["bench"]["nproc"] and all(m["ranks"]),
+        check(len(m.get("ranks") or []) == m["bench"]["nproc"] and all(m["ranks"]),
               f"{path}: not every rank reported")
         check(m.get("stopped_by") == "budget", f"{path}: stopped by {m.get('stopped_by')}, not the budget")
         if suite == "stragglers":
