@@ -85,6 +85,12 @@ def all_staleness(m):
     return total / count, peak, count
 
 
+def staleness_cell(ms):
+    """'mean / max' of the repeats' staleness over every rank, each as median [min-max]."""
+    st = [all_staleness(m) for m in ms]
+    return f"{med([s[0] for s in st], '{:.2f}')} / {med([s[1] for s in st], '{:.0f}')}"
+
+
 def representative(runs):
     """The repeat whose final accuracy is the median one (its curve is plotted)."""
     ordered = sorted(runs, key=lambda m: m["test_accuracy"])
@@ -167,12 +173,10 @@ def suite_stragglers(runs, plots):
     for (n, f, opt), algos in sorted(by_setting.items()):
         series = []
         for algo, ms in algos.items():
-            st = [all_staleness(m) for m in ms]
             rows.append(f"| {n} | {'none' if f == 1 else f'{f:g}x'} | {opt} | {algo} | "
                         f"{med([m['time_to_target_seconds'] for m in ms])} | "
                         f"{med([100 * m['test_accuracy'] for m in ms])} | "
-                        f"{med([fast_rate(m) for m in ms], '{:.0f}')} | "
-                        f"{med([s[0] for s in st], '{:.2f}')} / {med([s[1] for s in st], '{:.0f}')} |")
+                        f"{med([fast_rate(m) for m in ms], '{:.0f}')} | {staleness_cell(ms)} |")
             series.append((algo, curve_points(representative(ms))))
         panels[(n, f, opt)] = write_curves(plots, f"stragglers.n{n}.x{f:g}.{opt}", series)
         # The issue's aims, as ratios of medians.
@@ -211,12 +215,10 @@ def suite_by_label(runs, plots):
               "| seconds | staleness mean / max |\n|---|---:|---:|---:|---:|---:|")
     rows, seconds, steps = [], [], []
     for config, ms in runs.items():
-        st = [all_staleness(m) for m in ms]
         rows.append(f"| {config} | {med([100 * m['test_accuracy'] for m in ms])} | "
                     f"{med([100 * m['worst_class_accuracy'] for m in ms])} | "
                     f"{med([m['ranks'][0]['steps'] for m in ms], '{:.0f}')} | "
-                    f"{med([m['train_seconds'] for m in ms])} | "
-                    f"{med([s[0] for s in st], '{:.2f}')} / {med([s[1] for s in st], '{:.0f}')} |")
+                    f"{med([m['train_seconds'] for m in ms])} | {staleness_cell(ms)} |")
         rep = representative(ms)
         batch = 32
         seconds.append((config, curve_points(rep, "seconds")))
