@@ -23,6 +23,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 BIN=${TORCH_ASGD_BIN:-$ROOT/build/bin}
 PY=/usr/bin/python3  # Debian's: python3-torch lives there, whatever python3 is first on PATH
+INVOCATION="benchmarks/run.sh${*:+ $*}"  # named in the tables' header line
 QUICK=0 REPEATS="" SECONDS_BUDGET="" SAMPLES_BUDGET="" SUITES="stragglers,by-label,scaling,staleness"
 DATA=/usr/share/datasets/fashion-mnist
 OUT=$HERE/results README=$HERE/README.md
@@ -183,12 +184,10 @@ suite_staleness() {
 }
 
 start=$(date +%s)
-[[ $SAMPLES_BUDGET =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --samples must be a positive integer, not '$SAMPLES_BUDGET'" >&2; exit 2; }
-SHORT=$((SECONDS_BUDGET / 4 > 2 ? SECONDS_BUDGET / 4 : 2))  # the scaling and staleness runs
 for s in "${SUITE_LIST[@]}"; do
   rm -rf "${OUT:?}/$s"
   "suite_${s//-/_}"
 done
 echo "run.sh: $NRUNS runs in $(($(date +%s) - start)) s" >&2
 "$PY" "$HERE/report.py" --results "$OUT" --readme "$README" --suites "$SUITES" \
-  --note "$( ((QUICK)) && echo "benchmarks/run.sh --quick" || echo "benchmarks/run.sh") on $(nproc) cores, $(date -u +%Y-%m-%d), median of $REPEATS run(s) per configuration (min-max in brackets)"
+  --note "$INVOCATION on $(nproc) cores, $(date -u +%Y-%m-%d), median of $REPEATS run(s) per configuration (min-max in brackets)"

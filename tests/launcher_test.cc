@@ -2,6 +2,7 @@
 
 #include <signal.h>
 
+#include <cstring>
 #include <fstream>
 #include <regex>
 #include <stdexcept>
@@ -18,6 +19,40 @@ using launch::parse_args;
 using testing::Proc;
 
 std::string launcher() { return testing::bin_dir() + "/asgd-launch"; }
+
+// `pid` is still our `sleep` (or the shell about to exec it) and not yet dead. A killed
+// process closes its pipes before it is a zombie ("Z" after the name), so callers give a
+// killed one time to get there.
+bool sleeping(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(stat, line)) return false;
+  for (const char* name : {"(sleep) ", "(sh) "}) {
+    const auto at = line.find(name);
+    if (at != std::string::npos) return line.compare(at + std::strlen(name), 1, "Z") != 0;
+  }
+  return false;
+}
+
+// The pids printed as "<label> <pid>"; each one that is still sleeping 30 s on (an event,
+// not a bound: an unkilled sleep lives for 120 s) is killed here and counted.
+std::pair<int, int> found_and_running(const std::string& out, const std::string& label) {
+  std::regex re(label + " (\\d+)");
+  int found = 0, running = 0;
+  for (std::sregex_iterator it(out.begin(), out.end(), re), end; it != end; ++it) {
+    const pid_t pid = static_cast<pid_t>(std::stol((*it)[1]));
+    ++found;
+    const auto give_up = std::chrono::steady_clock::now() + 30s;
+    while (sleeping(pid) && std::chrono::steady_clock::now() < give_up) {
+      std::this_thread::sleep_for(10ms);
+    }
+    if (sleeping(pid)) {
+      ++running;
+      ::kill(pid, SIGKILL);
+    }
+  }
+  return {found, running};
+}
 
 TEST(LauncherArgs, Parses) {
   auto o = parse_args({"--nproc", "4", "--nnodes", "2", "--node-rank", "1", "--master-addr",
@@ -116,29 +151,23 @@ TEST(Launcher, LeftoverBackgroundProcessesDoNotKeepItWaiting) {
                         {}, 60s);
   EXPECT_FALSE(p.timed_out) << "the launcher waited for its ranks' background processes";
   EXPECT_EQ(p.exit_code, 0);
-  // Still our sleep and not yet dead: a killed process closes its pipe before it is a
-  // zombie ("Z" after the name), so give a killed one time to get there (an event, not a
-  // bound: an unkilled sleep stays alive for 120 s).
-  auto sleeping = [](pid_t pid) {
-    std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
-    std::string line;
-    return std::getline(stat, line) && line.find("(sleep) ") != std::string::npos &&
-           line.find("(sleep) Z") == std::string::npos;
-  };
-  std::regex re("background (\\d+)");
-  int found = 0, running = 0;
-  for (std::sregex_iterator it(p.out_buf.begin(), p.out_buf.end(), re), end; it != end; ++it) {
-    const pid_t bg = static_cast<pid_t>(std::stol((*it)[1]));
-    ++found;
-    const auto give_up = std::chrono::steady_clock::now() + 30s;
-    while (sleeping(bg) && std::chrono::steady_clock::now() < give_up) std::this_thread::sleep_for(10ms);
-    if (sleeping(bg)) {
-      ++running;
-      ::kill(bg, SIGKILL);
-    }
-  }
+  const auto [found, running] = found_and_running(p.out_buf, "background");
   EXPECT_EQ(found, 2) << p.out_buf;
   EXPECT_EQ(running, 0) << "the launcher left its ranks' background processes running";
+}
+
+TEST(Launcher, KilledOutrightItTakesItsRanksWithIt) {
+  // SIGKILL gives the launcher no chance to forward anything; its ranks, each in its own
+  // process group, must still not outlive it.
+  Proc p = testing::start({launcher(), "--nproc", "2", "--", "/bin/sh", "-c",
+                           "echo rank $$; exec sleep 120"});
+  ASSERT_TRUE(testing::wait_for_output(p, "[0]: rank ", 20s));
+  ASSERT_TRUE(testing::wait_for_output(p, "[1]: rank ", 20s));
+  ::kill(p.pid, SIGKILL);
+  testing::finish(p, 30s);
+  const auto [found, running] = found_and_running(p.out_buf, "rank");
+  EXPECT_EQ(found, 2) << p.out_buf;
+  EXPECT_EQ(running, 0) << "ranks outlived their launcher";
 }
 
 TEST(Launcher, MissingProgram) {

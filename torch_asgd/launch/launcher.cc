@@ -5,6 +5,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -121,7 +122,8 @@ std::string usage() {
          "Starts N ranks of PROGRAM on this node with torchrun's variables set (RANK, WORLD_SIZE,\n"
          "LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, TORCHELASTIC_RUN_ID). Prefixes\n"
          "each output line with the rank, forwards SIGINT/SIGTERM, and exits with the first\n"
-         "non-zero exit code of a rank (0 if all succeed).\n"
+         "non-zero exit code of a rank (0 if all succeed). Killed outright, it takes its ranks\n"
+         "with it.\n"
          "\n"
          "  --nproc N          ranks on this node (required)\n"
          "  --nnodes M         nodes in the job (default 1)\n"
@@ -211,6 +213,7 @@ int run(const LaunchOptions& o) {
 
   std::vector<Child> children(o.nproc);
   std::vector<Stream> streams;
+  const pid_t launcher_pid = ::getpid();
   for (int local = 0; local < o.nproc; ++local) {
     const int rank = o.node_rank * o.nproc + local;
     int out[2], err[2];
@@ -221,6 +224,12 @@ int run(const LaunchOptions& o) {
     if (pid < 0) throw std::runtime_error(fmt::format("fork failed: {}", std::strerror(errno)));
     if (pid == 0) {
       ::setpgid(0, 0);  // our own group: signals reach each rank once, from the launcher
+      // A launcher killed outright (SIGKILL, the OOM killer, a test's timeout) forwards
+      // nothing: the kernel then kills the rank. The launcher forks from its only thread,
+      // so the signal comes when the launcher itself is gone. If it died before the
+      // prctl, we were already re-parented: stop here.
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (::getppid() != launcher_pid) ::_exit(128 + SIGKILL);
       ::dup2(out[1], STDOUT_FILENO);
       ::dup2(err[1], STDERR_FILENO);
       ::setenv("RANK", std::to_string(rank).c_str(), 1);
