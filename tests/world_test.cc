@@ -148,19 +148,22 @@ c10::intrusive_ptr<c10d::TCPStore> host_store(int port) {
 }
 
 // What World::create(o) threw ("" if it returned), and whether that was a ConfigError.
+// A world that was created is kept: a rank's create() may return while its peer is still
+// finishing its side of the connection, and a world dropped at once would close that
+// connection under the peer (its create() then fails with "Connection closed by peer").
 struct CreateError {
   std::string what;
   bool config = false;
+  std::shared_ptr<World> world;
 };
 CreateError create_error(const WorldOptions& o) {
   try {
-    World::create(o);
+    return {"", false, World::create(o)};
   } catch (const ConfigError& e) {
     return {e.what(), true};
   } catch (const std::exception& e) {
     return {e.what(), false};
   }
-  return {};
 }
 
 // Two jobs on one port: the second job's rank 0 cannot host its store, and its rank 1
@@ -170,11 +173,13 @@ CreateError create_error(const WorldOptions& o) {
 // long: nothing here ends by a clock.)
 TEST(World, AStoreHostedByAnotherJobIsNamedAtOnce) {
   const int port = testing::free_port();
-  std::string a_error;
-  std::thread job_a([&] { a_error = create_error(tcp_options(0, 2, port, "job-a", 120s)).what; });
+  CreateError a0;
+  std::thread job_a([&] { a0 = create_error(tcp_options(0, 2, port, "job-a", 120s)); });
   const CreateError b = create_error(tcp_options(1, 2, port, "job-b", 120s));
-  const std::string a1_error = create_error(tcp_options(1, 2, port, "job-a", 120s)).what;
+  const CreateError a1 = create_error(tcp_options(1, 2, port, "job-a", 120s));  // kept until a0 is
   job_a.join();
+  const std::string& a_error = a0.what;
+  const std::string& a1_error = a1.what;
   const std::string& b_error = b.what;
   EXPECT_TRUE(b.config) << "not a ConfigError: " << b_error;
   EXPECT_NE(b_error.find("rank 1: the rendezvous store at MASTER_ADDR=127.0.0.1 MASTER_PORT=" +
