@@ -4,6 +4,8 @@
 // a dead requester's lost reply is counted as a broken pair.
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <functional>
 #include <random>
 
 #include <torch/torch.h>
@@ -26,6 +28,8 @@ struct GossipTestAccess {
     if (g.open_) g.open_->opened -= std::chrono::hours(1);
   }
   static bool open(const Gossip& g) { return g.open_.has_value(); }
+  // No exchange of its own open and none given up whose reply may still come.
+  static bool settled(const Gossip& g) { return !g.open_ && g.given_up_.empty(); }
 };
 
 namespace {
@@ -305,6 +309,75 @@ TEST(Gossip, OverRealChannelsTheSumIsConservedAndEveryExchangeSettles) {
   }
   EXPECT_LT((sum - expected).abs().max().item<double>(), 1e-10);
   EXPECT_GT(completed, 0);
+}
+
+TEST(Gossip, ARankThatFinishesFirstStillMixesItsSlowerPeersLaterWork) {
+  // Rank 0 stops stepping and calls finish() while rank 1 still trains: rank 0 stays a
+  // responder until rank 1 finishes, so each of the 10 exchanges rank 1 opens after that
+  // completes (none is declined) and changes rank 0's model; the sum stays conserved.
+  // Nothing here ends by a clock: no exchange is given up (the timeout is an hour), rank 0
+  // has settled its own exchanges before it finishes, and rank 1 waits for each reply.
+  const int n = 2;  // rank 1's every exchange goes to rank 0
+  const Problems pb(n);
+  std::vector<torch::Tensor> finals(n), locals(n);
+  torch::Tensor at_finish;
+  std::vector<GossipStats> stats(n);
+  std::atomic<bool> zero_finishing{false};
+  int64_t completed_late = -1, declined_late = -1;
+  bool waits_ended[n] = {true, true};  // one per rank (not a vector<bool>: threads write it)
+  torch::manual_seed(11);
+  auto x0 = torch::randn({pb.dim}, torch::kDouble);
+  testing::spawn(n, [&](std::shared_ptr<World> world) {
+    const int me = world->rank();
+    auto w = x0.clone().requires_grad_(true);
+    Gossip opt(std::make_shared<torch::optim::SGD>(std::vector<torch::Tensor>{w}, torch::optim::SGDOptions(0.02)),
+               GossipOptions().exchange_timeout(std::chrono::hours(1)), world);
+    GossipTestAccess::hold_arrivals(opt);
+    auto local = torch::zeros_like(x0);
+    auto local_step = [&](int64_t t) {
+      auto before = w.detach().clone();
+      opt.zero_grad();
+      pb.loss(w, me, t).backward();
+      opt.step();
+      local += w.detach() - before;
+      GossipTestAccess::apply(opt);
+    };
+    // Answering peers meanwhile, until `done` holds.
+    auto wait_until = [&](const std::function<bool()>& done) {
+      const bool ended = testing::eventually([&] {
+        GossipTestAccess::apply(opt);
+        return done();
+      }, std::chrono::seconds(60));
+      waits_ended[me] = waits_ended[me] && ended;
+    };
+    for (int64_t t = 0; t < 20; ++t) local_step(t);
+    if (me == 0) {
+      wait_until([&] { return GossipTestAccess::settled(opt); });
+      at_finish = w.detach().clone();
+      zero_finishing = true;
+    } else {
+      wait_until([&] { return zero_finishing.load() && GossipTestAccess::settled(opt); });
+      const GossipStats before = opt.stats();
+      for (int64_t t = 20; t < 30; ++t) {
+        local_step(t);  // opens an exchange with rank 0
+        wait_until([&] { return GossipTestAccess::settled(opt); });
+      }
+      completed_late = opt.stats().completed - before.completed;
+      declined_late = opt.stats().declined - before.declined;
+    }
+    EXPECT_TRUE(opt.finish(std::chrono::seconds(60))) << "rank " << me;
+    finals[me] = w.detach().clone();
+    locals[me] = local;
+    stats[me] = opt.stats();
+  });
+  EXPECT_TRUE(waits_ended[0] && waits_ended[1]);
+  EXPECT_EQ(completed_late, 10) << stats[1].str();
+  EXPECT_EQ(declined_late, 0) << stats[1].str();
+  EXPECT_GT((finals[0] - at_finish).abs().max().item<double>(), 0.0)
+      << "rank 0's model did not take in rank 1's later work";
+  auto sum = finals[0] + finals[1], expected = x0 * n + locals[0] + locals[1];
+  EXPECT_LT((sum - expected).abs().max().item<double>(), 1e-10);
+  EXPECT_EQ(stats[0].broken + stats[1].broken, 0);
 }
 
 }  // namespace

@@ -17,8 +17,9 @@ namespace torch_asgd {
 namespace {
 
 // The gossip protocol's messages (ordered, stream 0); metadata: kind, exchange id,
-// then the sender's version vector.
-enum Kind : int64_t { kRequest = 1, kReply = 2, kDecline = 3, kUndo = 4 };
+// then the sender's version vector. kDone: the sender takes no more steps and opens no
+// more exchanges (it still answers until it says goodbye).
+enum Kind : int64_t { kRequest = 1, kReply = 2, kDecline = 3, kUndo = 4, kDone = 5 };
 constexpr size_t kKindsKept = 64;  // per peer, for counting lost replies
 
 }  // namespace
@@ -91,6 +92,7 @@ void Gossip::init() {
   versions_.assign(size_, 0);
   sent_kinds_.resize(size_);
   counted_failed_.assign(size_, false);
+  peer_done_.assign(size_, false);
   counts_.rank = rank_;
   counts_.world_size = size_;
 }
@@ -112,6 +114,15 @@ std::vector<int> Gossip::gone_peers() const {
   std::vector<int> out = transport_->failed_peers();
   for (int p : transport_->closed_peers()) out.push_back(p);
   return out;
+}
+
+bool Gossip::every_peer_done_or_gone() const {
+  const auto gone = gone_peers();
+  for (int p = 0; p < size_; ++p) {
+    if (p == rank_ || peer_done_[p]) continue;
+    if (std::find(gone.begin(), gone.end(), p) == gone.end()) return false;
+  }
+  return true;
 }
 
 void Gossip::send(int peer, int64_t kind, int64_t id, const at::Tensor& payload) {
@@ -236,6 +247,9 @@ void Gossip::handle(const Message& m) {
       }
       return;
     }
+    case kDone:
+      peer_done_[peer] = true;
+      return;
     case kUndo: {
       if (!payload_ok()) throw CommError(fmt::format("rank {}: Gossip: malformed undo from rank {}", rank_, peer));
       flat().flat().sub_(flat().on_device(m.payload));
@@ -332,13 +346,26 @@ bool Gossip::finish(std::chrono::milliseconds timeout) {
   }
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   finishing_ = true;
-  // Settle this rank's own exchanges (answering peers meanwhile), then say goodbye.
+  const auto gone = gone_peers();
+  for (int p = 0; p < size_; ++p) {
+    if (p != rank_ && std::find(gone.begin(), gone.end(), p) == gone.end()) {
+      send(p, kDone, 0, at::Tensor());
+    }
+  }
+  // Settle this rank's own exchanges (answering peers meanwhile).
   while ((open_ || !given_up_.empty()) && std::chrono::steady_clock::now() < deadline) {
     take(transport_->wait(std::chrono::milliseconds(20)));
     settle_with_gone_peers();
     give_up_if_late();
   }
   const bool settled = !open_ && given_up_.empty();
+  // Stay a responder while a peer still steps: its later work mixes into this model too.
+  // A peer opens no exchange after its kDone, and a request comes before the kDone its
+  // sender sent after it (ordered), so once every peer is done no request is left.
+  while (!every_peer_done_or_gone() && std::chrono::steady_clock::now() < deadline) {
+    take(transport_->wait(std::chrono::milliseconds(20)));
+    settle_with_gone_peers();
+  }
   const auto left = std::max(std::chrono::milliseconds(1),
                              std::chrono::duration_cast<std::chrono::milliseconds>(
                                  deadline - std::chrono::steady_clock::now()));

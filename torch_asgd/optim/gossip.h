@@ -92,9 +92,12 @@ class Gossip : public DistributedOptimizer {
 
   torch::Tensor step(LossClosure closure = nullptr) override;
 
-  // Opens no more exchanges, waits (up to `timeout`) until this rank's own exchanges are
-  // settled, answering peers meanwhile, then says goodbye. Returns false if something
-  // was left unsettled or some peer did not finish in time.
+  // Opens no more exchanges and tells every peer so; waits (up to `timeout`) until this
+  // rank's own exchanges are settled, then goes on answering peers' requests until every
+  // live peer has stopped stepping too (a rank that finishes first stays a responder, so
+  // the work its slower peers do after that still mixes into its model); then says
+  // goodbye. Returns false if something was left unsettled or some peer did not finish in
+  // time.
   bool finish(std::chrono::milliseconds timeout = std::chrono::seconds(60));
 
   // Collective: every rank's model becomes the mean of all ranks' models (resuming
@@ -129,6 +132,7 @@ class Gossip : public DistributedOptimizer {
   void send(int peer, int64_t kind, int64_t id, const at::Tensor& payload);
   void record_lag(const Message& m);
   std::vector<int> gone_peers() const;  // failed or said goodbye
+  bool every_peer_done_or_gone() const;
 
   GossipOptions options_;
   std::shared_ptr<World> world_;
@@ -149,6 +153,7 @@ class Gossip : public DistributedOptimizer {
   int64_t local_steps_ = 0;
   GossipStats counts_;
   bool finishing_ = false;  // opens no more exchanges
+  std::vector<bool> peer_done_;  // by peer: it said it takes no more steps (kDone)
   bool closed_ = false;     // our goodbye is out: answers nothing
   bool finished_ = false;
   bool held_ = false;  // tests: step() leaves arrivals for GossipTestAccess
