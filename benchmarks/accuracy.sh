@@ -6,10 +6,13 @@
 #                                               the bounded lead (wait, damp), gossip
 #   benchmarks/accuracy.sh rules  [--out FILE]  iid, 1 and 2 epochs: dasgd, gossip, sync,
 #                                               asgd-shuffle with adam and adamw
+#   benchmarks/accuracy.sh gossip [--out FILE]  iid, 1 epoch, no straggler and rank 3 4x
+#                                               slower: dasgd, sync, gossip at lr 0.03 and
+#                                               at lr x ranks; 3 runs per row, the median
 # Extra options after the suite go to every asgd-mnist run (e.g. --max-lead 4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SUITE=${1:?usage: benchmarks/accuracy.sh lead|rules [--out FILE] [asgd-mnist options]}
+SUITE=${1:?usage: benchmarks/accuracy.sh lead|rules|gossip [--out FILE] [asgd-mnist options]}
 shift
 OUT=""
 EXTRA=()
@@ -19,7 +22,7 @@ while (($#)); do
     *) EXTRA+=("$1"); shift ;;
   esac
 done
-BIN=build/bin
+BIN=${TORCH_ASGD_BIN:-build/bin}
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 row() {  # row LABEL JSON -> a table row
@@ -36,6 +39,7 @@ PY
 header="| configuration | test accuracy % | worst class % | wall s | aggregate samples/s | fastest rank samples/s | staleness (lag) mean / max |
 |---|---:|---:|---:|---:|---:|---:|"
 table=$header
+per_row="One run per row"
 run() {  # run LABEL NPROC ARGS...
   local label=$1 n=$2; shift 2
   local json="$TMP/run.json"
@@ -44,7 +48,46 @@ run() {  # run LABEL NPROC ARGS...
   table+=$'\n'"$(row "$label" "$json")"
   echo "$label done" >&2
 }
+median_row() {  # median_row LABEL JSON... -> a row of medians (min-max) over the runs
+  python3 - "$@" <<'PY'
+import json, statistics, sys
+label, runs = sys.argv[1], [json.load(open(p)) for p in sys.argv[2:]]
+def cell(values, fmt):
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+print(f"| {label} | {cell([100 * m['test_accuracy'] for m in runs], '{:.1f}')} | "
+      f"{cell([m['aggregate_samples_per_second'] for m in runs], '{:.0f}')} | "
+      f"{cell([m['wall_seconds'] for m in runs], '{:.1f}')} | "
+      f"{cell([m['staleness']['mean'] for m in runs], '{:.1f}')} |")
+PY
+}
+run_repeated() {  # run_repeated LABEL REPEATS NPROC ARGS...
+  local label=$1 repeats=$2 n=$3; shift 3
+  local jsons=()
+  for ((k = 1; k <= repeats; k++)); do
+    local json="$TMP/run$k.json"
+    "$BIN/asgd-launch" --nproc "$n" --master-port 0 -- "$BIN/asgd-mnist" --eval-every 0 \
+      --metrics-out "$json" "$@" "${EXTRA[@]}" >"$TMP/run.log" 2>&1 || { tail -5 "$TMP/run.log" >&2; exit 1; }
+    jsons+=("$json")
+  done
+  table+=$'\n'"$(median_row "$label" "${jsons[@]}")"
+  echo "$label done" >&2
+}
 case $SUITE in
+  gossip)
+    what="4 ranks, iid shards, 1 epoch, SGD (momentum 0.7), batch 32; gossip's lr 0.12 is the default 0.03 times the 4 ranks"
+    header="| configuration | test accuracy % (rank 0), median (min-max) | aggregate samples/s | wall s | staleness (gossip: lag) mean |
+|---|---:|---:|---:|---:|"
+    table=$header
+    per_row="Three runs per row"
+    for straggler in none 3:4; do
+      s=(); [[ $straggler != none ]] && s=(--straggler "$straggler")
+      common=(--epochs 1 --batch-size 32 "${s[@]}")
+      run_repeated "dasgd, lr 0.03, straggler $straggler" 3 4 --algo dasgd --lr 0.03 "${common[@]}"
+      run_repeated "sync, lr 0.03, straggler $straggler" 3 4 --algo sync --lr 0.03 "${common[@]}"
+      run_repeated "gossip, lr 0.03, straggler $straggler" 3 4 --algo gossip --lr 0.03 "${common[@]}"
+      run_repeated "gossip, lr 0.12, straggler $straggler" 3 4 --algo gossip --lr 0.12 "${common[@]}"
+    done
+    ;;
   lead)
     what="4 ranks (asgd-shuffle: server + 3 workers), --partition by-label, 1 epoch, the examples' defaults (SGD lr 0.03, momentum 0.7; the AsGrad server: momentum 0), batch 32"
     for straggler in none 3:4; do
@@ -70,13 +113,13 @@ case $SUITE in
       done
     done
     ;;
-  *) echo "unknown suite $SUITE (lead, rules)" >&2; exit 2 ;;
+  *) echo "unknown suite $SUITE (lead, rules, gossip)" >&2; exit 2 ;;
 esac
 echo "$table"
 if [[ -n $OUT ]]; then
   {
     echo "Fashion-MNIST (60000 train, 10000 test), MNIST example network, $what."
-    echo "One run per row on $(nproc) cores, $(date -u +%Y-%m-%d). Produced by benchmarks/accuracy.sh $SUITE ${EXTRA[*]}."
+    echo "$per_row on $(nproc) cores, $(date -u +%Y-%m-%d). Produced by benchmarks/accuracy.sh $SUITE${EXTRA[*]:+ ${EXTRA[*]}}."
     echo
     echo "$table"
   } >"$OUT"
