@@ -40,11 +40,15 @@ header="| configuration | test accuracy % | worst class % | wall s | aggregate s
 |---|---:|---:|---:|---:|---:|---:|"
 table=$header
 per_row="One run per row"
+launch() {  # launch JSON NPROC ARGS...: one asgd-mnist job, its metrics in JSON
+  local json=$1 n=$2; shift 2
+  "$BIN/asgd-launch" --nproc "$n" --master-port 0 -- "$BIN/asgd-mnist" --eval-every 0 \
+    --metrics-out "$json" "$@" "${EXTRA[@]}" >"$TMP/run.log" 2>&1 || { tail -5 "$TMP/run.log" >&2; exit 1; }
+}
 run() {  # run LABEL NPROC ARGS...
   local label=$1 n=$2; shift 2
   local json="$TMP/run.json"
-  "$BIN/asgd-launch" --nproc "$n" --master-port 0 -- "$BIN/asgd-mnist" --eval-every 0 \
-    --metrics-out "$json" "$@" "${EXTRA[@]}" >"$TMP/run.log" 2>&1 || { tail -5 "$TMP/run.log" >&2; exit 1; }
+  launch "$json" "$n" "$@"
   table+=$'\n'"$(row "$label" "$json")"
   echo "$label done" >&2
 }
@@ -65,8 +69,7 @@ run_repeated() {  # run_repeated LABEL REPEATS NPROC ARGS...
   local jsons=()
   for ((k = 1; k <= repeats; k++)); do
     local json="$TMP/run$k.json"
-    "$BIN/asgd-launch" --nproc "$n" --master-port 0 -- "$BIN/asgd-mnist" --eval-every 0 \
-      --metrics-out "$json" "$@" "${EXTRA[@]}" >"$TMP/run.log" 2>&1 || { tail -5 "$TMP/run.log" >&2; exit 1; }
+    launch "$json" "$n" "$@"
     jsons+=("$json")
   done
   table+=$'\n'"$(median_row "$label" "${jsons[@]}")"

@@ -186,14 +186,14 @@ def suite_stragglers(runs, plots):
                 if peer in tt:
                     # A run of the peer that never got there took longer than its whole
                     # run: its training time is a lower bound, and the ratio an upper one.
-                    runs = algos[peer]
-                    short = sum(1 for m in runs if m["time_to_target_seconds"] is None)
+                    peer_runs = algos[peer]
+                    short = sum(1 for m in peer_runs if m["time_to_target_seconds"] is None)
                     bound = median_or_none([m["train_seconds"] if m["time_to_target_seconds"] is None
-                                            else m["time_to_target_seconds"] for m in runs])
+                                            else m["time_to_target_seconds"] for m in peer_runs])
                     if tt["dasgd"] is None:
                         ratio = "-"
                     elif short:
-                        ratio = (f"< {tt['dasgd'] / bound:.2f} ({short} of {len(runs)} {peer} runs "
+                        ratio = (f"< {tt['dasgd'] / bound:.2f} ({short} of {len(peer_runs)} {peer} runs "
                                  f"below 80 % at the end)")
                     else:
                         ratio = f"{tt['dasgd'] / tt[peer]:.2f}"
