@@ -34,6 +34,8 @@ struct DASGDTestAccess {
   }
 };
 
+void PrintTo(LeadMeasure m, std::ostream* os) { *os << to_string(m); }
+
 struct ChannelTestAccess {
   static void hold_receiver(Channel& ch, bool hold) { ch.core_->hold_receiver = hold; }
 };
@@ -341,10 +343,18 @@ TEST(DASGD, ABroadcastThatThrowsLosesNoUpdate) {
 
 // ---- the bounded lead --------------------------------------------------------------
 
-TEST(BoundedLead, UnsetOrNeverReachedChangesNothingBitForBit) {
+// Both ways of counting the lead (LeadMeasure) must pass the tests that hold for both.
+class BoundedLead : public ::testing::TestWithParam<LeadMeasure> {
+ protected:
+  DASGDOptions bound(int64_t lead) const {
+    return DASGDOptions().max_lead(lead).lead_measure(GetParam());
+  }
+};
+
+TEST_P(BoundedLead, UnsetOrNeverReachedChangesNothingBitForBit) {
   const Problem pb;
-  auto run = [&](int64_t lead) {
-    ScriptedRanks ranks(3, pb, sgd_factory(0.02, 0.5), DASGDOptions().max_lead(lead));
+  auto run = [&](DASGDOptions o) {
+    ScriptedRanks ranks(3, pb, sgd_factory(0.02, 0.5), o);
     std::mt19937 rng(5);
     for (int t = 0; t < 120; ++t) {
       const int r = static_cast<int>(rng() % 3);
@@ -356,14 +366,17 @@ TEST(BoundedLead, UnsetOrNeverReachedChangesNothingBitForBit) {
     for (auto& w : ranks.w) out.push_back(w.detach().clone());
     return out;
   };
-  auto unset = run(0), loose = run(1000000);
-  for (size_t r = 0; r < unset.size(); ++r) EXPECT_TRUE(torch::equal(unset[r], loose[r])) << "rank " << r;
+  auto unset = run(bound(0)), loose = run(bound(1000000)), plain = run(DASGDOptions());
+  for (size_t r = 0; r < unset.size(); ++r) {
+    EXPECT_TRUE(torch::equal(unset[r], loose[r])) << "rank " << r;
+    EXPECT_TRUE(torch::equal(unset[r], plain[r])) << "rank " << r;
+  }
 }
 
-TEST(BoundedLead, DampingScalesTheStepByTheBoundOverTheLead) {
+TEST_P(BoundedLead, DampingScalesTheStepByTheBoundOverTheLead) {
   const Problem pb;
-  // Rank 0 steps alone, rank 1 never applies anything: rank 0's lead grows by one a step.
-  ScriptedRanks damped(2, pb, sgd_factory(0.05), DASGDOptions().max_lead(4).lead_policy(LeadPolicy::kDamp));
+  // Rank 0 steps alone, rank 1 never steps nor applies: rank 0's lead grows by one a step.
+  ScriptedRanks damped(2, pb, sgd_factory(0.05), bound(4).lead_policy(LeadPolicy::kDamp));
   ScriptedRanks free(2, pb, sgd_factory(0.05));
   for (int t = 0; t < 5; ++t) {  // leads 0..4 when the steps start: nothing damped yet
     damped.step(pb, 0, t);
@@ -384,14 +397,15 @@ TEST(BoundedLead, DampingScalesTheStepByTheBoundOverTheLead) {
   EXPECT_EQ(s.lead_waits, 0) << "damping never waits";
 }
 
-// Scripted: ranks 0 and 1 step every round, rank 2 every 8th. A fast rank more than 5 of
-// its updates ahead of rank 2's view of it waits in step(); the script lets rank 2 take
-// its step during that wait (and only then), which ends it. The lead after every step
-// never exceeds the bound, and the fast ranks had to wait.
-TEST(BoundedLead, TheLeadNeverExceedsTheBound) {
+// Scripted: ranks 0 and 1 step every round, rank 2 every 8th. A fast rank whose lead over
+// rank 2 exceeds 5 waits in step(); the script lets rank 2 take its step during that wait
+// (and only then), which ends it. The lead after every step never exceeds the bound, and
+// the fast ranks had to wait. Counted as progress, the lead is also the gap in steps.
+TEST_P(BoundedLead, TheLeadNeverExceedsTheBound) {
   const Problem pb;
   const int n = 3, slow = 2;
-  ScriptedRanks ranks(n, pb, sgd_factory(0.01), DASGDOptions().max_lead(5).lead_timeout(60s));
+  ScriptedRanks ranks(n, pb, sgd_factory(0.01), bound(5).lead_timeout(60s));
+  int64_t widest_gap = 0;  // a fast rank's steps beyond rank 2's, after any step
   int64_t slow_t = 0;
   std::vector<int> released(n, 0);
   // Rank 2 applies what it has from `from` (everyone: -1), takes a step, and everyone
@@ -413,6 +427,7 @@ TEST(BoundedLead, TheLeadNeverExceedsTheBound) {
     for (int r = 0; r < 2; ++r) {
       ranks.step(pb, r, t);
       EXPECT_LE(ranks.opt[r]->stats().lead, 5) << "rank " << r << " after step " << t;
+      widest_gap = std::max(widest_gap, t + 1 - slow_t);
       ranks.net.deliver(r, 1 - r);
       DASGDTestAccess::apply(*ranks.opt[1 - r]);
     }
@@ -421,19 +436,29 @@ TEST(BoundedLead, TheLeadNeverExceedsTheBound) {
   for (int r = 0; r < 2; ++r) {
     const DASGDStats s = ranks.opt[r]->stats();
     EXPECT_EQ(s.lead_timeouts, 0) << "rank " << r;
-    EXPECT_GT(s.lead_waits, 0) << "rank " << r << " never had to wait";
+    // Counted as progress, rank 0's waits move rank 2 on before rank 1 gets there.
+    if (GetParam() == LeadMeasure::kApplied || r == 0) {
+      EXPECT_GT(s.lead_waits, 0) << "rank " << r << " never had to wait";
+    }
     EXPECT_EQ(s.lead_waits, released[r]) << "rank " << r << ": each wait ended by one step of rank 2";
     EXPECT_LE(s.max_lead_seen, 5) << "rank " << r;
     EXPECT_EQ(s.local_steps, 80);
+  }
+  if (GetParam() == LeadMeasure::kProgress) {
+    EXPECT_LE(widest_gap, 5) << "a fast rank got more than 5 steps ahead of rank 2";
+  } else {
+    // What kProgress is for: rank 2 applies all it has at each step, so the fast ranks
+    // may take up to 5 steps per step of its, and their progress drifts apart.
+    EXPECT_GT(widest_gap, 20);
   }
 }
 
 // Scripted: rank 3 is dead from the start. Ranks 0-2 keep up with each other, so nobody
 // ever waits: the dead rank's view of them does not count.
-TEST(BoundedLead, ADeadPeerIsNeverWaitedFor) {
+TEST_P(BoundedLead, ADeadPeerIsNeverWaitedFor) {
   const Problem pb;
   const int n = 4;
-  ScriptedRanks ranks(n, pb, sgd_factory(0.01), DASGDOptions().max_lead(3).lead_timeout(2s));
+  ScriptedRanks ranks(n, pb, sgd_factory(0.01), bound(3).lead_timeout(2s));
   ranks.net.kill(3);
   for (int64_t t = 0; t < 30; ++t) {
     for (int r = 0; r < 3; ++r) {
@@ -454,7 +479,7 @@ TEST(BoundedLead, ADeadPeerIsNeverWaitedFor) {
 // Scripted: rank 2 takes no step and applies nothing. Ranks 0 and 1 wait for it once, for
 // lead_timeout, then leave it behind and never wait again; once it has caught up it is
 // waited for again.
-TEST(BoundedLead, AStalledPeerIsWaitedForOnceThenLeftBehind) {
+TEST(BoundedLeadApplied, AStalledPeerIsWaitedForOnceThenLeftBehind) {
   const Problem pb;
   const int n = 3;
   ScriptedRanks ranks(n, pb, sgd_factory(0.01), DASGDOptions().max_lead(3).lead_timeout(200ms));
@@ -499,17 +524,77 @@ TEST(BoundedLead, AStalledPeerIsWaitedForOnceThenLeftBehind) {
   EXPECT_LE(ranks.opt[0]->stats().lead, 3);
 }
 
+// Counted as progress: rank 2 takes no step. Ranks 0 and 1 wait for it once, for
+// lead_timeout, then leave it behind; it is waited for again only once its own updates
+// are within the bound of theirs, not after one step as under kApplied.
+TEST(BoundedLeadProgress, AStalledPeerIsLeftBehindUntilItsOwnProgressCatchesUp) {
+  const Problem pb;
+  const int n = 3, L = 3;
+  ScriptedRanks ranks(n, pb, sgd_factory(0.01),
+                      DASGDOptions().max_lead(L).lead_measure(LeadMeasure::kProgress).lead_timeout(200ms));
+  for (int64_t t = 0; t < 40; ++t) {
+    for (int r = 0; r < 2; ++r) {
+      ranks.step(pb, r, t);
+      ranks.net.deliver(r, 1 - r);
+      DASGDTestAccess::apply(*ranks.opt[1 - r]);
+    }
+  }
+  for (int r = 0; r < 2; ++r) {
+    const DASGDStats s = ranks.opt[r]->stats();
+    EXPECT_EQ(s.lead_waits, 1) << "rank " << r;
+    EXPECT_EQ(s.lead_timeouts, 1) << "rank " << r;
+    EXPECT_GE(s.lead_wait_seconds, 0.2) << "rank " << r << ": gave up before lead_timeout";
+    EXPECT_EQ(s.left_behind, std::vector<int>{2}) << "rank " << r;
+  }
+  // Rank 2 learns where the others are, then steps; they apply each delta. It is waited
+  // for again from its 37th update on (40 - 37 = L), not before.
+  for (int p = 0; p < 2; ++p) ranks.net.deliver(p, 2);
+  DASGDTestAccess::apply(*ranks.opt[2]);
+  for (int64_t t = 0; t < 40 - L; ++t) {
+    ranks.step(pb, 2, t);
+    for (int p = 0; p < 2; ++p) {
+      ranks.net.deliver(2, p);
+      DASGDTestAccess::apply(*ranks.opt[p]);
+      const bool caught_up = t + 1 >= 40 - L;
+      EXPECT_EQ(ranks.opt[p]->stats().left_behind.empty(), caught_up)
+          << "rank " << p << " after rank 2's update " << t + 1;
+    }
+  }
+  // Rank 0 runs on; every step of its own now needs one of rank 2's (and rank 1 keeps up).
+  int released = 0;
+  ranks.net.on_wait = [&](int r) {
+    ASSERT_EQ(r, 0);
+    ++released;
+    for (int p = 0; p < 2; ++p) ranks.net.deliver(p, 2);
+    DASGDTestAccess::apply(*ranks.opt[2]);
+    ranks.step(pb, 2, 100 + released);
+    for (int p = 0; p < 2; ++p) ranks.net.deliver(2, p);
+    ranks.net.deliver(0, 1);
+    DASGDTestAccess::apply(*ranks.opt[1]);
+    ranks.step(pb, 1, 100 + released);
+    ranks.net.deliver(1, 0);
+    ranks.net.deliver(1, 2);
+  };
+  for (int64_t t = 40; t < 48; ++t) {
+    ranks.step(pb, 0, t);
+    EXPECT_LE(ranks.opt[0]->stats().lead, L) << "after rank 0's step " << t;
+  }
+  EXPECT_EQ(released, 8);
+  EXPECT_EQ(ranks.opt[0]->stats().lead_timeouts, 1);
+}
+
 // Over real channels, ranks as threads: rank 2 paced 8x slower. The bound holds after
 // every step (by construction, not by timing: a rank waits until it does).
-TEST(BoundedLead, TheLeadNeverExceedsTheBoundOverRealChannels) {
+TEST_P(BoundedLead, TheLeadNeverExceedsTheBoundOverRealChannels) {
   const int n = 3;
+  const LeadMeasure measure = GetParam();
   std::vector<int64_t> worst(n, 0);
   std::atomic<bool> slow_done{false};
   testing::spawn(n, [&](std::shared_ptr<World> world) {
     const int me = world->rank();
     auto w = torch::zeros({6}, torch::TensorOptions().dtype(torch::kDouble).requires_grad(true));
     DASGD opt(std::vector<torch::Tensor>{w}, torch::optim::SGDOptions(0.01),
-              DASGDOptions().max_lead(5).lead_timeout(120s), world);
+              DASGDOptions().max_lead(5).lead_measure(measure).lead_timeout(120s), world);
     const Problem pb;
     for (int64_t t = 0;; ++t) {
       if (me == 2 ? t >= 40 : slow_done.load()) break;
@@ -525,6 +610,10 @@ TEST(BoundedLead, TheLeadNeverExceedsTheBoundOverRealChannels) {
   });
   for (int r = 0; r < n; ++r) EXPECT_LE(worst[r], 5) << "rank " << r;
 }
+
+INSTANTIATE_TEST_SUITE_P(Measures, BoundedLead,
+                         ::testing::Values(LeadMeasure::kApplied, LeadMeasure::kProgress),
+                         [](const auto& info) { return to_string(info.param); });
 
 // ---- over real channels -----------------------------------------------------------------
 

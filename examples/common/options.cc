@@ -60,6 +60,11 @@ int parse_options(int argc, char** argv, const Task& task, ExampleOptions* out) 
   app.add_option("--lead-policy", o.lead_policy, "dasgd: wait (until the peers catch up) or damp")
       ->check(CLI::IsMember({"wait", "damp"}))
       ->capture_default_str();
+  app.add_option("--lead-measure", o.lead_measure,
+                 "dasgd: the lead counts this rank's updates the slowest peer has not applied "
+                 "(applied) or those beyond the slowest peer's own count (progress)")
+      ->check(CLI::IsMember({"applied", "progress"}))
+      ->capture_default_str();
   app.add_option("--gossip-alpha", o.gossip_alpha, "gossip: mixing weight")
       ->check(CLI::Range(1e-6, 1.0))
       ->capture_default_str();

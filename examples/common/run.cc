@@ -349,6 +349,7 @@ void Run::build_trainer() {
             .broadcast_every(o_.broadcast_every)
             .max_lead(o_.max_lead)
             .lead_policy(o_.lead_policy == "damp" ? LeadPolicy::kDamp : LeadPolicy::kWait)
+            .lead_measure(o_.lead_measure == "progress" ? LeadMeasure::kProgress : LeadMeasure::kApplied)
             .overlap(o_.overlap),
         world_, names);
     dasgd_ = d.get();

@@ -19,6 +19,7 @@
 namespace torch_asgd {
 
 std::string to_string(LeadPolicy p) { return p == LeadPolicy::kWait ? "wait" : "damp"; }
+std::string to_string(LeadMeasure m) { return m == LeadMeasure::kApplied ? "applied" : "progress"; }
 
 std::string DASGDStats::str() const {
   std::string failed =
@@ -93,6 +94,7 @@ void DASGD::init() {
   size_ = transport_ ? transport_->size() : 1;
   versions_.assign(size_, 0);
   seen_by_.assign(size_, 0);
+  progress_.assign(size_, 0);
   view_sent_ = versions_;
   left_behind_.assign(size_, false);
   pending_ = std::make_unique<detail::PendingUpdates>(size_);
@@ -132,12 +134,18 @@ std::vector<int> DASGD::live_peers() const {
   return out;
 }
 
+int64_t DASGD::lead_over(int peer) const {
+  const int64_t theirs =
+      options_.lead_measure() == LeadMeasure::kApplied ? seen_by_[peer] : progress_[peer];
+  return versions_[rank_] - theirs;
+}
+
 int64_t DASGD::lead() const {
-  int64_t slowest = versions_[rank_];
+  int64_t lead = 0;
   for (int p : live_peers()) {
-    if (!left_behind_[p]) slowest = std::min(slowest, seen_by_[p]);
+    if (!left_behind_[p]) lead = std::max(lead, lead_over(p));
   }
-  return versions_[rank_] - slowest;
+  return lead;
 }
 
 void DASGD::rebase() {
@@ -236,6 +244,7 @@ void DASGD::apply(Arrivals arrivals) {
                                   rank_, m.sender));
     }
     seen_by_[m.sender] = std::max(seen_by_[m.sender], m.meta.field(rank_));
+    progress_[m.sender] = std::max(progress_[m.sender], m.meta.field(m.sender));
   }
   for (auto& a : arrivals.additive) {
     if (a.stream != 0) continue;
@@ -261,7 +270,8 @@ void DASGD::apply(Arrivals arrivals) {
       versions_[sender] += part.count;
       remote_updates_ += part.count;
       seen_by_[sender] = std::max(seen_by_[sender], part.sender_now[rank_]);
-      if (left_behind_[sender] && versions_[rank_] - seen_by_[sender] <= options_.max_lead()) {
+      progress_[sender] = std::max(progress_[sender], part.sender_now[sender]);
+      if (left_behind_[sender] && lead_over(sender) <= options_.max_lead()) {
         left_behind_[sender] = false;  // caught up: waited for again
       }
       last_sender_ = sender;
@@ -304,12 +314,16 @@ void DASGD::wait_for_lead() {
       // Whoever has not caught up is left behind, as a dead peer is, until it does.
       ++lead_timeouts_;
       for (int p : live_peers()) {
-        if (!left_behind_[p] && versions_[rank_] - seen_by_[p] > limit) {
+        if (!left_behind_[p] && lead_over(p) > limit) {
           left_behind_[p] = true;
+          const std::string where =
+              options_.lead_measure() == LeadMeasure::kApplied
+                  ? fmt::format("has applied {} of this rank's {} updates", seen_by_[p], versions_[rank_])
+                  : fmt::format("has made {} updates against this rank's {}", progress_[p], versions_[rank_]);
           detail::log_warning(fmt::format(
-              "rank {}: DASGD: rank {} has applied {} of this rank's {} updates and did not catch "
-              "up within lead_timeout ({} ms): no longer waiting for it until it does",
-              rank_, p, seen_by_[p], versions_[rank_], options_.lead_timeout().count()));
+              "rank {}: DASGD: rank {} {} and did not catch up within lead_timeout ({} ms): no "
+              "longer waiting for it until it does",
+              rank_, p, where, options_.lead_timeout().count()));
         }
       }
       break;
@@ -352,6 +366,7 @@ void DASGD::resync() {
   detail::average_over_ranks(*world_, flat().flat(), "DASGD::resync");
   std::fill(versions_.begin(), versions_.end(), 0);
   std::fill(seen_by_.begin(), seen_by_.end(), 0);
+  std::fill(progress_.begin(), progress_.end(), 0);
   rebase();
 }
 

@@ -46,9 +46,24 @@ class DevicePipeline;
 class PendingUpdates;
 }  // namespace detail
 
-// What a rank does when it is more than max_lead of its own updates ahead of the
-// slowest live peer's view of it (ALGORITHMS.md section 1; SGP's synch_freq idea,
-// measured in the set-based staleness).
+// How a rank's lead over its slowest live peer is counted, in its own updates.
+enum class LeadMeasure {
+  // Its own updates the peer has not applied yet, as far as this rank knows from the
+  // peer's version vectors (SGP's synch_freq idea, measured in the set-based staleness).
+  // A peer that applies everything it has at each step lets a faster rank take up to L
+  // steps per step of its own: it bounds how stale a peer's view is, not how far apart
+  // the ranks' progress drifts.
+  kApplied = 0,
+  // Its own updates minus the peer's own updates, as last reported by the peer (the
+  // stale synchronous parallel bound): no rank is ever more than L updates ahead of the
+  // slowest, so with data split by label every rank's data keeps entering the model in
+  // proportion, to the end of the run.
+  kProgress = 1,
+};
+std::string to_string(LeadMeasure m);
+
+// What a rank does when its lead (LeadMeasure) exceeds max_lead (ALGORITHMS.md
+// section 1).
 enum class LeadPolicy {
   kWait = 0,  // stop taking steps until the gap closes (bounded by lead_timeout)
   kDamp = 1,  // never wait: scale the local step by min(1, max_lead / lead)
@@ -66,6 +81,7 @@ struct DASGDOptions {
   // L: the bounded lead (0: unbounded, today's algorithm). See LeadPolicy.
   TORCH_ARG(int64_t, max_lead) = 0;
   TORCH_ARG(LeadPolicy, lead_policy) = LeadPolicy::kWait;
+  TORCH_ARG(LeadMeasure, lead_measure) = LeadMeasure::kApplied;
   // The longest a rank waits for one peer to catch up before it leaves it behind (as a
   // dead peer is); the peer is waited for again once it has caught up.
   TORCH_ARG(std::chrono::milliseconds, lead_timeout) = std::chrono::seconds(10);
@@ -84,8 +100,8 @@ struct DASGDStats {
   int64_t remote_updates = 0;  // peer updates applied here
   std::vector<int64_t> versions;  // the version vector: updates of each rank held here
   StalenessStats staleness;       // over every applied update, own ones (tau 0) included
-  // Bounded lead: this rank's own updates its slowest live peer had not applied (as far
-  // as this rank knew) at the last step, its maximum, and the waiting it cost.
+  // Bounded lead (counted as options().lead_measure() says) over the slowest live peer
+  // at the last step, its maximum after any step, and the waiting it cost.
   int64_t lead = 0;
   int64_t max_lead_seen = 0;
   int64_t lead_waits = 0, lead_timeouts = 0, damped_steps = 0;
@@ -151,6 +167,7 @@ class DASGD : public DistributedOptimizer {
   void check_rejections();
   void rebase();  // what the parameters hold now counts as sent
   int64_t lead() const;
+  int64_t lead_over(int peer) const;
   std::vector<int> live_peers() const;
   void wait_for_lead();
   void send_view();
@@ -167,6 +184,7 @@ class DASGD : public DistributedOptimizer {
   std::unique_ptr<detail::PendingUpdates> pending_;
   std::vector<int64_t> versions_;  // this model's version vector
   std::vector<int64_t> seen_by_;   // by peer: how many of this rank's updates it had applied
+  std::vector<int64_t> progress_;  // by peer: how many updates of its own it had made
   std::vector<int64_t> view_sent_;  // versions_ as the peers last heard of them
   std::vector<bool> left_behind_;
   int64_t local_steps_ = 0;
