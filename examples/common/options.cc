@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "common/example.h"
+#include "torch_asgd/comm/codec.h"
 
 namespace torch_asgd {
 namespace examples {
@@ -64,6 +65,18 @@ int parse_options(int argc, char** argv, const Task& task, ExampleOptions* out) 
                  "dasgd: the lead counts this rank's updates the slowest peer has not applied "
                  "(applied) or those beyond the slowest peer's own count (progress)")
       ->check(CLI::IsMember({"applied", "progress"}))
+      ->capture_default_str();
+  app.add_option("--compress", o.compress,
+                 "dasgd: how deltas travel: none, bf16, fp16, int8, topk (1 % of the entries) or "
+                 "topk:F; lossy codecs keep what they lose for the next message")
+      ->check([](const std::string& v) {
+        try {
+          torch_asgd::Compression::parse(v);
+          return std::string();
+        } catch (const std::exception& e) {
+          return std::string(e.what());
+        }
+      })
       ->capture_default_str();
   app.add_option("--gossip-alpha", o.gossip_alpha, "gossip: mixing weight")
       ->check(CLI::Range(1e-6, 1.0))
@@ -133,6 +146,10 @@ int parse_options(int argc, char** argv, const Task& task, ExampleOptions* out) 
     }
     if (o.resume && o.checkpoint_dir.empty()) {
       throw CLI::ValidationError("--resume", "needs --checkpoint-dir DIR, the directory of the run to continue");
+    }
+    if (o.compress != "none" && o.algo != "dasgd") {
+      throw CLI::ValidationError("--compress", "compresses DASGD's deltas; --algo " + o.algo +
+                                                   " sends no additive updates (use --algo dasgd)");
     }
     if (o.budget_samples > 0 && o.budget_seconds > 0) {
       throw CLI::ValidationError("--budget-samples", "give one budget: samples or seconds");

@@ -350,6 +350,7 @@ void Run::build_trainer() {
             .max_lead(o_.max_lead)
             .lead_policy(o_.lead_policy == "damp" ? LeadPolicy::kDamp : LeadPolicy::kWait)
             .lead_measure(o_.lead_measure == "progress" ? LeadMeasure::kProgress : LeadMeasure::kApplied)
+            .compression(Compression::parse(o_.compress))
             .overlap(o_.overlap),
         world_, names);
     dasgd_ = d.get();

@@ -3,18 +3,24 @@
 // (-fsanitize=fuzzer,address,undefined) by tests/fuzz/run.sh, which ctest runs for a
 // bounded time.
 //
-// Each input is used twice:
+// Each input is used three times:
 //  1. as raw frame bytes (of any length): the decoder must never read out of bounds,
 //     and whatever it accepts must satisfy every limit; its metadata must read back and
 //     re-encode to the same bytes;
 //  2. as the fields of a header and its metadata, encoded with a valid checksum: this
 //     reaches the checks behind the checksum (types, streams, dtypes, senders, sizes,
-//     flags, metadata shapes), which random bytes almost never pass.
+//     flags, metadata shapes), which random bytes almost never pass;
+//  3. as an encoded additive payload of every codec (codec.h): whatever the validator
+//     accepts must decode within the payload's elements to finite sums, and as float32
+//     values to encode, whose decoded values plus residual must give them back exactly.
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 
+#include <cmath>
+
+#include "torch_asgd/comm/codec.h"
 #include "torch_asgd/comm/metadata.h"
 #include "torch_asgd/comm/wire.h"
 
@@ -43,6 +49,9 @@ DecodeLimits make_limits() {
   l.additive_dtype[1] = c10::ScalarType::Float;
   l.additive_bytes[5] = 16;
   l.additive_dtype[5] = c10::ScalarType::Double;
+  l.additive_bytes[7] = 4 * 5000;
+  l.additive_dtype[7] = c10::ScalarType::Float;
+  l.additive_codec[7] = torch_asgd::Compression(torch_asgd::Codec::kTopK, 0.05);
   return l;
 }
 
@@ -57,13 +66,19 @@ void check_accepted(const FrameHeader& h, const uint8_t* bytes, size_t size, con
   require(h.frame_bytes() <= l.frame_capacity || !h.inline_payload());
   if (h.inline_payload()) require(h.frame_bytes() <= size);
   const size_t elem = torch_asgd::dtype_size(h.dtype);
-  require(elem > 0 && h.payload_bytes % elem == 0);
-  if (h.type == FrameType::kAdditive) {
+  require(elem > 0);
+  if (h.codec != torch_asgd::Codec::kNone) {
+    require(h.type == FrameType::kAdditive && h.codec == l.additive_codec[h.stream].codec);
+    require(static_cast<int64_t>(h.payload_bytes) ==
+            torch_asgd::codec::encoded_bytes(l.additive_codec[h.stream],
+                                             static_cast<int64_t>(l.additive_bytes[h.stream] / elem)));
+  } else if (h.type == FrameType::kAdditive) {
+    require(h.payload_bytes % elem == 0);
     require(l.additive_bytes[h.stream] == h.payload_bytes && l.additive_dtype[h.stream] == h.dtype);
   } else if (h.type == FrameType::kBye || h.type == FrameType::kAck) {
     require(h.payload_bytes == 0 && h.meta_bytes() == 0);
   } else {
-    require(h.payload_bytes <= l.max_payload_bytes);
+    require(h.payload_bytes % elem == 0 && h.payload_bytes <= l.max_payload_bytes);
   }
   const Metadata m = torch_asgd::read_metadata(h, bytes);
   require(m.fields.size() == h.meta_fields);
@@ -83,6 +98,52 @@ T take(const uint8_t*& p, size_t& n) {
   return v;
 }
 
+void fuzz_codecs(const uint8_t* data, size_t size) {
+  using torch_asgd::Codec;
+  using torch_asgd::Compression;
+  namespace codec = torch_asgd::codec;
+  if (size < 2) return;
+  const Compression codecs[] = {Compression(Codec::kBf16), Compression(Codec::kFp16),
+                                Compression(Codec::kInt8), Compression(Codec::kTopK, 0.01),
+                                Compression(Codec::kTopK, 0.5)};
+  // The element count comes from the first two bytes; the rest is the encoded payload,
+  // offered as a whole and as a transfer that starts at the second block.
+  const int64_t numel = 1 + (data[0] | data[1] << 8) % 9000;
+  const uint8_t* payload = data + 2;
+  const int64_t bytes = static_cast<int64_t>(size) - 2;
+  std::vector<float> acc(static_cast<size_t>(numel));
+  for (const Compression& c : codecs) {
+    const int64_t second = codec::block_bytes(c, torch_asgd::kCodecBlock);
+    for (int64_t offset : {int64_t{0}, second}) {
+      if (offset > 0 && numel <= torch_asgd::kCodecBlock) continue;
+      if (!codec::valid(c, payload, offset, bytes, numel)) continue;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      codec::add_decoded(c, payload, offset, bytes, numel, acc.data());
+      for (float v : acc) require(std::isfinite(v));
+    }
+    // The bytes as float32 values: the encoding loses nothing that the residual does
+    // not keep, exactly.
+    const int64_t values = bytes / 4;
+    if (values == 0) continue;
+    std::vector<float> x(static_cast<size_t>(values));
+    std::memcpy(x.data(), payload, 4 * x.size());
+    bool finite = true;
+    for (float v : x) finite = finite && std::isfinite(v);
+    std::vector<uint8_t> out(static_cast<size_t>(codec::encoded_bytes(c, values)));
+    std::vector<float> residual(x.size());
+    require(codec::encode(c, x.data(), values, out.data(), residual.data()) == finite);
+    if (!finite) continue;
+    require(codec::valid(c, out.data(), 0, static_cast<int64_t>(out.size()), values));
+    std::vector<float> decoded(x.size(), 0.0f);
+    codec::add_decoded(c, out.data(), 0, static_cast<int64_t>(out.size()), values, decoded.data());
+    for (size_t i = 0; i < x.size(); ++i) {
+      // fp16 saturates at 65504; the residual of a value beyond 2^27 may round.
+      if (c.codec == Codec::kFp16 && std::fabs(x[i]) > 1e8f) continue;
+      require(static_cast<double>(decoded[i]) + residual[i] == static_cast<double>(x[i]));
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -100,6 +161,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   h.dtype = static_cast<c10::ScalarType>(take<int8_t>(p, n));
   h.sender = take<uint8_t>(p, n) & 1 ? 2 : take<int32_t>(p, n);
   h.flags = take<uint8_t>(p, n);
+  h.codec = static_cast<torch_asgd::Codec>(take<uint8_t>(p, n) % 6);
   h.sequence = take<uint64_t>(p, n);
   h.token = take<uint8_t>(p, n) & 1 ? limits.token : take<uint64_t>(p, n);
   h.payload_bytes = take<uint64_t>(p, n) >> (take<uint8_t>(p, n) & 63);
@@ -124,5 +186,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size > 0) {
     require(torch_asgd::decode_frame_header(frame.data(), size % need, limits, &out) != Reject::kNone);
   }
+  fuzz_codecs(data, size);
   return 0;
 }

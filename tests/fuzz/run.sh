@@ -18,8 +18,9 @@ includes=(-I"$src")
 for d in "$@"; do includes+=(-I"$d"); done
 mkdir -p "$work/corpus"
 if ! "$cxx" -std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-    "${includes[@]}" "$src/tests/fuzz/decode_frame_fuzz.cc" "$src/torch_asgd/comm/wire.cc" \
-    "$src/torch_asgd/comm/metadata.cc" -o "$work/decode_frame_fuzz" 2>"$work/build.log"; then
+    -DFMT_HEADER_ONLY "${includes[@]}" "$src/tests/fuzz/decode_frame_fuzz.cc" "$src/torch_asgd/comm/wire.cc" \
+    "$src/torch_asgd/comm/metadata.cc" "$src/torch_asgd/comm/codec.cc" -o "$work/decode_frame_fuzz" \
+    2>"$work/build.log"; then
   if grep -q "libclang_rt.fuzzer\|fsanitize=fuzzer" "$work/build.log"; then
     cat "$work/build.log"
     echo "clang's libFuzzer runtime is missing: skipped (install libclang-rt-14-dev)"

@@ -57,6 +57,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "torch_asgd/comm/codec.h"
 #include "torch_asgd/comm/metadata.h"
 #include "torch_asgd/comm/transport.h"
 #include "torch_asgd/comm/wire.h"
@@ -88,6 +89,13 @@ struct AdditiveStream {
   c10::ScalarType dtype = c10::ScalarType::Float;
   int64_t numel = 0;
   MetaSchema meta;  // how the metadata of two coalesced messages merges
+  // How messages travel (codec.h; float32 streams only). A lossy codec keeps, per group
+  // of peers posted together, what a message lost and adds it to their next message
+  // (error feedback): the sum of what every peer received plus what the sender still
+  // keeps for it equals the sum of what was sent. Coalescing works on the decoded
+  // values; what is left at close() travels uncompressed, so that a closed channel has
+  // delivered everything exactly.
+  Compression compression;
 };
 
 struct ChannelOptions {

@@ -26,6 +26,7 @@ std::string MetaSchema::describe() const {
 }
 
 bool conforms(const Metadata& m, const MetaSchema& schema) {
+  if (m.none()) return true;
   if (m.fields.size() != schema.fields.size()) return false;
   if (schema.record_width <= 0) return m.records.empty();
   if (m.records.size() % static_cast<size_t>(schema.record_width) != 0) return false;
@@ -34,6 +35,11 @@ bool conforms(const Metadata& m, const MetaSchema& schema) {
 }
 
 void merge(Metadata& a, const Metadata& b, const MetaSchema& schema) {
+  if (b.none()) return;
+  if (a.none()) {
+    a = b;
+    return;
+  }
   for (size_t i = 0; i < schema.fields.size() && i < a.fields.size() && i < b.fields.size(); ++i) {
     int64_t& x = a.fields[i];
     const int64_t y = b.fields[i];

@@ -49,6 +49,9 @@ struct Metadata {
   explicit Metadata(std::vector<int64_t> f) : fields(std::move(f)) {}
 
   int64_t field(size_t i) const { return i < fields.size() ? fields[i] : 0; }
+  // No metadata at all: the message carries values but nothing the optimizer counts (a
+  // codec's residual). It conforms to every schema and is the identity of merge().
+  bool none() const { return fields.empty() && records.empty() && !records_overflowed; }
   size_t record_count(int width) const {
     return width > 0 ? records.size() / static_cast<size_t>(width) : 0;
   }
@@ -59,11 +62,11 @@ struct Metadata {
 };
 
 // Whether `m` has the shape `schema` describes: one value per field, whole records,
-// no more than max_records of them (and none once they overflowed).
+// no more than max_records of them (and none once they overflowed); or is none().
 bool conforms(const Metadata& m, const MetaSchema& schema);
 
 // Merges `later` into `earlier` (earlier then later, in time) by the schema's rules.
-// Both must conform to the schema.
+// Both must conform to the schema; none() is the identity.
 void merge(Metadata& earlier, const Metadata& later, const MetaSchema& schema);
 
 const char* to_string(Merge rule);

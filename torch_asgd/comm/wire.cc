@@ -90,6 +90,7 @@ const char* to_string(Reject r) {
     case Reject::kBadSequence: return "out-of-order or repeated sequence number";
     case Reject::kWrongToken: return "frame of another job or channel";
     case Reject::kUnexpected: return "frame not allowed at this point of the protocol";
+    case Reject::kBadCodec: return "codec or codec version not the stream's (another torch_asgd or options)";
     case Reject::kCount_: break;
   }
   return "unknown reason";
@@ -110,6 +111,8 @@ void encode_frame_header(const FrameHeader& h, const Metadata& meta, uint8_t* ou
   put<uint64_t>(out, 32, h.payload_bytes);
   put<uint16_t>(out, 40, h.meta_records);
   put<uint16_t>(out, 42, h.record_width);
+  put<uint8_t>(out, 44, static_cast<uint8_t>(h.codec));
+  put<uint8_t>(out, 45, h.codec == Codec::kNone ? 0 : kCodecVersion);
   put<uint64_t>(out, 48, h.ack);
   put<uint64_t>(out, 56, h.payload_checksum);
   // The block is what the header says; what the metadata lacks of it stays zero.
@@ -142,9 +145,13 @@ Reject decode_frame_header(const uint8_t* in, size_t size, const DecodeLimits& l
   if (get<uint64_t>(in, kChecksumOffset) != header_checksum(in, meta_bytes)) {
     return Reject::kBadHeaderChecksum;
   }
-  if (get<uint32_t>(in, 44) != 0 || get<uint64_t>(in, 64) != 0) {
+  if (get<uint16_t>(in, 46) != 0 || get<uint64_t>(in, 64) != 0) {
     return Reject::kBadVersion;  // a newer protocol uses these
   }
+  const uint8_t codec = in[44], codec_version = in[45];
+  if (codec > kMaxCodec) return Reject::kBadCodec;
+  h.codec = static_cast<Codec>(codec);
+  if (codec_version != (h.codec == Codec::kNone ? 0 : kCodecVersion)) return Reject::kBadCodec;
 
   const uint8_t type = in[6];
   if (type < 1 || type > kMaxFrameType) return Reject::kBadType;
@@ -181,14 +188,21 @@ Reject decode_frame_header(const uint8_t* in, size_t size, const DecodeLimits& l
       return Reject::kBadFlags;
     }
   } else if (h.type == FrameType::kAdditive) {
-    const uint64_t want = limits.additive_bytes[h.stream];
+    uint64_t want = limits.additive_bytes[h.stream];
     if (want == 0) return Reject::kBadStream;
     if (h.dtype != limits.additive_dtype[h.stream]) return Reject::kBadDtype;
+    if (h.codec != Codec::kNone) {
+      // Only the stream's own codec; the payload is its blocks.
+      if (h.codec != limits.additive_codec[h.stream].codec) return Reject::kBadCodec;
+      want = static_cast<uint64_t>(codec::encoded_bytes(limits.additive_codec[h.stream],
+                                                        static_cast<int64_t>(want / elem)));
+    }
     if (h.payload_bytes != want) return h.payload_bytes > want ? Reject::kOversized : Reject::kMisaligned;
   } else if (h.payload_bytes > limits.max_payload_bytes) {
     return Reject::kOversized;
   }
-  if (h.payload_bytes % elem != 0) return Reject::kMisaligned;
+  if (h.codec != Codec::kNone && h.type != FrameType::kAdditive) return Reject::kBadCodec;
+  if (h.codec == Codec::kNone && h.payload_bytes % elem != 0) return Reject::kMisaligned;
   if (h.inline_payload()) {
     if (kFrameHeaderBytes + meta_bytes + h.payload_bytes > limits.frame_capacity ||
         kFrameHeaderBytes + meta_bytes + h.payload_bytes > size) {

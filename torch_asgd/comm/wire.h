@@ -16,16 +16,21 @@
 //    0  u32 magic "ASGD"                   32  u64 payload bytes
 //    4  u16 protocol version (2)           40  u16 metadata records
 //    6  u8  frame type (FrameType)         42  u16 record width (int64s)
-//    7  u8  stream (0..15)                 44  u32 reserved
-//    8  i32 sender rank                    48  u64 acknowledgement: the highest sequence
-//   12  u8  dtype                                  number of the receiver's frames this
-//   13  u8  flags (FrameFlag)                      sender has processed whole
-//   14  u16 metadata fields                56  u64 payload checksum (XXH3-64)
+//    7  u8  stream (0..15)
+//    8  i32 sender rank                    44  u8  codec (additive payloads; codec.h)
+//   12  u8  dtype                          45  u8  codec version (0 without a codec)
+//   13  u8  flags (FrameFlag)              46  u16 reserved
+//   14  u16 metadata fields                48  u64 acknowledgement: the highest sequence
+//                                                  number of the receiver's frames this
+//                                                  sender has processed whole
+//                                          56  u64 payload checksum (XXH3-64)
 //   16  u64 sequence number (per sender    64  u64 reserved
 //           and receiver, from 1 up)       72  u64 header checksum (XXH3-64 of bytes
 //   24  u64 channel token (job id and              0..71 and the metadata block)
 //           channel name)
-// The metadata block is `fields` int64s, then `records * width` int64s.
+// The metadata block is `fields` int64s, then `records * width` int64s. An additive
+// payload under a codec other than none is the codec's blocks (codec.h), transferred in
+// whole blocks; `dtype` stays the stream's, and the checksum covers the encoded bytes.
 //
 // Acknowledgements are how a sender learns that a peer has a message (and may free it,
 // or send the next one of an additive stream): every header frame carries one, and a
@@ -43,6 +48,7 @@
 
 #include <c10/core/ScalarType.h>
 
+#include "torch_asgd/comm/codec.h"
 #include "torch_asgd/comm/metadata.h"
 
 namespace torch_asgd {
@@ -83,6 +89,7 @@ struct FrameHeader {
   uint16_t record_width = 0;
   uint64_t ack = 0;
   uint64_t payload_checksum = 0;
+  Codec codec = Codec::kNone;  // additive payloads only
 
   bool inline_payload() const { return (flags & kInlinePayload) != 0; }
   size_t meta_bytes() const {
@@ -116,6 +123,7 @@ enum class Reject : uint8_t {
   kBadSequence,
   kWrongToken,
   kUnexpected,  // a frame the protocol does not allow now (an ack before a goodbye)
+  kBadCodec,    // a codec (or codec version) the stream does not use
   kCount_,      // number of reasons
 };
 const char* to_string(Reject reason);
@@ -130,9 +138,11 @@ struct DecodeLimits {
   uint64_t max_payload_bytes = 0;
   size_t max_meta_bytes = 0;
   size_t frame_capacity = 0;  // bytes a header frame may span (the chunk size)
-  // Declared additive streams: payload bytes (0: not declared) and dtype.
+  // Declared additive streams: payload bytes (0: not declared), dtype, and the codec a
+  // message may carry besides none.
   std::array<uint64_t, kMaxStreams> additive_bytes{};
   std::array<c10::ScalarType, kMaxStreams> additive_dtype{};
+  std::array<Compression, kMaxStreams> additive_codec{};
 };
 
 // Writes the header of `h` and its metadata block into `out`, which must hold

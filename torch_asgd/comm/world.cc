@@ -434,6 +434,16 @@ void validate(const ChannelOptions& o) {
                       "({})",
                       static_cast<int>(s.id), meta, o.max_meta_bytes));
     }
+    if (s.compression.lossy() && s.dtype != c10::ScalarType::Float) {
+      bad(fmt::format("additive stream {}: compression '{}' needs float32 values, the stream is {}; "
+                      "use compression none",
+                      static_cast<int>(s.id), s.compression.describe(), c10::toString(s.dtype)));
+    }
+    if (s.compression.codec == Codec::kTopK &&
+        !(s.compression.topk_fraction > 0 && s.compression.topk_fraction <= 1)) {
+      bad(fmt::format("additive stream {}: topk fraction {} must be in (0, 1]", static_cast<int>(s.id),
+                      s.compression.topk_fraction));
+    }
   }
 }
 
@@ -452,7 +462,9 @@ std::unique_ptr<Channel> World::open_channel(const ChannelOptions& options, cons
       .set("channel_index", std::to_string(channels_opened_));
   for (const auto& s : options.additive) {
     full.set(fmt::format("additive stream {}", static_cast<int>(s.id)),
-             fmt::format("{} x {}, metadata {}", s.numel, c10::toString(s.dtype), s.meta.describe()));
+             fmt::format("{} x {}, metadata {}, compression {} (codec version {})", s.numel,
+                         c10::toString(s.dtype), s.meta.describe(), s.compression.describe(),
+                         static_cast<int>(kCodecVersion)));
   }
   check_fingerprint("channel/" + options.name, full);
   // Channel slots live far above the slots Gloo's collectives count up from; each

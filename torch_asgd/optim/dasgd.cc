@@ -48,7 +48,7 @@ DASGD::DASGD(std::shared_ptr<torch::optim::Optimizer> inner, DASGDOptions option
     co.name = "dasgd";
     co.capacity_bytes = 0;  // deltas (additive, declared below) and views (empty payloads)
     co.additive = {AdditiveStream{0, flat().dtype(), flat().numel(),
-                                  detail::update_schema(world_->size())}};
+                                  detail::update_schema(world_->size()), options_.compression()}};
     co.on_peer_failure = options_.on_peer_failure();
     Fingerprint fp = flat().fingerprint();
     fp.set("algorithm", "dasgd").set("local rule", rule_name());
@@ -260,6 +260,7 @@ void DASGD::apply(Arrivals arrivals) {
     // Every part of the sum is applied at once, to the model as it was before it.
     const std::vector<int64_t> applied_to = versions_;
     for (const auto& [sender, meta] : a.parts) {
+      if (meta.none()) continue;  // what a codec lost earlier: values, no update of its own
       detail::UpdatePart part;
       if (!detail::decode_updates(meta, size_, &part)) {
         throw CommError(fmt::format("rank {}: DASGD: rank {} sent a delta whose metadata does not "

@@ -85,6 +85,11 @@ struct DASGDOptions {
   // The longest a rank waits for one peer to catch up before it leaves it behind (as a
   // dead peer is); the peer is waited for again once it has caught up.
   TORCH_ARG(std::chrono::milliseconds, lead_timeout) = std::chrono::seconds(10);
+  // How deltas travel (codec.h): none, bf16, fp16, int8 or topk, float32 parameters
+  // only. A lossy codec keeps what a message lost and sends it with the next one (error
+  // feedback), and finish() sends what is left uncompressed, so that after every rank's
+  // clean finish() the replicas still agree. Every rank must use the same.
+  TORCH_ARG(Compression, compression) = Compression();
   // Parameters on a GPU: copy outgoing deltas on a side stream and hand them over from a
   // background thread (detail::DevicePipeline). Written without a GPU and never run
   // (README, "GPU"); ignored for parameters on the CPU.

@@ -28,6 +28,7 @@ ChannelCore::ChannelCore(std::shared_ptr<World> w, ChannelOptions o, uint64_t sl
     streams[s.id] = &s;
     limits.additive_bytes[s.id] = static_cast<uint64_t>(s.numel) * dtype_size(s.dtype);
     limits.additive_dtype[s.id] = s.dtype;
+    limits.additive_codec[s.id] = s.compression;
   }
   limits.world_size = size;
   limits.receiver = rank;
@@ -39,6 +40,11 @@ ChannelCore::ChannelCore(std::shared_ptr<World> w, ChannelOptions o, uint64_t sl
 
 std::string ChannelCore::prefix() const {
   return fmt::format("rank {}: channel '{}'", rank, options.name);
+}
+
+uint64_t ChannelCore::transfer_bytes(const FrameHeader& h) const {
+  if (h.codec == Codec::kNone) return static_cast<uint64_t>(options.chunk_bytes);
+  return static_cast<uint64_t>(codec::transfer_bytes(streams[h.stream]->compression, options.chunk_bytes));
 }
 
 bool ChannelCore::critical(int peer) const {

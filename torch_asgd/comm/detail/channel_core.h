@@ -83,6 +83,9 @@ struct ChannelCore {
   std::exception_ptr error;
   std::atomic<bool> broken{false};  // a thread of the channel died: nothing moves any more
 
+  // Bytes of one Gloo transfer of a payload that follows the header frame `h`: the chunk
+  // size, or whole blocks of its codec.
+  uint64_t transfer_bytes(const FrameHeader& h) const;
   bool critical(int peer) const;
   bool failed(int peer) const;
   std::vector<int> live_peers() const;  // not failed (goodbyes included)

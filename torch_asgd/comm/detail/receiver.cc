@@ -65,6 +65,16 @@ constexpr size_t kMaxPartsPerPeer = 32;
 
 }  // namespace
 
+void Receiver::sum_into(Accumulator& a, const FrameHeader& h, uint64_t offset, const uint8_t* data,
+                        size_t bytes) {
+  if (h.codec == Codec::kNone) {
+    add_into(static_cast<uint8_t*>(a.current.data_ptr()) + offset, data, bytes, h.dtype);
+  } else {
+    codec::add_decoded(a.spec->compression, data, static_cast<int64_t>(offset),
+                       static_cast<int64_t>(bytes), a.spec->numel, a.current.data_ptr<float>());
+  }
+}
+
 Receiver::Receiver(ChannelCore& core) : core_(core) {
   peers_.resize(core_.size);
   for (int p = 0; p < core_.size; ++p) {
@@ -206,7 +216,7 @@ void Receiver::on_frame(int src, const uint8_t* data) {
   PeerIn& p = *peers_[src];
   const size_t chunk = static_cast<size_t>(core_.options.chunk_bytes);
   if (p.in_message) {
-    on_payload(p, data, std::min<uint64_t>(chunk, p.h.payload_bytes - p.done));
+    on_payload(p, data, std::min<uint64_t>(core_.transfer_bytes(p.h), p.h.payload_bytes - p.done));
     return;
   }
   DecodeLimits limits = core_.limits;
@@ -281,8 +291,15 @@ void Receiver::on_frame(int src, const uint8_t* data) {
 void Receiver::on_payload(PeerIn& p, const uint8_t* data, size_t bytes) {
   const FrameHeader& h = p.h;
   if ((h.flags & kChecksummed) != 0) p.checksum.update(data, bytes);
-  if (p.why == Reject::kNone && core_.options.on_non_finite != NonFinite::kAccept &&
-      c10::isFloatingType(h.dtype) && !all_finite(data, bytes, h.dtype)) {
+  const Compression* codec = h.codec == Codec::kNone ? nullptr : &core_.streams[h.stream]->compression;
+  if (p.why == Reject::kNone && codec != nullptr) {
+    // Encoded blocks decode to finite values with indices in range, or nothing is summed.
+    if (!codec::valid(*codec, data, static_cast<int64_t>(p.done), static_cast<int64_t>(bytes),
+                      core_.streams[h.stream]->numel)) {
+      p.why = Reject::kBadCodec;
+    }
+  } else if (p.why == Reject::kNone && core_.options.on_non_finite != NonFinite::kAccept &&
+             c10::isFloatingType(h.dtype) && !all_finite(data, bytes, h.dtype)) {
     p.why = Reject::kNonFinite;
   }
   if (p.why == Reject::kNone) {
@@ -296,7 +313,7 @@ void Receiver::on_payload(PeerIn& p, const uint8_t* data, size_t bytes) {
         p.merged = true;
         if (a.has_data) ++p.coalesced;
       }
-      add_into(static_cast<uint8_t*>(a.current.data_ptr()) + p.done, data, bytes, h.dtype);
+      sum_into(a, h, p.done, data, bytes);
       a.has_data = true;
       a.partial_from[p.rank] = 1;
     } else {
@@ -346,8 +363,7 @@ void Receiver::finish_message(PeerIn& p) {
     std::lock_guard<std::mutex> lock(a.mu);
     if (!p.merged && a.has_data) ++p.coalesced;
     if (p.tail != nullptr) {
-      add_into(static_cast<uint8_t*>(a.current.data_ptr()) + (p.done - p.tail_bytes), p.tail,
-               p.tail_bytes, h.dtype);
+      sum_into(a, h, p.done - p.tail_bytes, p.tail, p.tail_bytes);
       p.tail = nullptr;
     }
     a.partial_from[p.rank] = 0;

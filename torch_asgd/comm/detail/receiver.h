@@ -66,6 +66,9 @@ class Receiver {
   void on_frame(int src, const uint8_t* data);
   void on_payload(PeerIn& p, const uint8_t* data, size_t bytes);
   void finish_message(PeerIn& p);
+  // Adds payload bytes [offset, offset + bytes) of a message with header h (raw, or its
+  // codec's blocks) into a's sum. Call with a.mu held.
+  void sum_into(Accumulator& a, const FrameHeader& h, uint64_t offset, const uint8_t* data, size_t bytes);
   void whole(PeerIn& p, uint64_t seq, bool ack_requested);
   void reject(PeerIn& p, Reject why, uint16_t version = 0);
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <stdexcept>
 
 #include <ATen/Functions.h>
@@ -18,6 +19,12 @@ namespace detail {
 uint64_t OutMsg::bytes() const {
   return payload.defined() ? static_cast<uint64_t>(payload.numel()) * payload.element_size() : 0;
 }
+
+uint64_t OutMsg::held_bytes() const {
+  return bytes() + (wire.defined() ? static_cast<uint64_t>(wire.numel()) : 0);
+}
+
+using Clock = std::chrono::steady_clock;
 
 // A frame posted to one peer, kept until the peer acknowledges it.
 struct Sender::Posted {
@@ -36,6 +43,11 @@ struct Sender::PeerOut {
   std::array<OutRef, kMaxStreams> replace{};   // waiting: the newest of each stream
   std::array<OutRef, kMaxStreams> additive{};  // waiting: the sum of what came meanwhile
   std::array<bool, kMaxStreams> additive_in_flight{};
+  // Additive: when the message in flight was posted, how long the last one took from post
+  // to acknowledgement, and since when a waiting message is held back for its group.
+  std::array<Clock::time_point, kMaxStreams> posted_at{};
+  std::array<Clock::duration, kMaxStreams> last_transfer{};
+  std::array<std::optional<Clock::time_point>, kMaxStreams> held_since{};
   size_t ordered_in_flight = 0;  // ordered and replace messages not yet acknowledged
   std::deque<Posted> unacked;    // by sequence number
   uint64_t next_seq = 1;
@@ -53,10 +65,14 @@ struct Sender::PeerOut {
     }
     return false;
   }
+  // Messages waiting for or in transmission (what only carries earlier messages' loss
+  // under a codec waits for the next one, and is not counted).
   size_t queued() const {
     size_t n = ordered.size();
     for (const auto& u : unacked) n += u.msg ? 1 : 0;
-    for (int s = 0; s < kMaxStreams; ++s) n += (replace[s] ? 1 : 0) + (additive[s] ? 1 : 0);
+    for (int s = 0; s < kMaxStreams; ++s) {
+      n += (replace[s] ? 1 : 0) + (additive[s] && !additive[s]->residual_only ? 1 : 0);
+    }
     return n;
   }
 };
@@ -169,17 +185,39 @@ void Sender::enqueue_all(OutRef msg) {
   wake_locked();
 }
 
+OutRef Sender::shared_waiting_locked(uint8_t s) const {
+  // The waiting message of every live peer, if it is one and the same buffer that no
+  // peer has posted yet (so that only these slots hold it).
+  OutRef shared;
+  for (const auto& p : peers_) {
+    if (!p || p->failed) continue;
+    const OutRef& w = p->additive[s];
+    if (!w || w->frozen || (shared && w != shared)) return nullptr;
+    shared = w;
+  }
+  return shared;
+}
+
 void Sender::broadcast_additive(uint8_t stream, const Metadata& meta,
                                 const std::function<void(at::Tensor&, bool)>& fill) {
   const AdditiveStream& spec = *core_.streams[stream];
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (OutRef& pending = pending_broadcast_[stream]) {
-      // The thread has not handed the previous one out yet: add into it.
-      fill(pending->payload, true);
-      merge(pending->meta, meta, spec.meta);
+    OutRef into = pending_broadcast_[stream];
+    const bool pending = into != nullptr;
+    // Every peer lags in step: the broadcast goes straight into the sum they all wait
+    // with, and costs no buffer of its own.
+    if (!pending) into = shared_waiting_locked(stream);
+    if (into) {
+      fill(into->payload, true);
+      into->checksummed = false;
+      into->residual_only = false;
+      merge(into->meta, meta, spec.meta);
       for (auto& p : peers_) {
-        if (p && !p->failed) ++p->counts.coalesced;
+        if (p && !p->failed) {
+          ++p->counts.coalesced;
+          if (!pending) p->lagging = true;
+        }
       }
       wake_locked();
       return;
@@ -261,11 +299,11 @@ Sender::Counts Sender::counts(int peer) const {
   Counts c = p.counts;
   // Payload bytes this peer keeps referenced: in flight, and waiting (a buffer shared
   // with other peers counts for each).
-  for (const auto& f : p.unacked) c.held_bytes += f.msg ? f.msg->bytes() : 0;
-  for (const auto& m : p.ordered) c.held_bytes += m->bytes();
+  for (const auto& f : p.unacked) c.held_bytes += f.msg ? f.msg->held_bytes() : 0;
+  for (const auto& m : p.ordered) c.held_bytes += m->held_bytes();
   for (int s = 0; s < kMaxStreams; ++s) {
-    if (p.replace[s]) c.held_bytes += p.replace[s]->bytes();
-    if (p.additive[s]) c.held_bytes += p.additive[s]->bytes();
+    if (p.replace[s]) c.held_bytes += p.replace[s]->held_bytes();
+    if (p.additive[s]) c.held_bytes += p.additive[s]->held_bytes();
   }
   return c;
 }
@@ -277,7 +315,7 @@ uint64_t Sender::held_bytes() const {
   auto add = [&](const OutRef& m) {
     if (!m || std::find(seen.begin(), seen.end(), m.get()) != seen.end()) return;
     seen.push_back(m.get());
-    total += m->bytes();
+    total += m->held_bytes();
   };
   for (const auto& b : pending_broadcast_) add(b);
   for (const auto& p : peers_) {
@@ -321,6 +359,7 @@ namespace {
 void add_in_place(OutMsg& into, const OutMsg& m, const AdditiveStream& spec) {
   into.payload.add_(m.payload);
   into.checksummed = false;
+  into.residual_only = into.residual_only && m.residual_only;
   merge(into.meta, m.meta, spec.meta);
 }
 
@@ -358,9 +397,10 @@ void Sender::distribute_broadcasts_locked(std::unique_lock<std::mutex>& lock) {
     // Not frozen yet: until some peer posts it, it is only in waiting slots, and the
     // peers that hold it there receive the same broadcasts, so the next ones can be
     // added into it in place.
-    if (core_.options.verify_payload) {
+    if (core_.options.verify_payload && !core_.streams[s]->compression.lossy()) {
       // Immutable from now on: one checksum serves every peer. Outside the lock, so
-      // that the training thread can go on sending.
+      // that the training thread can go on sending. (Under a codec, the checksum is of
+      // the encoded bytes, computed when first posted.)
       ++distributing_;
       lock.unlock();
       m->checksum = checksum64(m->payload.data_ptr(), m->bytes());
@@ -403,6 +443,7 @@ void Sender::distribute_broadcasts_locked(std::unique_lock<std::mutex>& lock) {
       at::add_out(group->payload, waiting->payload, m->payload);
       group->meta = waiting->meta;
       merge(group->meta, m->meta, spec.meta);
+      group->residual_only = waiting->residual_only && m->residual_only;
       replaced.emplace_back(waiting, group);
       waiting = std::move(group);
     }
@@ -429,15 +470,24 @@ void Sender::post_ready_locked(PeerOut& p) {
       p.replace[s].reset();
       post_locked(p, std::move(m), FrameType::kReplace, /*ack_requested=*/true);
     }
-    if (p.additive[s] && !p.additive_in_flight[s]) {
+    const OutRef& w = p.additive[s];
+    // (What only carries earlier messages' loss waits for the next message, or close.)
+    if (w && !p.additive_in_flight[s] && (!w->residual_only || p.bye_wanted) &&
+        !held_for_group_locked(p, s)) {
       p.additive_in_flight[s] = true;
+      p.posted_at[s] = Clock::now();
+      p.held_since[s].reset();
       OutRef m = std::move(p.additive[s]);
       p.additive[s].reset();
+      if (!m->frozen && !p.bye_wanted) encode_locked(*m, *core_.streams[s]);
       m->frozen = true;  // Gloo reads it now; peers of its group post the same bytes
       if (core_.options.verify_payload && !m->checksummed) {
-        m->checksum = checksum64(m->payload.data_ptr(), m->bytes());
+        const at::Tensor& bytes = m->wire.defined() ? m->wire : m->payload;
+        m->checksum = checksum64(bytes.data_ptr(), static_cast<size_t>(bytes.nbytes()));
         m->checksummed = true;
       }
+      // Error feedback: what the encoding lost goes with this peer's next message.
+      if (m->residual) p.additive[s] = m->residual;
       post_locked(p, std::move(m), FrameType::kAdditive, /*ack_requested=*/true);
     }
   }
@@ -452,6 +502,48 @@ void Sender::post_ready_locked(PeerOut& p) {
   if (p.ack_due && !p.failed) post_locked(p, nullptr, FrameType::kAck, false);
 }
 
+void Sender::encode_locked(OutMsg& m, const AdditiveStream& spec) {
+  if (!spec.compression.lossy()) return;
+  const int64_t numel = spec.numel;
+  at::Tensor wire = at::empty({codec::encoded_bytes(spec.compression, numel)},
+                              at::TensorOptions().dtype(at::kByte));
+  OutRef r = new_message(FrameType::kAdditive, spec.id, spec.dtype, numel);
+  if (!codec::encode(spec.compression, m.payload.data_ptr<float>(), numel,
+                     wire.data_ptr<uint8_t>(), r->payload.data_ptr<float>())) {
+    return;  // NaN or Inf: it travels as it is, and the receivers refuse it
+  }
+  r->residual_only = true;  // metadata: none (no update of its own)
+  m.checksummed = false;    // the checksum is of the bytes that travel
+  m.wire = std::move(wire);
+  m.codec = spec.compression.codec;
+  m.residual = std::move(r);
+}
+
+bool Sender::held_for_group_locked(PeerOut& p, int s) {
+  // Peers that wait with the same buffer are a group: posted together, they go on
+  // sharing every buffer. One that is ready waits for the others of its group (still
+  // sending their previous message) for as long as its own last transfer took, then
+  // goes alone; so a peer that stalls splits off, and memory grows with the groups,
+  // not with the peers. Never held at close.
+  if (p.bye_wanted) return false;
+  const OutRef& w = p.additive[s];
+  if (!w || w.use_count() <= 1) return false;
+  bool others_busy = false;
+  for (const auto& q : peers_) {
+    if (q && q.get() != &p && !q->failed && q->additive[s] == w && q->additive_in_flight[s]) {
+      others_busy = true;
+      break;
+    }
+  }
+  if (!others_busy) return false;
+  const Clock::time_point now = Clock::now();
+  if (!p.held_since[s]) p.held_since[s] = now;
+  const Clock::time_point until = *p.held_since[s] + p.last_transfer[s];
+  if (now >= until) return false;
+  if (!next_wake_ || until < *next_wake_) next_wake_ = until;
+  return true;
+}
+
 void Sender::post_locked(PeerOut& p, OutRef msg, FrameType type, bool ack_requested) {
   Posted f;
   f.seq = p.next_seq++;
@@ -463,7 +555,10 @@ void Sender::post_locked(PeerOut& p, OutRef msg, FrameType type, bool ack_reques
   h.token = core_.token;
   h.ack = core_.receiver->last_whole(p.rank);
   if (ack_requested) h.flags |= kAckRequested;
-  const uint64_t bytes = msg ? msg->bytes() : 0;
+  // An encoded additive payload travels as its codec's blocks, in whole blocks.
+  const bool encoded = msg && msg->wire.defined();
+  const uint64_t bytes = !msg ? 0 : encoded ? static_cast<uint64_t>(msg->wire.numel()) : msg->bytes();
+  const void* payload = !msg ? nullptr : encoded ? msg->wire.data_ptr() : msg->payload.data_ptr();
   const Metadata empty;
   const Metadata& meta = msg ? msg->meta : empty;
   if (msg) {
@@ -471,6 +566,7 @@ void Sender::post_locked(PeerOut& p, OutRef msg, FrameType type, bool ack_reques
     h.stream = msg->stream;
     h.dtype = msg->dtype;
     h.payload_bytes = bytes;
+    h.codec = encoded ? msg->codec : Codec::kNone;
     h.meta_fields = static_cast<uint16_t>(meta.fields.size());
     h.record_width = msg->type == FrameType::kAdditive
                          ? static_cast<uint16_t>(core_.streams[msg->stream]->meta.record_width)
@@ -491,15 +587,15 @@ void Sender::post_locked(PeerOut& p, OutRef msg, FrameType type, bool ack_reques
   auto* out = static_cast<uint8_t*>(f.header.data_ptr());
   encode_frame_header(h, meta, out);
   if (h.inline_payload()) {
-    std::memcpy(out + kFrameHeaderBytes + h.meta_bytes(), msg->payload.data_ptr(), bytes);
+    std::memcpy(out + kFrameHeaderBytes + h.meta_bytes(), payload, bytes);
   }
   p.ack_due = false;  // every frame carries the acknowledgement
   try {
     f.header_buf = core_.context->createUnboundBuffer(out, h.frame_bytes());
     f.header_buf->send(p.rank, core_.data_slot, 0, h.frame_bytes());
     if (bytes > 0 && !h.inline_payload()) {
-      f.payload_buf = core_.context->createUnboundBuffer(msg->payload.data_ptr(), bytes);
-      const uint64_t chunk = static_cast<uint64_t>(core_.options.chunk_bytes);
+      f.payload_buf = core_.context->createUnboundBuffer(const_cast<void*>(payload), bytes);
+      const uint64_t chunk = core_.transfer_bytes(h);
       for (uint64_t off = 0; off < bytes; off += chunk) {
         f.payload_buf->send(p.rank, core_.data_slot, off, std::min(chunk, bytes - off));
       }
@@ -526,6 +622,7 @@ void Sender::release_locked(PeerOut& p, uint64_t ack) {
     Posted& f = p.unacked.front();
     if (f.type == FrameType::kAdditive) {
       p.additive_in_flight[f.stream] = false;
+      p.last_transfer[f.stream] = Clock::now() - p.posted_at[f.stream];
       if (!p.additive[f.stream]) p.lagging = false;
     } else if (f.type == FrameType::kOrdered || f.type == FrameType::kReplace) {
       --p.ordered_in_flight;
@@ -580,10 +677,17 @@ void Sender::wake_waiters() {
 void Sender::loop() {
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
-    cv_.wait(lock, [&] { return work_ || core_.stopping; });
+    auto ready = [&] { return work_ || core_.stopping; };
+    if (next_wake_) {
+      // A message held for its group is due then.
+      if (!cv_.wait_until(lock, *next_wake_, ready)) work_ = true;
+    } else {
+      cv_.wait(lock, ready);
+    }
     if (core_.fail_sender_thread.exchange(false)) throw std::runtime_error("a test made it throw");
     if (core_.stopping) return;
     work_ = false;
+    next_wake_.reset();
     distribute_broadcasts_locked(lock);
     for (auto& p : peers_) {
       if (p) post_ready_locked(*p);

@@ -6,8 +6,12 @@
 // Per peer and additive stream at most one message is in flight; what is sent meanwhile
 // is summed into the one pending message. A broadcast's buffer is shared by every peer;
 // peers that lag share one coalescing buffer for as long as they waited for the same
-// broadcasts (a group), so that n lagging peers in step cost one buffer, not n. Ordered
-// and replace messages are in flight up to max_in_flight per peer. Internal.
+// broadcasts (a group), so that n lagging peers in step cost one buffer, not n. A group
+// is posted together: a member that is ready first waits for the others (at most as
+// long as its own last transfer took), so that peers of uneven speed do not split into
+// a buffer each. When every peer waits with the same buffer, a broadcast is summed
+// straight into it. Ordered and replace messages are in flight up to max_in_flight per
+// peer. Internal.
 #pragma once
 
 #include <condition_variable>
@@ -15,6 +19,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -36,8 +41,19 @@ struct OutMsg {
   // not frozen is referenced only by peers' waiting slots, all of which receive the same
   // broadcasts: it may be summed into in place.
   bool frozen = false;
+  // Additive under a lossy codec, once first posted: the encoded bytes every peer
+  // transmits (the checksum is theirs), and what the encoding lost, which becomes the
+  // waiting message of every peer that posts this one.
+  at::Tensor wire;
+  Codec codec = Codec::kNone;
+  std::shared_ptr<OutMsg> residual;
+  // Only what earlier messages lost (no update of its own): waits for the next message
+  // to ride along, or for close(), where it travels uncompressed.
+  bool residual_only = false;
 
-  uint64_t bytes() const;
+  uint64_t bytes() const;       // of the payload as given (what the header calls its size
+                                // when it travels uncompressed)
+  uint64_t held_bytes() const;  // payload and encoded bytes kept
 };
 using OutRef = std::shared_ptr<OutMsg>;
 
@@ -101,6 +117,10 @@ class Sender {
   bool idle_locked(const PeerOut& p) const;
   void distribute_broadcasts_locked(std::unique_lock<std::mutex>& lock);
   void coalesce_locked(PeerOut& p, uint8_t stream, OutRef msg);
+  OutRef shared_waiting_locked(uint8_t stream) const;
+  // Under a lossy codec: m's encoded bytes and its residual (nothing if m holds NaN/Inf).
+  void encode_locked(OutMsg& m, const AdditiveStream& spec);
+  bool held_for_group_locked(PeerOut& p, int stream);
   void post_ready_locked(PeerOut& p);
   void post_locked(PeerOut& p, OutRef msg, FrameType type, bool ack_requested);
   void release_locked(PeerOut& p, uint64_t ack);
@@ -114,6 +134,7 @@ class Sender {
   std::condition_variable cv_;
   std::condition_variable done_cv_;  // something was acknowledged, posted or dropped
   bool work_ = false;  // something changed since the thread last looked
+  std::optional<std::chrono::steady_clock::time_point> next_wake_;  // a held message is due
   std::vector<std::unique_ptr<PeerOut>> peers_;  // by rank; null for self
   // Broadcasts not yet handed to the peers, by additive stream (summed while waiting).
   std::array<OutRef, kMaxStreams> pending_broadcast_{};
