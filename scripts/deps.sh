@@ -18,6 +18,7 @@ PACKAGES=(
   dataset-fashion-mnist # the real Fashion-MNIST in IDX format, for the examples and the demo
   python3-torch         # PyTorch 1.13 (/usr/bin/python3): the DDP baseline of benchmarks/run.sh
   gnuplot-nox           # the benchmark plots (PNG)
+  iproute2              # ip and tc: emulated hosts in network namespaces (scripts/emulate-hosts.sh)
 )
 
 missing=()
