@@ -419,6 +419,63 @@ TEST(Channel, PeersThatLagInStepShareOneCoalescingBuffer) {
   });
 }
 
+// A group of lagging peers is posted together: rank 1 keeps up, rank 2 is stalled after
+// the first broadcast, and with a long group_hold rank 1 waits for it rather than going on
+// alone, so that both keep sharing one buffer (the first broadcast in flight, one sum of
+// the rest): rank 1 gets no second message while rank 2 is stalled. Once rank 2 wakes,
+// both get the exact sum. (With the default hold, the stalled-peer tests show the group
+// splitting instead.)
+TEST(Channel, AGroupWaitsForItsSlowestMemberInsteadOfSplitting) {
+  const int64_t numel = 1 << 20;  // 4 MB: a transfer of a millisecond or more
+  const uint64_t model = numel * sizeof(float);
+  const int kSends = 20;
+  spawn(3, [&](std::shared_ptr<World> world) {
+    ChannelOptions o = additive_options("hold", numel);
+    o.group_hold = 1e9;  // in effect: for as long as it takes
+    auto ch = world->open_channel(o);
+    const int me = world->rank();
+    auto send = [&](int i) {
+      Outgoing m;
+      m.delivery = Delivery::kAdditive;
+      m.payload = torch::full({numel}, static_cast<float>(i % 5 + 1));
+      m.meta = Metadata({1, i, i, i});
+      ch->broadcast(m);
+    };
+    Summed got(numel);
+    if (me == 0) {
+      send(0);
+      // The first message is through to both: each acknowledged it.
+      EXPECT_TRUE(eventually([&] { return ch->counters(1).queued == 0 && ch->counters(2).queued == 0; }));
+      world->barrier("first");  // rank 2 now holds its receiver
+      world->barrier("held");
+      send(1);  // in flight to both; rank 2 will never acknowledge it while stalled
+      EXPECT_TRUE(eventually([&] { return ch->counters(1).queued == 0; }));
+      for (int i = 2; i < kSends; ++i) send(i);
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      EXPECT_EQ(ch->counters(1).sent_messages, 2u) << "rank 1 went on without its group";
+      EXPECT_EQ(ch->held_bytes(), 2 * model) << "not one buffer in flight and one sum for both";
+      world->store().set("wake", std::vector<uint8_t>{1});
+    } else {
+      while (got.arrivals < 1) got.add(ch->wait(std::chrono::milliseconds(100)));
+      world->barrier("first");
+      if (me == 2) ChannelTestAccess::hold_receiver(*ch, true);
+      world->barrier("held");
+      if (me == 2) {
+        world->store().wait({"wake"});
+        ChannelTestAccess::hold_receiver(*ch, false);
+      }
+    }
+    EXPECT_TRUE(ch->close(std::chrono::seconds(30)));
+    if (me != 0) {
+      got.add(ch->poll());
+      float expected = 0;
+      for (int i = 0; i < kSends; ++i) expected += static_cast<float>(i % 5 + 1);
+      EXPECT_TRUE(got.total.equal(torch::full({numel}, expected))) << "rank " << me;
+      EXPECT_EQ(got.updates, kSends) << "rank " << me;
+    }
+  });
+}
+
 TEST(Channel, CloseReturnsOnlyOnceThePeerHasEverything) {
   // Rank 1 is stalled while rank 0 sends and closes: rank 0's close() must not return
   // true before rank 1 has taken and acknowledged every message (else rank 0 might exit
@@ -543,6 +600,22 @@ TEST(Channel, BadOptionsAreRefusedByName) {
                 std::string::npos)
           << e.what();
     }
+    auto refused = [&](const ChannelOptions& bad, const std::string& what) {
+      try {
+        world->open_channel(bad);
+        ADD_FAILURE() << "accepted: " << what;
+      } catch (const ConfigError& e) {
+        EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+      }
+    };
+    o = ChannelOptions();
+    o.group_hold = -1;
+    refused(o, "group_hold must be within 0..1e9");
+    o = ChannelOptions();
+    o.additive = {AdditiveStream{0, c10::kDouble, 10, {}, Compression(Codec::kInt8)}};
+    refused(o, "compression 'int8' needs float32 values");
+    o.additive = {AdditiveStream{0, c10::kFloat, 10, {}, Compression(Codec::kTopK, 0)}};
+    refused(o, "topk fraction 0 must be in (0, 1]");
   });
 }
 

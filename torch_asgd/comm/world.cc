@@ -413,6 +413,7 @@ void validate(const ChannelOptions& o) {
     bad("max_meta_bytes must leave room for the frame header within chunk_bytes");
   }
   if (o.inline_bytes < 0) bad("inline_bytes must be >= 0");
+  if (!(o.group_hold >= 0 && o.group_hold <= 1e9)) bad("group_hold must be within 0..1e9");
   std::vector<bool> seen(kMaxStreams, false);
   for (const auto& s : o.additive) {
     if (s.id >= kMaxStreams || seen[s.id]) {

@@ -522,10 +522,10 @@ void Sender::encode_locked(OutMsg& m, const AdditiveStream& spec) {
 bool Sender::held_for_group_locked(PeerOut& p, int s) {
   // Peers that wait with the same buffer are a group: posted together, they go on
   // sharing every buffer. One that is ready waits for the others of its group (still
-  // sending their previous message) for as long as its own last transfer took, then
-  // goes alone; so a peer that stalls splits off, and memory grows with the groups,
+  // sending their previous message) for up to group_hold times its own last transfer,
+  // then goes alone; so a peer that stalls splits off, and memory grows with the groups,
   // not with the peers. Never held at close.
-  if (p.bye_wanted) return false;
+  if (p.bye_wanted || core_.options.group_hold <= 0) return false;
   const OutRef& w = p.additive[s];
   if (!w || w.use_count() <= 1) return false;
   bool others_busy = false;
@@ -538,7 +538,8 @@ bool Sender::held_for_group_locked(PeerOut& p, int s) {
   if (!others_busy) return false;
   const Clock::time_point now = Clock::now();
   if (!p.held_since[s]) p.held_since[s] = now;
-  const Clock::time_point until = *p.held_since[s] + p.last_transfer[s];
+  const auto hold = std::chrono::duration_cast<Clock::duration>(p.last_transfer[s] * core_.options.group_hold);
+  const Clock::time_point until = *p.held_since[s] + hold;
   if (now >= until) return false;
   if (!next_wake_ || until < *next_wake_) next_wake_ = until;
   return true;
