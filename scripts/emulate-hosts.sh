@@ -38,18 +38,22 @@ skip() { echo "emulate-hosts.sh: skipped: $*" >&2; exit 77; }
 command -v ip >/dev/null && command -v tc >/dev/null || skip "iproute2 (ip, tc) is not installed"
 [[ $(id -u) -eq 0 ]] || skip "network namespaces need root (run as root, or with CAP_NET_ADMIN)"
 
-# A prefix of our own, so that concurrent runs (ctest -j) never meet.
+# Names of our own, so that concurrent runs (ctest -j) never meet; link names stay
+# within the kernel's 15 characters ("e<pid>v<host>").
 ID="asgd$$"
 BR="$ID-br"
 made=()
+links=()
 pids=()
 cleanup() {
-  local p ns
+  local p ns l
   for ns in "${made[@]}"; do
     for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
   done
   for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
   for ns in "${made[@]}"; do ip netns delete "$ns" 2>/dev/null || true; done
+  # A veth end still in this namespace (its move failed) would outlive the namespaces.
+  for l in "${links[@]}"; do ip link delete "$l" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -57,7 +61,7 @@ trap 'exit 143' TERM
 
 ip netns add "$BR" 2>/dev/null || skip "this machine does not allow network namespaces ('ip netns add' failed)"
 made+=("$BR")
-ip -n "$BR" link add br0 type bridge
+ip -n "$BR" link add br0 type bridge 2>/dev/null || skip "this kernel has no bridge support"
 ip -n "$BR" link set br0 up
 ip -n "$BR" link set lo up
 
@@ -70,7 +74,8 @@ limit() {  # limit NS DEV: tbf at RATE on DEV's egress
   # hand tbf packets that large).
   local burst=$((bits / 8 / 100))
   ((burst < 131072)) && burst=131072
-  ip netns exec "$1" tc qdisc add dev "$2" root tbf rate "$RATE" burst "$burst" latency 100ms
+  ip netns exec "$1" tc qdisc add dev "$2" root tbf rate "$RATE" burst "$burst" latency 100ms 2>/dev/null ||
+    skip "this kernel has no tbf qdisc (sch_tbf): links cannot be limited"
 }
 tc_rate_bits() {
   local v=${1,,} n unit
@@ -91,16 +96,18 @@ for ((i = 0; i < HOSTS; i++)); do
   ip netns add "$ns"
   made+=("$ns")
   ip -n "$ns" link set lo up
-  ip link add "$ID-v$i" type veth peer name "$ID-b$i"
-  ip link set "$ID-v$i" netns "$ns"
-  ip link set "$ID-b$i" netns "$BR"
-  ip -n "$ns" link set "$ID-v$i" name eth0
+  v="e$$v$i" b="e$$b$i"
+  links+=("$v" "$b")
+  ip link add "$v" type veth peer name "$b"
+  ip link set "$v" netns "$ns"
+  ip link set "$b" netns "$BR"
+  ip -n "$ns" link set "$v" name eth0
   ip -n "$ns" addr add "$(addr "$i")/16" dev eth0
   ip -n "$ns" link set eth0 up
-  ip -n "$BR" link set "$ID-b$i" master br0
-  ip -n "$BR" link set "$ID-b$i" up
-  limit "$ns" eth0        # host -> bridge
-  limit "$BR" "$ID-b$i"   # bridge -> host
+  ip -n "$BR" link set "$b" master br0
+  ip -n "$BR" link set "$b" up
+  limit "$ns" eth0   # host -> bridge
+  limit "$BR" "$b"   # bridge -> host
 done
 
 MASTER=$(addr 0)
@@ -116,12 +123,18 @@ for ((i = 0; i < HOSTS; i++)); do
   ) &
   pids+=($!)
 done
-for p in "${pids[@]}"; do
+# The first rank to fail ends the job: the others would wait for it until their own
+# timeouts (cleanup kills them).
+for ((k = 0; k < HOSTS; k++)); do
   rc=0
-  wait "$p" || rc=$?
-  ((status == 0 && rc != 0)) && status=$rc
+  wait -n || rc=$?  # (the ranks are this script's only background jobs)
+  if ((rc != 0)); then
+    status=$rc
+    echo "emulate-hosts.sh: a rank exited with code $rc: ending the others" >&2
+    break
+  fi
 done
-pids=()
+((status == 0)) && pids=()
 if [[ -n $STATS ]]; then
   : >"$STATS"
   for ((i = 0; i < HOSTS; i++)); do

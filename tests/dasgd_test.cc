@@ -525,9 +525,10 @@ TEST(BoundedLeadApplied, AStalledPeerIsWaitedForOnceThenLeftBehind) {
 }
 
 // Counted as progress: rank 2 takes no step. Ranks 0 and 1 wait for it once, for
-// lead_timeout, then leave it behind; it is waited for again only once its own updates
-// are within the bound of theirs, not after one step as under kApplied.
-TEST(BoundedLeadProgress, AStalledPeerIsLeftBehindUntilItsOwnProgressCatchesUp) {
+// lead_timeout, then leave it behind. It is waited for again once it steps again (L
+// steps); the gap its stall left is accepted then, and from there on every step of rank
+// 0 needs one of rank 2's: the gap does not grow.
+TEST(BoundedLeadProgress, AStalledPeerThatStepsAgainIsWaitedForAgainAndItsGapCannotGrow) {
   const Problem pb;
   const int n = 3, L = 3;
   ScriptedRanks ranks(n, pb, sgd_factory(0.01),
@@ -547,16 +548,15 @@ TEST(BoundedLeadProgress, AStalledPeerIsLeftBehindUntilItsOwnProgressCatchesUp) 
     EXPECT_EQ(s.left_behind, std::vector<int>{2}) << "rank " << r;
   }
   // Rank 2 learns where the others are, then steps; they apply each delta. It is waited
-  // for again from its 37th update on (40 - 37 = L), not before.
+  // for again from its L-th step on, 37 updates behind.
   for (int p = 0; p < 2; ++p) ranks.net.deliver(p, 2);
   DASGDTestAccess::apply(*ranks.opt[2]);
-  for (int64_t t = 0; t < 40 - L; ++t) {
+  for (int64_t t = 0; t < L; ++t) {
     ranks.step(pb, 2, t);
     for (int p = 0; p < 2; ++p) {
       ranks.net.deliver(2, p);
       DASGDTestAccess::apply(*ranks.opt[p]);
-      const bool caught_up = t + 1 >= 40 - L;
-      EXPECT_EQ(ranks.opt[p]->stats().left_behind.empty(), caught_up)
+      EXPECT_EQ(ranks.opt[p]->stats().left_behind.empty(), t + 1 == L)
           << "rank " << p << " after rank 2's update " << t + 1;
     }
   }

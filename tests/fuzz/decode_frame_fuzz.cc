@@ -127,18 +127,17 @@ void fuzz_codecs(const uint8_t* data, size_t size) {
     if (values == 0) continue;
     std::vector<float> x(static_cast<size_t>(values));
     std::memcpy(x.data(), payload, 4 * x.size());
-    bool finite = true;
-    for (float v : x) finite = finite && std::isfinite(v);
+    // What each codec takes: finite values, and under fp16 magnitudes below 2^28.
+    bool takes = true;
+    for (float v : x) takes = takes && std::isfinite(v) && (c.codec != Codec::kFp16 || std::fabs(v) < 268435456.0f);
     std::vector<uint8_t> out(static_cast<size_t>(codec::encoded_bytes(c, values)));
     std::vector<float> residual(x.size());
-    require(codec::encode(c, x.data(), values, out.data(), residual.data()) == finite);
-    if (!finite) continue;
+    require(codec::encode(c, x.data(), values, out.data(), residual.data()) == takes);
+    if (!takes) continue;
     require(codec::valid(c, out.data(), 0, static_cast<int64_t>(out.size()), values));
     std::vector<float> decoded(x.size(), 0.0f);
     codec::add_decoded(c, out.data(), 0, static_cast<int64_t>(out.size()), values, decoded.data());
     for (size_t i = 0; i < x.size(); ++i) {
-      // fp16 saturates at 65504; the residual of a value beyond 2^27 may round.
-      if (c.codec == Codec::kFp16 && std::fabs(x[i]) > 1e8f) continue;
       require(static_cast<double>(decoded[i]) + residual[i] == static_cast<double>(x[i]));
     }
   }

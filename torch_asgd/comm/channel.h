@@ -129,6 +129,8 @@ struct ChannelOptions {
   // Peers whose failure is always thrown, whatever on_peer_failure says (an AsGrad
   // worker tolerates a dead fellow worker, never a dead server). May differ by rank.
   std::vector<int> critical_peers;
+  // (Encoded additive blocks that do not decode to finite values are always rejected, as
+  // kBadCodec: no encoder makes them.)
   NonFinite on_non_finite = NonFinite::kReject;
 };
 
@@ -226,7 +228,8 @@ class Channel : public Transport {
   Arrivals wait(std::chrono::milliseconds timeout) override;
 
   // Waits up to `timeout` until everything sent so far has been handed to the network
-  // (or its peer failed). Returns false on timeout.
+  // (or its peer failed). Returns false on timeout. Under a lossy codec, what encodings
+  // lost is kept for the next message (or close()) and is not waited for here.
   bool flush(std::chrono::milliseconds timeout);
 
   // Waits up to `timeout` until at most `max_queued` messages wait for or are in

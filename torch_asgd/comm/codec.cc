@@ -108,6 +108,15 @@ bool finite_block(const float* x, int64_t n) {
   return true;
 }
 
+// fp16 saturates at 65504; the residual x - 65504 is exact in float32 while |x| < 2^28
+// (beyond, it rounds, and error feedback would count the difference twice).
+bool within_fp16_feedback(const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::fabs(x[i]) >= 268435456.0f) return false;
+  }
+  return true;
+}
+
 // The smallest power of two s with m / s <= 127 (m > 0, finite), within float's range.
 float int8_scale(float m) {
   int e;
@@ -312,6 +321,7 @@ bool encode(const Compression& c, const float* src, int64_t numel, uint8_t* out,
   for (int64_t elem = 0; elem < numel; elem += kCodecBlock) {
     const int64_t n = std::min(kCodecBlock, numel - elem);
     if (!finite_block(src + elem, n)) return false;
+    if (c.codec == Codec::kFp16 && !within_fp16_feedback(src + elem, n)) return false;
     encode_block(c, src + elem, n, out + pos, residual != nullptr ? residual + elem : nullptr, order);
     pos += block_bytes(c, n);
   }

@@ -62,14 +62,15 @@ int64_t topk_entries(const Compression& c, int64_t n);
 int64_t block_bytes(const Compression& c, int64_t n);
 int64_t encoded_bytes(const Compression& c, int64_t numel);
 // The bytes of one transfer of an encoded payload: whole blocks, at most max_chunk (one
-// block at least).
+// block at least: a channel refuses a chunk size smaller than one block).
 int64_t transfer_bytes(const Compression& c, int64_t max_chunk);
 // Elements encoded before byte offset `offset` of a payload (a block boundary).
 int64_t elements_before(const Compression& c, int64_t offset);
 
 // Encodes numel float32 values into `out` (encoded_bytes(c, numel) bytes). When
-// `residual` is given (it may be `src` itself), it receives src - decode(out). Returns
-// false, having written nothing useful, if src holds NaN or Inf.
+// `residual` is given (it may be `src` itself), it receives src - decode(out), exactly.
+// Returns false, having written nothing useful, if the codec cannot take the values:
+// NaN or Inf, or under fp16 a magnitude of 2^28 or more (its residual would round).
 bool encode(const Compression& c, const float* src, int64_t numel, uint8_t* out, float* residual);
 
 // Bytes [offset, offset + length) of an encoded payload of numel elements, `offset` and

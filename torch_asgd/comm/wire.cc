@@ -90,7 +90,7 @@ const char* to_string(Reject r) {
     case Reject::kBadSequence: return "out-of-order or repeated sequence number";
     case Reject::kWrongToken: return "frame of another job or channel";
     case Reject::kUnexpected: return "frame not allowed at this point of the protocol";
-    case Reject::kBadCodec: return "codec or codec version not the stream's (another torch_asgd or options)";
+    case Reject::kBadCodec: return "codec, codec version or encoded blocks not valid for the stream";
     case Reject::kCount_: break;
   }
   return "unknown reason";

@@ -444,6 +444,12 @@ void validate(const ChannelOptions& o) {
         !(s.compression.topk_fraction > 0 && s.compression.topk_fraction <= 1)) {
       bad(fmt::format("additive stream {}: topk fraction {} must be in (0, 1]", static_cast<int>(s.id),
                       s.compression.topk_fraction));
+    } else if (s.compression.lossy() &&
+               codec::block_bytes(s.compression, kCodecBlock) > o.chunk_bytes) {
+      bad(fmt::format("additive stream {}: a block of compression '{}' takes {} bytes, more than "
+                      "chunk_bytes ({}): raise chunk_bytes",
+                      static_cast<int>(s.id), s.compression.describe(),
+                      codec::block_bytes(s.compression, kCodecBlock), o.chunk_bytes));
     }
   }
 }

@@ -97,6 +97,8 @@ void DASGD::init() {
   progress_.assign(size_, 0);
   view_sent_ = versions_;
   left_behind_.assign(size_, false);
+  allowance_.assign(size_, 0);
+  left_at_.assign(size_, 0);
   pending_ = std::make_unique<detail::PendingUpdates>(size_);
   if (!transport_) return;
   torch::NoGradGuard no_grad;
@@ -135,9 +137,28 @@ std::vector<int> DASGD::live_peers() const {
 }
 
 int64_t DASGD::lead_over(int peer) const {
-  const int64_t theirs =
-      options_.lead_measure() == LeadMeasure::kApplied ? seen_by_[peer] : progress_[peer];
-  return versions_[rank_] - theirs;
+  if (options_.lead_measure() == LeadMeasure::kApplied) return versions_[rank_] - seen_by_[peer];
+  return versions_[rank_] - progress_[peer] - allowance_[peer];
+}
+
+void DASGD::heard_from(int peer) {
+  const int64_t limit = options_.max_lead();
+  if (options_.lead_measure() == LeadMeasure::kApplied) {
+    if (left_behind_[peer] && lead_over(peer) <= limit) left_behind_[peer] = false;  // caught up
+    return;
+  }
+  const int64_t gap = versions_[rank_] - progress_[peer];
+  if (gap <= limit) allowance_[peer] = 0;  // it made up the gap its stall left
+  if (!left_behind_[peer]) return;
+  if (gap <= limit) {
+    left_behind_[peer] = false;  // caught up
+  } else if (progress_[peer] >= left_at_[peer] + std::max<int64_t>(1, limit)) {
+    // It steps again: waited for again from here on. Making up the gap its stall left
+    // would mean waiting for it far longer than lead_timeout, so that gap is accepted;
+    // the bound holds against its growing.
+    left_behind_[peer] = false;
+    allowance_[peer] = gap - limit;
+  }
 }
 
 int64_t DASGD::lead() const {
@@ -245,6 +266,7 @@ void DASGD::apply(Arrivals arrivals) {
     }
     seen_by_[m.sender] = std::max(seen_by_[m.sender], m.meta.field(rank_));
     progress_[m.sender] = std::max(progress_[m.sender], m.meta.field(m.sender));
+    heard_from(m.sender);
   }
   for (auto& a : arrivals.additive) {
     if (a.stream != 0) continue;
@@ -272,9 +294,7 @@ void DASGD::apply(Arrivals arrivals) {
       remote_updates_ += part.count;
       seen_by_[sender] = std::max(seen_by_[sender], part.sender_now[rank_]);
       progress_[sender] = std::max(progress_[sender], part.sender_now[sender]);
-      if (left_behind_[sender] && lead_over(sender) <= options_.max_lead()) {
-        left_behind_[sender] = false;  // caught up: waited for again
-      }
+      heard_from(sender);
       last_sender_ = sender;
       last_sender_update_ = versions_[sender];
     }
@@ -317,6 +337,7 @@ void DASGD::wait_for_lead() {
       for (int p : live_peers()) {
         if (!left_behind_[p] && lead_over(p) > limit) {
           left_behind_[p] = true;
+          left_at_[p] = progress_[p];
           const std::string where =
               options_.lead_measure() == LeadMeasure::kApplied
                   ? fmt::format("has applied {} of this rank's {} updates", seen_by_[p], versions_[rank_])
@@ -368,6 +389,8 @@ void DASGD::resync() {
   std::fill(versions_.begin(), versions_.end(), 0);
   std::fill(seen_by_.begin(), seen_by_.end(), 0);
   std::fill(progress_.begin(), progress_.end(), 0);
+  std::fill(allowance_.begin(), allowance_.end(), 0);
+  std::fill(left_at_.begin(), left_at_.end(), 0);
   rebase();
 }
 

@@ -55,9 +55,11 @@ enum class LeadMeasure {
   // the ranks' progress drifts.
   kApplied = 0,
   // Its own updates minus the peer's own updates, as last reported by the peer (the
-  // stale synchronous parallel bound): no rank is ever more than L updates ahead of the
+  // stale synchronous parallel bound): no rank gets more than L updates ahead of the
   // slowest, so with data split by label every rank's data keeps entering the model in
-  // proportion, to the end of the run.
+  // proportion, to the end of the run. A peer left behind (it stalled past lead_timeout)
+  // is waited for again once it has taken L steps more; the gap its stall left is then
+  // accepted until the peer makes it up, and the bound holds against its growing.
   kProgress = 1,
 };
 std::string to_string(LeadMeasure m);
@@ -153,7 +155,7 @@ class DASGD : public DistributedOptimizer {
   // Collective: every rank's model becomes the mean of all ranks' models, and the
   // version vectors start again from there. For resuming from checkpoints written at
   // different moments; call it on every rank after load(), before the first step, when
-  // nothing is in flight.
+  // nothing is in flight (under a lossy codec nothing kept either: a fresh process).
   void resync();
 
   DASGDStats stats() const;
@@ -173,6 +175,7 @@ class DASGD : public DistributedOptimizer {
   void rebase();  // what the parameters hold now counts as sent
   int64_t lead() const;
   int64_t lead_over(int peer) const;
+  void heard_from(int peer);  // after news of the peer's progress: waited for again?
   std::vector<int> live_peers() const;
   void wait_for_lead();
   void send_view();
@@ -190,6 +193,9 @@ class DASGD : public DistributedOptimizer {
   std::vector<int64_t> versions_;  // this model's version vector
   std::vector<int64_t> seen_by_;   // by peer: how many of this rank's updates it had applied
   std::vector<int64_t> progress_;  // by peer: how many updates of its own it had made
+  // kProgress, by peer: the gap beyond L accepted when a stalled peer stepped again, and
+  // its progress when it was left behind.
+  std::vector<int64_t> allowance_, left_at_;
   std::vector<int64_t> view_sent_;  // versions_ as the peers last heard of them
   std::vector<bool> left_behind_;
   int64_t local_steps_ = 0;

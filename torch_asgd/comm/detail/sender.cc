@@ -48,6 +48,7 @@ struct Sender::PeerOut {
   std::array<Clock::time_point, kMaxStreams> posted_at{};
   std::array<Clock::duration, kMaxStreams> last_transfer{};
   std::array<std::optional<Clock::time_point>, kMaxStreams> held_since{};
+  std::array<const OutMsg*, kMaxStreams> held_for{};  // the waiting message held_since is of
   size_t ordered_in_flight = 0;  // ordered and replace messages not yet acknowledged
   std::deque<Posted> unacked;    // by sequence number
   uint64_t next_seq = 1;
@@ -206,17 +207,19 @@ void Sender::broadcast_additive(uint8_t stream, const Metadata& meta,
     OutRef into = pending_broadcast_[stream];
     const bool pending = into != nullptr;
     // Every peer lags in step: the broadcast goes straight into the sum they all wait
-    // with, and costs no buffer of its own.
-    if (!pending) into = shared_waiting_locked(stream);
+    // with, and costs no buffer of its own. (Not while an earlier broadcast is being
+    // checksummed outside the lock: it must be summed first, for the metadata's order.)
+    if (!pending && distributing_ == 0) into = shared_waiting_locked(stream);
     if (into) {
+      const bool merged = pending || !into->residual_only;  // (a residual alone is no message)
       fill(into->payload, true);
       into->checksummed = false;
       into->residual_only = false;
       merge(into->meta, meta, spec.meta);
       for (auto& p : peers_) {
         if (p && !p->failed) {
-          ++p->counts.coalesced;
-          if (!pending) p->lagging = true;
+          if (merged) ++p->counts.coalesced;
+          if (!pending && p->additive_in_flight[stream]) p->lagging = true;
         }
       }
       wake_locked();
@@ -376,8 +379,8 @@ void Sender::coalesce_locked(PeerOut& p, uint8_t s, OutRef msg) {
     if (p.additive_in_flight[s]) p.lagging = true;
     return;
   }
-  ++p.counts.coalesced;
-  p.lagging = true;
+  if (!waiting->residual_only) ++p.counts.coalesced;  // (a residual alone is no message)
+  if (p.additive_in_flight[s]) p.lagging = true;
   if (!waiting->frozen && waiting.use_count() == 1) {
     add_in_place(*waiting, *msg, spec);
     return;
@@ -387,7 +390,19 @@ void Sender::coalesce_locked(PeerOut& p, uint8_t s, OutRef msg) {
   Metadata meta = waiting->meta;
   merge(meta, msg->meta, spec.meta);
   msg->meta = std::move(meta);
+  OutMsg* was = waiting.get();
   waiting = std::move(msg);
+  drop_residual_if_unneeded_locked(was, s);
+}
+
+void Sender::drop_residual_if_unneeded_locked(OutMsg* m, int s) {
+  // A message's residual is for the peers that post it; once no waiting slot holds the
+  // message any more, nobody will, and the residual need not live as long as it does.
+  if (m == nullptr || !m->residual) return;
+  for (const auto& p : peers_) {
+    if (p && p->additive[s].get() == m) return;
+  }
+  m->residual.reset();
 }
 
 void Sender::distribute_broadcasts_locked(std::unique_lock<std::mutex>& lock) {
@@ -424,8 +439,8 @@ void Sender::distribute_broadcasts_locked(std::unique_lock<std::mutex>& lock) {
         if (p->additive_in_flight[s]) p->lagging = true;
         continue;
       }
-      ++p->counts.coalesced;
-      p->lagging = true;
+      if (!waiting->residual_only) ++p->counts.coalesced;  // (a residual alone is no message)
+      if (p->additive_in_flight[s]) p->lagging = true;
       if (!waiting->frozen) {
         if (std::find(summed.begin(), summed.end(), waiting.get()) == summed.end()) {
           add_in_place(*waiting, *m, spec);
@@ -447,6 +462,7 @@ void Sender::distribute_broadcasts_locked(std::unique_lock<std::mutex>& lock) {
       replaced.emplace_back(waiting, group);
       waiting = std::move(group);
     }
+    for (const auto& r : replaced) drop_residual_if_unneeded_locked(r.first.get(), s);
   }
 }
 
@@ -479,7 +495,7 @@ void Sender::post_ready_locked(PeerOut& p) {
       p.held_since[s].reset();
       OutRef m = std::move(p.additive[s]);
       p.additive[s].reset();
-      if (!m->frozen && !p.bye_wanted) encode_locked(*m, *core_.streams[s]);
+      // (Encoded beforehand, outside the lock: encode_ready(); never at close.)
       m->frozen = true;  // Gloo reads it now; peers of its group post the same bytes
       if (core_.options.verify_payload && !m->checksummed) {
         const at::Tensor& bytes = m->wire.defined() ? m->wire : m->payload;
@@ -488,6 +504,7 @@ void Sender::post_ready_locked(PeerOut& p) {
       }
       // Error feedback: what the encoding lost goes with this peer's next message.
       if (m->residual) p.additive[s] = m->residual;
+      drop_residual_if_unneeded_locked(m.get(), s);
       post_locked(p, std::move(m), FrameType::kAdditive, /*ack_requested=*/true);
     }
   }
@@ -502,21 +519,52 @@ void Sender::post_ready_locked(PeerOut& p) {
   if (p.ack_due && !p.failed) post_locked(p, nullptr, FrameType::kAck, false);
 }
 
-void Sender::encode_locked(OutMsg& m, const AdditiveStream& spec) {
-  if (!spec.compression.lossy()) return;
-  const int64_t numel = spec.numel;
-  at::Tensor wire = at::empty({codec::encoded_bytes(spec.compression, numel)},
-                              at::TensorOptions().dtype(at::kByte));
-  OutRef r = new_message(FrameType::kAdditive, spec.id, spec.dtype, numel);
-  if (!codec::encode(spec.compression, m.payload.data_ptr<float>(), numel,
-                     wire.data_ptr<uint8_t>(), r->payload.data_ptr<float>())) {
-    return;  // NaN or Inf: it travels as it is, and the receivers refuse it
+void Sender::encode_ready(std::unique_lock<std::mutex>& lock) {
+  // Messages about to be posted under a lossy codec are encoded here, outside the lock,
+  // so that the training thread's broadcasts and the receiver's acknowledgements do not
+  // wait for a pass over the model. Frozen first: nobody adds into them meanwhile.
+  std::vector<std::pair<OutRef, const AdditiveStream*>> todo;
+  for (int s = 0; s < kMaxStreams; ++s) {
+    const AdditiveStream* spec = core_.streams[s];
+    if (spec == nullptr || !spec->compression.lossy()) continue;
+    for (auto& p : peers_) {
+      if (!p || p->failed || p->bye_wanted) continue;
+      const OutRef& w = p->additive[s];
+      if (!w || w->frozen || w->residual_only || p->additive_in_flight[s] || held_for_group_locked(*p, s)) {
+        continue;
+      }
+      w->frozen = true;
+      todo.emplace_back(w, spec);
+    }
   }
-  r->residual_only = true;  // metadata: none (no update of its own)
-  m.checksummed = false;    // the checksum is of the bytes that travel
-  m.wire = std::move(wire);
-  m.codec = spec.compression.codec;
-  m.residual = std::move(r);
+  if (todo.empty()) return;
+  std::vector<Encoded> done;
+  ++distributing_;
+  lock.unlock();
+  for (auto& [m, spec] : todo) done.push_back(encode_message(*m, *spec));  // m is frozen: read only
+  lock.lock();
+  --distributing_;
+  for (size_t i = 0; i < todo.size(); ++i) {
+    OutMsg& m = *todo[i].first;
+    if (!done[i].wire.defined()) continue;
+    m.checksummed = false;  // the checksum is of the bytes that travel
+    m.wire = std::move(done[i].wire);
+    m.codec = todo[i].second->compression.codec;
+    m.residual = std::move(done[i].residual);
+  }
+}
+
+Sender::Encoded Sender::encode_message(const OutMsg& m, const AdditiveStream& spec) {
+  Encoded e;
+  const int64_t numel = spec.numel;
+  e.wire = at::empty({codec::encoded_bytes(spec.compression, numel)}, at::TensorOptions().dtype(at::kByte));
+  e.residual = new_message(FrameType::kAdditive, spec.id, spec.dtype, numel);
+  if (!codec::encode(spec.compression, m.payload.data_ptr<float>(), numel, e.wire.data_ptr<uint8_t>(),
+                     e.residual->payload.data_ptr<float>())) {
+    return Encoded();  // values the codec cannot take: it travels as it is
+  }
+  e.residual->residual_only = true;  // metadata: none (no update of its own)
+  return e;
 }
 
 bool Sender::held_for_group_locked(PeerOut& p, int s) {
@@ -537,9 +585,15 @@ bool Sender::held_for_group_locked(PeerOut& p, int s) {
   }
   if (!others_busy) return false;
   const Clock::time_point now = Clock::now();
-  if (!p.held_since[s]) p.held_since[s] = now;
-  const auto hold = std::chrono::duration_cast<Clock::duration>(p.last_transfer[s] * core_.options.group_hold);
-  const Clock::time_point until = *p.held_since[s] + hold;
+  if (!p.held_since[s] || p.held_for[s] != w.get()) {
+    p.held_since[s] = now;
+    p.held_for[s] = w.get();
+  }
+  // (At most a minute, whatever group_hold says: a hold is a wait for a peer, not a stop.)
+  const double seconds = std::min(
+      60.0, std::chrono::duration<double>(p.last_transfer[s]).count() * core_.options.group_hold);
+  const Clock::time_point until =
+      *p.held_since[s] + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
   if (now >= until) return false;
   if (!next_wake_ || until < *next_wake_) next_wake_ = until;
   return true;
@@ -591,6 +645,7 @@ void Sender::post_locked(PeerOut& p, OutRef msg, FrameType type, bool ack_reques
     std::memcpy(out + kFrameHeaderBytes + h.meta_bytes(), payload, bytes);
   }
   p.ack_due = false;  // every frame carries the acknowledgement
+  f.msg = msg;  // before Gloo sees its bytes: a failed post retires them with the frame
   try {
     f.header_buf = core_.context->createUnboundBuffer(out, h.frame_bytes());
     f.header_buf->send(p.rank, core_.data_slot, 0, h.frame_bytes());
@@ -624,7 +679,7 @@ void Sender::release_locked(PeerOut& p, uint64_t ack) {
     if (f.type == FrameType::kAdditive) {
       p.additive_in_flight[f.stream] = false;
       p.last_transfer[f.stream] = Clock::now() - p.posted_at[f.stream];
-      if (!p.additive[f.stream]) p.lagging = false;
+      if (!p.additive[f.stream] || p.additive[f.stream]->residual_only) p.lagging = false;
     } else if (f.type == FrameType::kOrdered || f.type == FrameType::kReplace) {
       --p.ordered_in_flight;
     } else if (f.type == FrameType::kBye) {
@@ -690,6 +745,7 @@ void Sender::loop() {
     work_ = false;
     next_wake_.reset();
     distribute_broadcasts_locked(lock);
+    encode_ready(lock);
     for (auto& p : peers_) {
       if (p) post_ready_locked(*p);
     }

@@ -7,11 +7,13 @@
 // is summed into the one pending message. A broadcast's buffer is shared by every peer;
 // peers that lag share one coalescing buffer for as long as they waited for the same
 // broadcasts (a group), so that n lagging peers in step cost one buffer, not n. A group
-// is posted together: a member that is ready first waits for the others (at most as
-// long as its own last transfer took), so that peers of uneven speed do not split into
-// a buffer each. When every peer waits with the same buffer, a broadcast is summed
-// straight into it. Ordered and replace messages are in flight up to max_in_flight per
-// peer. Internal.
+// is posted together: a member that is ready first waits for the others (at most
+// group_hold times its own last transfer, and a minute), so that peers of uneven speed
+// do not split into a buffer each. When every peer waits with the same buffer, a
+// broadcast is summed straight into it. Under a lossy codec a message is encoded once
+// (outside the lock), and what the encoding lost becomes the next waiting message of
+// the peers that post it. Ordered and replace messages are in flight up to
+// max_in_flight per peer. Internal.
 #pragma once
 
 #include <condition_variable>
@@ -37,8 +39,9 @@ struct OutMsg {
   Metadata meta;
   bool checksummed = false;
   uint64_t checksum = 0;  // of the payload, computed once when first posted
-  // Additive: posted to some peer, and so never to be added into again. A buffer that is
-  // not frozen is referenced only by peers' waiting slots, all of which receive the same
+  // Additive: posted to some peer (or being encoded for that), and so never to be added
+  // into again. A buffer that is not frozen is referenced only by peers' waiting slots
+  // (and, as a residual, by the message it was left by), all of which receive the same
   // broadcasts: it may be summed into in place.
   bool frozen = false;
   // Additive under a lossy codec, once first posted: the encoded bytes every peer
@@ -118,8 +121,15 @@ class Sender {
   void distribute_broadcasts_locked(std::unique_lock<std::mutex>& lock);
   void coalesce_locked(PeerOut& p, uint8_t stream, OutRef msg);
   OutRef shared_waiting_locked(uint8_t stream) const;
-  // Under a lossy codec: m's encoded bytes and its residual (nothing if m holds NaN/Inf).
-  void encode_locked(OutMsg& m, const AdditiveStream& spec);
+  // Encodes what is about to be posted under a lossy codec, outside the lock.
+  void encode_ready(std::unique_lock<std::mutex>& lock);
+  // m's encoded bytes and its residual (nothing if the codec cannot take m's values).
+  struct Encoded {
+    at::Tensor wire;
+    OutRef residual;
+  };
+  Encoded encode_message(const OutMsg& m, const AdditiveStream& spec);
+  void drop_residual_if_unneeded_locked(OutMsg* m, int stream);
   bool held_for_group_locked(PeerOut& p, int stream);
   void post_ready_locked(PeerOut& p);
   void post_locked(PeerOut& p, OutRef msg, FrameType type, bool ack_requested);
