@@ -6,7 +6,7 @@
 //   asgd-launch --nproc 2 -- asgd-bench-throughput --algo {local,dasgd,gossip,sync}
 //                            [--steps 300] [--warmup 30] [--batch-size 64] [--broadcast-every 1]
 //                            [--optimizer sgd|adam|adamw] [--max-lead L] [--lead-policy wait|damp]
-//                            [--lead-measure applied|progress]
+//                            [--lead-measure applied|progress] [--compress CODEC]
 //                            [--net mnist|cifar]
 //
 // "local" is the inner optimizer alone (a plain torch::optim optimizer, no wrapper):
@@ -35,7 +35,8 @@ int main(int argc, char** argv) {
   std::string algo = "dasgd";
   int steps = 300, warmup = 30, batch = 64, broadcast_every = 1;
   int64_t max_lead = 0;
-  std::string optimizer = "sgd", lead_policy = "wait", lead_measure = "applied", net_name = "mnist";
+  std::string optimizer = "sgd", lead_policy = "wait", lead_measure = "applied", net_name = "mnist",
+              compress = "none";
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string a = argv[i];
     if (a == "--algo") algo = argv[i + 1];
@@ -47,6 +48,7 @@ int main(int argc, char** argv) {
     else if (a == "--max-lead") max_lead = std::stoll(argv[i + 1]);
     else if (a == "--lead-policy") lead_policy = argv[i + 1];
     else if (a == "--lead-measure") lead_measure = argv[i + 1];
+    else if (a == "--compress") compress = argv[i + 1];
     else if (a == "--net") net_name = argv[i + 1];
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
@@ -95,7 +97,8 @@ int main(int argc, char** argv) {
               .broadcast_every(broadcast_every)
               .max_lead(max_lead)
               .lead_policy(lead_policy == "damp" ? LeadPolicy::kDamp : LeadPolicy::kWait)
-              .lead_measure(lead_measure == "progress" ? LeadMeasure::kProgress : LeadMeasure::kApplied),
+              .lead_measure(lead_measure == "progress" ? LeadMeasure::kProgress : LeadMeasure::kApplied)
+              .compression(Compression::parse(compress)),
           world);
       dasgd = d.get();
       opt = std::move(d);
