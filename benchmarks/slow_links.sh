@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Slow links: every rank on an emulated host of its own (scripts/emulate-hosts.sh:
+# network namespaces, each host's link limited by tbf), DASGD under each codec beside
+# gossip and sync, on the real Fashion-MNIST (the MNIST example network) with a
+# wall-clock budget, and the CIFAR example's ResNet-20 on synthetic data for a larger
+# payload. Per run: bytes each host put on its link per step (the kernel's count on the
+# host's interface, everything included: headers, acknowledgements, the store),
+# aggregate samples/s, time to the target accuracy and the final accuracy. Writes one
+# JSON per run and a Markdown table, and a gnuplot PNG of accuracy over time per codec.
+#
+#   benchmarks/slow_links.sh [--hosts "4 8"] [--rates "100mbit 1gbit"] [--seconds 60]
+#                            [--codecs "none bf16 int8 topk"] [--cifar-seconds 40]
+#                            [--repeats 1] [--out DIR] [--quick]
+#
+# --quick: 2 and 4 hosts, 100mbit, 15 s: a check of the script, not figures.
+# Needs root (network namespaces), build/bin, gnuplot; exits 77 when namespaces are not
+# allowed.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+BIN=${TORCH_ASGD_BIN:-$ROOT/build/bin}
+HOSTS="4 8" RATES="100mbit 1gbit" SECS=60 CODECS="none bf16 int8 topk" CIFAR_SECS=40 REPEATS=1
+OUT=$HERE/results/slow_links
+while (($#)); do
+  case $1 in
+    --hosts) HOSTS=$2; shift 2 ;;
+    --rates) RATES=$2; shift 2 ;;
+    --seconds) SECS=$2; shift 2 ;;
+    --codecs) CODECS=$2; shift 2 ;;
+    --cifar-seconds) CIFAR_SECS=$2; shift 2 ;;
+    --repeats) REPEATS=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --quick) HOSTS="2 4" RATES="100mbit" SECS=15 CIFAR_SECS=10; shift ;;
+    *) echo "slow_links.sh: unknown option $1 (see the top of the script)" >&2; exit 2 ;;
+  esac
+done
+for f in asgd-mnist asgd-cifar; do
+  [[ -x $BIN/$f ]] || { echo "slow_links.sh: $BIN/$f is missing: ./scripts/build.sh first" >&2; exit 1; }
+done
+command -v gnuplot >/dev/null || { echo "slow_links.sh: gnuplot is missing: ./scripts/deps.sh" >&2; exit 1; }
+mkdir -p "$OUT"
+EMU=$ROOT/scripts/emulate-hosts.sh
+export MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296  # README, "Benchmarks"
+
+# run NAME HOSTS RATE PROGRAM ARGS...: one job; its metrics JSON and link byte counts.
+run() {
+  local name=$1 hosts=$2 rate=$3 program=$4
+  shift 4
+  local k
+  for ((k = 1; k <= REPEATS; k++)); do
+    local json="$OUT/$name.r$k.json" stats="$OUT/$name.r$k.links"
+    local rc=0
+    "$EMU" --hosts "$hosts" --rate "$rate" --stats "$stats" -- "$BIN/$program" --metrics-out "$json" "$@" \
+      >"$OUT/$name.r$k.log" 2>&1 || rc=$?
+    if ((rc == 77)); then
+      tail -1 "$OUT/$name.r$k.log" >&2
+      exit 77
+    fi
+    ((rc == 0)) || { echo "slow_links.sh: $name failed (exit $rc): see $OUT/$name.r$k.log" >&2; tail -5 "$OUT/$name.r$k.log" >&2; exit 1; }
+    echo "$name r$k done" >&2
+  done
+}
+
+for hosts in $HOSTS; do
+  for rate in $RATES; do
+    common=(--budget-seconds "$SECS" --eval-every-seconds 2 --eval-samples 2000 --target-accuracy 0.8)
+    for codec in $CODECS; do
+      run "mnist_n${hosts}_${rate}_dasgd_${codec}" "$hosts" "$rate" asgd-mnist --algo dasgd --compress "$codec" "${common[@]}"
+    done
+    run "mnist_n${hosts}_${rate}_gossip_none" "$hosts" "$rate" asgd-mnist --algo gossip --lr 0.12 "${common[@]}"
+    run "mnist_n${hosts}_${rate}_sync_none" "$hosts" "$rate" asgd-mnist --algo sync "${common[@]}"
+  done
+done
+# The larger payload (ResNet-20, 1.1 MB of parameters): throughput and bytes only; the
+# synthetic images carry no accuracy worth reporting.
+for rate in $RATES; do
+  hosts=4
+  for codec in $CODECS; do
+    run "cifar_n${hosts}_${rate}_dasgd_${codec}" "$hosts" "$rate" asgd-cifar --synthetic 2048 --algo dasgd \
+      --compress "$codec" --budget-seconds "$CIFAR_SECS" --eval-every 0
+  done
+  run "cifar_n${hosts}_${rate}_sync_none" "$hosts" "$rate" asgd-cifar --synthetic 2048 --algo sync \
+    --budget-seconds "$CIFAR_SECS" --eval-every 0
+done
+
+/usr/bin/python3 "$HERE/slow_links_report.py" "$OUT" "$SECS" "$CIFAR_SECS"
