@@ -4,6 +4,12 @@
 // them: DDP's semantics for any rule. With .local(true) nothing is communicated at all,
 // each rank training on its own (the throughput bound).
 //
+// With .compression(codec) (codec.h) the gradients travel encoded instead: every rank
+// encodes its gradient plus what its earlier messages lost (error feedback), the encoded
+// gradients are all-gathered, and every rank sums their decoded values in rank order, so
+// that the replicas stay bit-identical and, over a run, the gradients applied plus the
+// ranks' residuals equal the gradients produced.
+//
 // step() blocks until every rank has contributed its gradients: the slowest rank sets
 // the pace. It throws CommError if the all-reduce does not complete within the World's
 // timeout. Construction is collective and checks that ranks agree on the parameters and
@@ -19,6 +25,7 @@
 #include <torch/ordered_dict.h>
 #include <torch/serialize/archive.h>
 
+#include "torch_asgd/comm/codec.h"
 #include "torch_asgd/comm/world.h"
 #include "torch_asgd/optim/distributed_optimizer.h"
 #include "torch_asgd/optim/staleness.h"
@@ -29,6 +36,10 @@ struct SyncSGDOptions {
   SyncSGDOptions() = default;
   // No communication at all.
   TORCH_ARG(bool, local) = false;
+  // How gradients travel: none (a float32/float64 all-reduce, the default), or a lossy
+  // codec (bf16, fp16, int8, topk; float32 parameters only) with an error-feedback
+  // residual kept per rank and saved in checkpoints. Every rank must use the same.
+  TORCH_ARG(Compression, compression) = Compression();
 };
 
 struct SyncSGDStats {
@@ -36,7 +47,8 @@ struct SyncSGDStats {
   int world_size = 1;
   int64_t steps = 0;
   double allreduce_seconds = 0;  // time spent in the all-reduce (waiting included)
-  uint64_t bytes_reduced = 0;
+  uint64_t bytes_reduced = 0;  // gradient bytes this rank contributed (encoded, if compressed)
+  std::string codec;  // the compression, when lossy
   StalenessStats staleness;  // always 0: every update is applied to the model it was computed at
   std::string str() const;
 };
@@ -57,6 +69,9 @@ class SyncSGD : public DistributedOptimizer {
   torch::Tensor step(LossClosure closure = nullptr) override;
   SyncSGDStats stats() const { return stats_; }
   const SyncSGDOptions& options() const { return options_; }
+  // Under a lossy codec: what this rank's messages have not yet carried of its
+  // gradients (float32, flat, in parameter order); undefined otherwise.
+  const at::Tensor& residual() const { return residual_; }
 
  protected:
   void save_state(torch::serialize::OutputArchive& archive) const override;
@@ -64,10 +79,17 @@ class SyncSGD : public DistributedOptimizer {
 
  private:
   void allreduce_gradients();
+  // The compressed path: encode, all-gather, decode and sum into grads_.
+  void allgather_encoded();
+  void set_mean_gradients();
+  size_t slot_bytes() const;
 
   SyncSGDOptions options_;
   std::shared_ptr<World> world_;
   at::Tensor grads_;  // flat gradient buffer (host) for the all-reduce
+  at::Tensor residual_;  // error feedback under a lossy codec
+  at::Tensor carry_;  // a checkpoint's residual resumed without compression: sent once
+  std::vector<uint8_t> encoded_;  // every rank's slot: a status word, then the encoded gradient
   SyncSGDStats stats_;
 };
 
