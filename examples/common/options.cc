@@ -67,7 +67,7 @@ int parse_options(int argc, char** argv, const Task& task, ExampleOptions* out) 
       ->check(CLI::IsMember({"applied", "progress"}))
       ->capture_default_str();
   app.add_option("--compress", o.compress,
-                 "dasgd: how deltas travel: none, bf16, fp16, int8, topk (1 % of the entries) or "
+                 "dasgd, sync: how deltas / gradients travel: none, bf16, fp16, int8, topk (1 % of the entries) or "
                  "topk:F; lossy codecs keep what they lose for the next message")
       ->check([](const std::string& v) {
         try {
@@ -147,9 +147,9 @@ int parse_options(int argc, char** argv, const Task& task, ExampleOptions* out) 
     if (o.resume && o.checkpoint_dir.empty()) {
       throw CLI::ValidationError("--resume", "needs --checkpoint-dir DIR, the directory of the run to continue");
     }
-    if (o.compress != "none" && o.algo != "dasgd") {
-      throw CLI::ValidationError("--compress", "compresses DASGD's deltas; --algo " + o.algo +
-                                                   " sends no additive updates (use --algo dasgd)");
+    if (o.compress != "none" && o.algo != "dasgd" && o.algo != "sync") {
+      throw CLI::ValidationError("--compress", "compresses DASGD's deltas and SyncSGD's gradients; --algo " +
+                                                   o.algo + " sends no additive updates (use --algo dasgd or sync)");
     }
     if (o.budget_samples > 0 && o.budget_seconds > 0) {
       throw CLI::ValidationError("--budget-samples", "give one budget: samples or seconds");

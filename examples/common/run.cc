@@ -364,7 +364,10 @@ void Run::build_trainer() {
     staleness_kind_ = "lag";
   } else if (o_.algo == "sync" || o_.algo == "local") {
     auto s = std::make_unique<SyncSGD>(make_rule(o_, model_->parameters()),
-                                       SyncSGDOptions().local(o_.algo == "local"), world_, names);
+                                       SyncSGDOptions()
+                                           .local(o_.algo == "local")
+                                           .compression(Compression::parse(o_.compress)),
+                                       world_, names);
     sync_ = s.get();
     opt_ = std::move(s);
   } else {
