@@ -186,6 +186,11 @@ at::Tensor flat_values(torch::nn::Module& net) {
   return torch::cat(xs);
 }
 
+// 9002 parameters: two whole codec blocks of 4096 and an odd rest.
+torch::nn::Sequential make_wide_net() {
+  return torch::nn::Sequential(torch::nn::Linear(6, 1000), torch::nn::Tanh(), torch::nn::Linear(1000, 2));
+}
+
 class CompressedSync : public ::testing::TestWithParam<std::string> {};
 
 // Every rank applies the mean of every rank's decoded gradient: the replicas stay bit-
@@ -195,15 +200,17 @@ class CompressedSync : public ::testing::TestWithParam<std::string> {};
 TEST_P(CompressedSync, ReplicasAgreeBitForBitAndErrorFeedbackLosesNothing) {
   const int n = 4, steps = 30;  // n a power of two: mean * n is the decoded sum exactly
   const Compression c = Compression::parse(GetParam());
-  const auto x0 = initial_params();
+  torch::manual_seed(6);
+  std::vector<torch::Tensor> x0;
+  for (const auto& p : make_wide_net()->parameters()) x0.push_back(p.detach().clone());
   std::vector<at::Tensor> finals(n), produced(n), magnitude(n), applied(n), residuals(n);
   std::vector<uint64_t> bytes(n);
   int64_t numel = 0;
   testing::spawn(n, [&](std::shared_ptr<World> world) {
     const int me = world->rank();
-    auto net = make_net();
+    auto net = make_wide_net();
     load(*net, x0);
-    SyncSGD opt(net->named_parameters(), torch::optim::SGDOptions(0.1).momentum(0.5),
+    SyncSGD opt(net->named_parameters(), torch::optim::SGDOptions(0.02).momentum(0.5),
                 SyncSGDOptions().compression(c), world);
     at::Tensor made, size, sum;
     for (int t = 0; t < steps; ++t) {
@@ -276,11 +283,13 @@ TEST(SyncSGDCompressed, ANonFiniteGradientFailsEveryRankAndNoneTakesTheStep) {
         net->parameters()[0].mutable_grad()[0][0] = std::numeric_limits<float>::quiet_NaN();
       }
       const at::Tensor before = flat_values(*net).clone();
+      const at::Tensor residual = opt.residual().clone();
       try {
         opt.step();
       } catch (const DivergedError& e) {
         errors[me] = e.what();
         EXPECT_TRUE(torch::equal(flat_values(*net), before)) << "rank " << me << " stepped";
+        EXPECT_TRUE(torch::equal(opt.residual(), residual)) << "rank " << me << "'s residual moved";
       }
     }
     finals[me] = flat_values(*net);
@@ -377,6 +386,49 @@ TEST(SyncSGDCompressed, ACheckpointKeepsTheResidual) {
     EXPECT_TRUE(torch::equal(straight[r], resumed[r]))
         << "rank " << r << " differs by " << (straight[r] - resumed[r]).abs().max().item<double>();
   }
+}
+
+// A compressed run resumed without compression: the residuals are sent with the first
+// step's gradients, once.
+TEST(SyncSGDCompressed, ResumedWithoutCompressionTheResidualIsSentOnce) {
+  const int n = 2;
+  const auto x0 = initial_params();
+  const std::string dir = ::testing::TempDir();
+  std::vector<at::Tensor> residual(n), produced(n, at::Tensor()), produced2(n), used(n), used2(n);
+  auto train_step = [](SyncSGD& opt, torch::nn::Sequential& net, int me, int t) {
+    auto [x, y] = batch(me, t);
+    opt.zero_grad();
+    torch::mse_loss(net->forward(x), y).backward();
+    const at::Tensor g = flat_grads(*net).to(at::kDouble);
+    opt.step();
+    return std::make_pair(g, flat_grads(*net).to(at::kDouble) * 2);  // n * the mean used
+  };
+  testing::spawn(n, [&](std::shared_ptr<World> world) {
+    const int me = world->rank();
+    auto net = make_net();
+    load(*net, x0);
+    SyncSGD opt(net->parameters(), torch::optim::SGDOptions(0.1),
+                SyncSGDOptions().compression(Compression(Codec::kTopK, 0.05)), world);
+    for (int t = 0; t < 5; ++t) train_step(opt, net, me, t);
+    residual[me] = opt.residual().to(at::kDouble);
+    torch::save(opt, dir + "sync_carry" + std::to_string(me) + ".pt");
+  });
+  testing::spawn(n, [&](std::shared_ptr<World> world) {
+    const int me = world->rank();
+    auto net = make_net();
+    load(*net, x0);
+    SyncSGD opt(net->parameters(), torch::optim::SGDOptions(0.1), SyncSGDOptions(), world);
+    torch::load(opt, dir + "sync_carry" + std::to_string(me) + ".pt");
+    std::tie(produced[me], used[me]) = train_step(opt, net, me, 5);
+    std::tie(produced2[me], used2[me]) = train_step(opt, net, me, 6);
+  });
+  const at::Tensor carried = residual[0] + residual[1];
+  ASSERT_GT(carried.abs().max().item<double>(), 1e-3) << "nothing to carry: this proves nothing";
+  const at::Tensor first = produced[0] + produced[1] + carried, second = produced2[0] + produced2[1];
+  EXPECT_TRUE(torch::allclose(used[0], first, 1e-5, 1e-6))
+      << "first step off by " << (used[0] - first).abs().max().item<double>();
+  EXPECT_TRUE(torch::allclose(used2[0], second, 1e-5, 1e-6))
+      << "second step off by " << (used2[0] - second).abs().max().item<double>();
 }
 
 }  // namespace

@@ -18,7 +18,7 @@ namespace torch_asgd {
 std::string SyncSGDStats::str() const {
   return fmt::format("rank {}/{}: {} synchronous steps, {:.2f} s in all-reduce, {} bytes reduced{}",
                      rank, world_size, steps, allreduce_seconds, bytes_reduced,
-                     codec.empty() || codec == "none" ? "" : " (" + codec + ")");
+                     codec.empty() ? "" : " (" + codec + ")");
 }
 
 SyncSGD::SyncSGD(std::shared_ptr<torch::optim::Optimizer> inner, SyncSGDOptions options,
@@ -88,7 +88,9 @@ void SyncSGD::allgather_encoded() {
   uint8_t* mine = encoded_.data() + static_cast<size_t>(me) * slot;
   uint32_t status = 0;
   if (codec::encode(c, grads_.data_ptr<float>(), numel, mine + 8, grads_.data_ptr<float>())) {
-    std::swap(grads_, residual_);  // grads_ holds the residual now, residual_ the old one
+    // grads_ now holds the new residual: make it residual_, and reuse the old residual's
+    // buffer as grads_ (the decoded sum goes there below).
+    std::swap(grads_, residual_);
   } else {
     status = 1;  // residual_ is left as it was
   }
@@ -97,11 +99,11 @@ void SyncSGD::allgather_encoded() {
   const auto t0 = std::chrono::steady_clock::now();
   try {
     gloo::AllgatherOptions opts(world_->gloo_context());
-    opts.setInput(mine, slot);
-    opts.setOutput(encoded_.data(), encoded_.size());
+    opts.setOutput(encoded_.data(), encoded_.size());  // no input: in place, from `mine`
     opts.setTimeout(world_->options().timeout);
     gloo::allgather(opts);
   } catch (const std::exception& e) {
+    if (status == 0) std::swap(grads_, residual_);  // this step is not taken: undo
     throw CommError(fmt::format(
         "rank {}: SyncSGD's all-gather of compressed gradients failed: {}. Synchronous SGD waits "
         "for every rank: is one of them stopped, dead or much slower than the timeout allows?",
@@ -139,15 +141,12 @@ void SyncSGD::allgather_encoded() {
 
 void SyncSGD::allreduce_gradients() {
   flat().gather_grads(grads_);  // every rank contributes every parameter
-  if (carry_.defined()) {
-    grads_.add_(carry_);
-    carry_ = at::Tensor();
-  }
   if (residual_.defined()) {
     allgather_encoded();
     set_mean_gradients();
     return;
   }
+  if (carry_.defined()) grads_.add_(carry_);  // dropped below once it has been sent
   const auto t0 = std::chrono::steady_clock::now();
   try {
     gloo::AllreduceOptions opts(world_->gloo_context());
@@ -173,6 +172,7 @@ void SyncSGD::allreduce_gradients() {
   stats_.allreduce_seconds +=
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   stats_.bytes_reduced += static_cast<uint64_t>(flat().bytes());
+  carry_ = at::Tensor();
   set_mean_gradients();
 }
 
@@ -219,9 +219,11 @@ void SyncSGD::save_state(torch::serialize::OutputArchive& archive) const {
 
 void SyncSGD::load_state(torch::serialize::InputArchive& archive) {
   stats_.steps = detail::read_int64s(archive, "torch_asgd/SyncSGD/counters", 1)[0];
+  carry_ = at::Tensor();
   // A checkpoint of a compressed run carries what its messages had not yet sent; one of
   // an uncompressed run has nothing outstanding. Resumed without compression, the
-  // residual travels with the next step's gradients.
+  // residual travels with the next step's gradients; with one rank or local(), where
+  // nothing is sent, there is no one to send it to and it is dropped.
   at::Tensor saved;
   if (!archive.try_read("torch_asgd/SyncSGD/residual", saved)) {
     if (residual_.defined()) residual_.zero_();

@@ -12,7 +12,10 @@
 //
 // step() blocks until every rank has contributed its gradients: the slowest rank sets
 // the pace. It throws CommError if the all-reduce does not complete within the World's
-// timeout. Construction is collective and checks that ranks agree on the parameters and
+// timeout. Under compression it also throws, on every rank alike and before any rank
+// takes the step, DivergedError when a rank's gradient holds NaN or Inf (uncompressed,
+// those are averaged in like any value) and CommError when a rank's slot does not
+// decode. Construction is collective and checks that ranks agree on the parameters and
 // the rule (MismatchError otherwise).
 #pragma once
 
@@ -39,6 +42,7 @@ struct SyncSGDOptions {
   // How gradients travel: none (a float32/float64 all-reduce, the default), or a lossy
   // codec (bf16, fp16, int8, topk; float32 parameters only) with an error-feedback
   // residual kept per rank and saved in checkpoints. Every rank must use the same.
+  // Ignored (nothing is sent) with one rank or local().
   TORCH_ARG(Compression, compression) = Compression();
 };
 
@@ -70,7 +74,8 @@ class SyncSGD : public DistributedOptimizer {
   SyncSGDStats stats() const { return stats_; }
   const SyncSGDOptions& options() const { return options_; }
   // Under a lossy codec: what this rank's messages have not yet carried of its
-  // gradients (float32, flat, in parameter order); undefined otherwise.
+  // gradients (float32, flat, in parameter order); undefined otherwise. Valid until the
+  // next step (its buffer is reused): clone it to keep it.
   const at::Tensor& residual() const { return residual_; }
 
  protected:
