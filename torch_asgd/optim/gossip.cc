@@ -7,6 +7,7 @@
 #include <fmt/ranges.h>
 #include <torch/torch.h>
 
+#include "torch_asgd/comm/codec.h"
 #include "torch_asgd/comm/detail/log.h"
 #include "torch_asgd/comm/error.h"
 #include "torch_asgd/optim/detail/checkpoint.h"
@@ -47,7 +48,9 @@ Gossip::Gossip(std::shared_ptr<torch::optim::Optimizer> inner, GossipOptions opt
     co.capacity_bytes = flat().bytes();  // models
     co.on_peer_failure = options_.on_peer_failure();
     Fingerprint fp = flat().fingerprint();
-    fp.set("algorithm", "gossip").set("local rule", rule_name());
+    fp.set("algorithm", "gossip")
+        .set("local rule", rule_name())
+        .set("compression", options_.compression().describe());
     transport_ = world_->open_channel(co, fp);
   }
   init();
@@ -86,6 +89,18 @@ void Gossip::init() {
               " (must be in (0, 1])");
   TORCH_CHECK(options_.exchange_timeout().count() > 0, "Invalid exchange_timeout: ",
               options_.exchange_timeout().count(), " ms");
+  const Compression& c = options_.compression();
+  if (c.codec == Codec::kTopK) {
+    throw ConfigError(fmt::format(
+        "Gossip: compression '{}' sends a few entries of what it is given, and gossip sends "
+        "whole models: use bf16, fp16 or int8 (or DASGD, whose deltas topk suits)",
+        c.describe()));
+  }
+  if (c.lossy() && flat().dtype() != at::kFloat) {
+    throw ConfigError(fmt::format("Gossip: compression '{}' needs float32 parameters, these are "
+                                  "{}; use compression none",
+                                  c.describe(), c10::toString(flat().dtype())));
+  }
   rank_ = transport_ ? transport_->rank() : 0;
   size_ = transport_ ? transport_->size() : 1;
   rounds_ = std::max(1, static_cast<int>(std::ceil(std::log2(size_))));
@@ -136,6 +151,52 @@ void Gossip::send(int peer, int64_t kind, int64_t id, const at::Tensor& payload)
   if (kinds.size() > kKindsKept) kinds.pop_front();
 }
 
+at::Tensor Gossip::encode_model(const at::Tensor& model, at::Tensor& decoded) const {
+  const Compression& c = options_.compression();
+  const at::Tensor x = model.contiguous();
+  const int64_t numel = x.numel();
+  at::Tensor bytes = torch::empty({codec::encoded_bytes(c, numel)}, torch::kUInt8);
+  if (!codec::encode(c, x.data_ptr<float>(), numel, bytes.data_ptr<uint8_t>(), nullptr)) {
+    throw DivergedError(fmt::format(
+        "rank {}: Gossip: this rank's model holds NaN or Inf (or values too large for '{}') and "
+        "cannot be sent; lower the learning rate or clip gradients",
+        rank_, c.describe()));
+  }
+  decoded = torch::zeros({numel}, torch::kFloat);
+  codec::add_decoded(c, bytes.data_ptr<uint8_t>(), 0, bytes.numel(), numel, decoded.data_ptr<float>());
+  return bytes;
+}
+
+at::Tensor Gossip::model_in(const Message& m, const char* what) const {
+  const Compression& c = options_.compression();
+  const int64_t numel = flat().numel();
+  auto malformed = [&](const std::string& why) {
+    return CommError(fmt::format("rank {}: Gossip: malformed {} from rank {}: {}", rank_, what,
+                                 m.sender, why));
+  };
+  if (!m.payload.defined()) throw malformed("no model");
+  if (!c.lossy()) {
+    if (m.payload.numel() != numel || m.payload.scalar_type() != flat().dtype()) {
+      throw malformed(fmt::format("{} {} values, the model has {} {}", m.payload.numel(),
+                                  c10::toString(m.payload.scalar_type()), numel,
+                                  c10::toString(flat().dtype())));
+    }
+    return m.payload;
+  }
+  const int64_t length = codec::encoded_bytes(c, numel);
+  if (m.payload.scalar_type() != at::kByte || m.payload.numel() != length) {
+    throw malformed(fmt::format("{} {} values, '{}' sends {} bytes", m.payload.numel(),
+                                c10::toString(m.payload.scalar_type()), c.describe(), length));
+  }
+  const at::Tensor bytes = m.payload.contiguous();
+  if (!codec::valid(c, bytes.data_ptr<uint8_t>(), 0, length, numel)) {
+    throw malformed(fmt::format("its '{}' blocks do not decode to finite values", c.describe()));
+  }
+  at::Tensor decoded = torch::zeros({numel}, torch::kFloat);
+  codec::add_decoded(c, bytes.data_ptr<uint8_t>(), 0, length, numel, decoded.data_ptr<float>());
+  return decoded;
+}
+
 void Gossip::record_lag(const Message& m) {
   // What this model holds that the peer's lacked; then this model holds what either did.
   const int64_t* theirs = m.meta.fields.data() + 2;
@@ -180,15 +241,15 @@ void Gossip::handle(const Message& m) {
   }
   const int64_t kind = m.meta.fields[0];
   const int64_t id = m.meta.fields[1];
-  const int64_t model_bytes = flat().bytes();
   auto payload_ok = [&] {
-    return m.payload.defined() && m.payload.numel() * static_cast<int64_t>(m.payload.element_size()) ==
-                                      model_bytes && m.payload.scalar_type() == flat().dtype();
+    return m.payload.defined() && m.payload.numel() == flat().numel() &&
+           m.payload.scalar_type() == flat().dtype();
   };
+  const bool lossy = options_.compression().lossy();
   torch::NoGradGuard no_grad;
   switch (kind) {
     case kRequest: {
-      if (!payload_ok()) throw CommError(fmt::format("rank {}: Gossip: malformed request from rank {}", rank_, peer));
+      const at::Tensor s = model_in(m, "request");
       if (closed_) return;  // our goodbye is out: the peer treats it as declined
       const bool crossed = open_ && open_->peer == peer && peer < rank_;
       if (open_ && !crossed) {
@@ -204,21 +265,29 @@ void Gossip::handle(const Message& m) {
         open_.reset();
         ++counts_.declined;
       }
-      send(peer, kReply, id, flat().flat());  // our model before mixing (the channel copies it)
-      record_lag(m);
-      // x_j += alpha (s - x_j), in place.
       at::Tensor x = flat().flat();
-      x.mul_(1 - options_.alpha()).add_(flat().on_device(m.payload), options_.alpha());
+      if (lossy) {
+        // x_j += alpha (s^ - y^): what the requester will subtract, exactly.
+        at::Tensor y_hat;
+        send(peer, kReply, id, encode_model(x.to(torch::kCPU), y_hat));
+        record_lag(m);
+        x.add_(flat().on_device(s), options_.alpha()).sub_(flat().on_device(y_hat), options_.alpha());
+      } else {
+        send(peer, kReply, id, x);  // our model before mixing (the channel copies it)
+        record_lag(m);
+        // x_j += alpha (s - x_j), in place.
+        x.mul_(1 - options_.alpha()).add_(flat().on_device(s), options_.alpha());
+      }
       ++counts_.answered;
       return;
     }
     case kReply: {
-      if (!payload_ok()) throw CommError(fmt::format("rank {}: Gossip: malformed reply from rank {}", rank_, peer));
+      const at::Tensor y = model_in(m, "reply");
       if (open_ && open_->peer == peer && open_->id == id) {
         // x_i += alpha (y - s): progress made meanwhile is kept.
         record_lag(m);
         at::Tensor x = flat().flat();
-        x.add_(flat().on_device(m.payload), options_.alpha())
+        x.add_(flat().on_device(y), options_.alpha())
             .sub_(flat().on_device(open_->snapshot), options_.alpha());
         open_.reset();
         ++counts_.completed;
@@ -227,7 +296,7 @@ void Gossip::handle(const Message& m) {
       auto late = given_up_.find(id);
       if (late != given_up_.end() && late->second.peer == peer) {
         // Too late to mix; the responder mixed, so it gets its half back.
-        at::Tensor half = (late->second.snapshot - m.payload).mul_(options_.alpha());
+        at::Tensor half = (late->second.snapshot - y).mul_(options_.alpha());
         given_up_.erase(late);
         if (closed_) {
           ++counts_.broken;  // our goodbye is out: the undo cannot be sent
@@ -280,7 +349,14 @@ void Gossip::open_exchange() {
     x.id = next_id_++;
     x.snapshot = flat().flat().to(torch::kCPU, /*non_blocking=*/false, /*copy=*/true);
     x.opened = std::chrono::steady_clock::now();
-    send(peer, kRequest, x.id, x.snapshot);
+    if (options_.compression().lossy()) {
+      // s^: what the peer decodes, and what the reply's mix subtracts.
+      at::Tensor decoded;
+      send(peer, kRequest, x.id, encode_model(x.snapshot, decoded));
+      x.snapshot = decoded;
+    } else {
+      send(peer, kRequest, x.id, x.snapshot);
+    }
     open_ = std::move(x);
     ++counts_.opened;
     return;

@@ -18,6 +18,13 @@
 //   - a reply that cannot reach its requester (it died) is counted as a broken pair.
 // Nobody waits: step() never blocks on a peer.
 //
+// Under a lossy compression (bf16, fp16, int8) the models travel encoded, and both sides
+// mix with the values the other decodes: the requester keeps s^ = decode(encode(s)), the
+// responder mixes x_peer += alpha (s^ - y^) with y^ = decode(encode(y)) of its own reply,
+// the requester x += alpha (y^ - s^). The mixes still cancel in the sum; each model takes
+// on alpha times the codecs' rounding, which no later message corrects (models, unlike
+// deltas, are not summed, so there is no residual to carry).
+//
 // Construction is collective, as DASGD's. Thread safety: one training thread.
 #pragma once
 
@@ -51,6 +58,10 @@ struct GossipOptions {
   TORCH_ARG(PeerFailure, on_peer_failure) = PeerFailure::kContinue;
   // How long a requester waits for a reply before it gives the exchange up.
   TORCH_ARG(std::chrono::milliseconds, exchange_timeout) = std::chrono::seconds(5);
+  // How requests and replies travel: none (default), bf16, fp16 or int8 (codec.h),
+  // float32 parameters only. topk is refused: a model is not sparse. Every rank must use
+  // the same. Undos travel uncompressed.
+  TORCH_ARG(Compression, compression) = Compression();
 };
 
 struct GossipStats {
@@ -130,6 +141,13 @@ class Gossip : public DistributedOptimizer {
   void settle_with_gone_peers(bool may_poll = true);
   void give_up_if_late();
   void send(int peer, int64_t kind, int64_t id, const at::Tensor& payload);
+  // Under a lossy compression: the bytes that carry `model` (CPU float32), and in
+  // `decoded` what the receiver will make of them. Throws DivergedError if the model
+  // cannot be encoded (NaN, Inf).
+  at::Tensor encode_model(const at::Tensor& model, at::Tensor& decoded) const;
+  // The model a request or reply carries (decoded, under compression); CommError naming
+  // `what` if it is malformed.
+  at::Tensor model_in(const Message& m, const char* what) const;
   void record_lag(const Message& m);
   std::vector<int> gone_peers() const;  // failed or said goodbye
   bool every_peer_done_or_gone() const;
