@@ -67,8 +67,9 @@ int parse_options(int argc, char** argv, const Task& task, ExampleOptions* out) 
       ->check(CLI::IsMember({"applied", "progress"}))
       ->capture_default_str();
   app.add_option("--compress", o.compress,
-                 "dasgd, sync: how deltas / gradients travel: none, bf16, fp16, int8, topk (1 % of the entries) or "
-                 "topk:F; lossy codecs keep what they lose for the next message")
+                 "dasgd, sync, gossip: how deltas / gradients / models travel: none, bf16, fp16, int8, topk "
+                 "(1 % of the entries; not gossip) or topk:F; for deltas and gradients, lossy codecs keep "
+                 "what they lose for the next message")
       ->check([](const std::string& v) {
         try {
           torch_asgd::Compression::parse(v);
@@ -147,9 +148,13 @@ int parse_options(int argc, char** argv, const Task& task, ExampleOptions* out) 
     if (o.resume && o.checkpoint_dir.empty()) {
       throw CLI::ValidationError("--resume", "needs --checkpoint-dir DIR, the directory of the run to continue");
     }
-    if (o.compress != "none" && o.algo != "dasgd" && o.algo != "sync") {
-      throw CLI::ValidationError("--compress", "compresses DASGD's deltas and SyncSGD's gradients; --algo " +
-                                                   o.algo + " sends no additive updates (use --algo dasgd or sync)");
+    if (o.compress != "none" && o.algo != "dasgd" && o.algo != "sync" && o.algo != "gossip") {
+      throw CLI::ValidationError("--compress", "compresses DASGD's deltas, SyncSGD's gradients and gossip's models; "
+                                                   "--algo " + o.algo + " is not compressed (use dasgd, sync or gossip)");
+    }
+    if (o.algo == "gossip" && o.compress.rfind("topk", 0) == 0) {
+      throw CLI::ValidationError("--compress", "topk sends a few entries of what it is given, and gossip sends "
+                                                   "whole models: use bf16, fp16 or int8");
     }
     if (o.budget_samples > 0 && o.budget_seconds > 0) {
       throw CLI::ValidationError("--budget-samples", "give one budget: samples or seconds");

@@ -358,7 +358,11 @@ void Run::build_trainer() {
   } else if (o_.algo == "gossip") {
     auto g = std::make_unique<Gossip>(
         make_rule(o_, model_->parameters()),
-        GossipOptions().exchange_every(o_.broadcast_every).alpha(o_.gossip_alpha), world_, names);
+        GossipOptions()
+            .exchange_every(o_.broadcast_every)
+            .alpha(o_.gossip_alpha)
+            .compression(Compression::parse(o_.compress)),
+        world_, names);
     gossip_ = g.get();
     opt_ = std::move(g);
     staleness_kind_ = "lag";
