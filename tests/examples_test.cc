@@ -93,6 +93,9 @@ TEST_P(MnistCompressed, Int8RunsFinishAndSyncNamesTheCodec) {
   const auto m = metrics_in(json);
   ASSERT_TRUE(m.is_object()) << slurp(json);
   EXPECT_EQ(m["stopped_by"], "epochs");
+  if (algo == "gossip") {
+    EXPECT_NE(p.out_buf.find("models sent as int8"), std::string::npos) << p.out_buf;
+  }
   if (algo == "sync") {
     EXPECT_NE(p.out_buf.find("bytes reduced (int8)"), std::string::npos) << p.out_buf;
     EXPECT_GT(m["test_accuracy"].get<double>(), 0.5) << m.dump(2);

@@ -84,6 +84,11 @@ class ScriptedNetwork {
   bool killed(int rank) const { return killed_[rank]; }
   // Rank `at` counts a frame from `from` as rejected (as a corrupt one would be).
   void mark_rejected(int at, int from) { rejected_[at * n_ + from] += 1; }
+  // Applies `fn` to the payload of the oldest undelivered message from -> to, as a peer
+  // sending something wrong that passed the channel's own checks would.
+  void tamper(int from, int to, const std::function<void(at::Tensor&)>& fn) {
+    fn(queue(from, to).front().payload);
+  }
   // The next broadcast of `rank` throws CommError before it changes anything.
   void fail_next_broadcast(int rank) { fail_broadcast_[rank] = true; }
   // Additive payloads sent so far, by sender (what a test's reference adds up).

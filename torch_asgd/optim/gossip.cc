@@ -31,10 +31,10 @@ std::string GossipStats::str() const {
   return fmt::format(
       "rank {}/{}: {} local steps; exchanges opened {}, completed {}, declined {}, given up {}, "
       "undone {}; answered {}, refused {}, undos applied {}, broken {}; {}; messages sent {}, "
-      "received {}, rejected {}{}",
+      "received {}, rejected {}{}{}",
       rank, world_size, local_steps, opened, completed, declined, given_up, undone, answered,
       refused, undos_applied, broken, lag.str("lag"), messages_sent, messages_received, rejected,
-      failed);
+      codec.empty() ? "" : "; models sent as " + codec, failed);
 }
 
 Gossip::Gossip(std::shared_ptr<torch::optim::Optimizer> inner, GossipOptions options,
@@ -45,7 +45,8 @@ Gossip::Gossip(std::shared_ptr<torch::optim::Optimizer> inner, GossipOptions opt
   if (world_ && world_->size() > 1) {
     ChannelOptions co;
     co.name = "gossip";
-    co.capacity_bytes = flat().bytes();  // models
+    // Models (or their encodings: int8 takes more than float32 for a model of one value).
+    co.capacity_bytes = std::max(flat().bytes(), codec::encoded_bytes(options_.compression(), flat().numel()));
     co.on_peer_failure = options_.on_peer_failure();
     Fingerprint fp = flat().fingerprint();
     fp.set("algorithm", "gossip")
@@ -110,6 +111,7 @@ void Gossip::init() {
   peer_done_.assign(size_, false);
   counts_.rank = rank_;
   counts_.world_size = size_;
+  if (c.lossy() && transport_) counts_.codec = c.describe();
 }
 
 Gossip::~Gossip() {
@@ -155,6 +157,17 @@ at::Tensor Gossip::encode_model(const at::Tensor& model, at::Tensor& decoded) co
   const Compression& c = options_.compression();
   const at::Tensor x = model.contiguous();
   const int64_t numel = x.numel();
+  if (c.codec == Codec::kFp16 && numel > 0) {
+    // fp16 saturates at +-65504; a delta keeps what that clips in its residual, a model
+    // has none, so it would be changed for good.
+    const double largest = x.abs().max().item<double>();
+    if (largest > 65504) {
+      throw DivergedError(fmt::format(
+          "rank {}: Gossip: this rank's model holds a value of magnitude {:g}, beyond fp16's "
+          "65504; use bf16 or int8 (or find out why the weights grew so large)",
+          rank_, largest));
+    }
+  }
   at::Tensor bytes = torch::empty({codec::encoded_bytes(c, numel)}, torch::kUInt8);
   if (!codec::encode(c, x.data_ptr<float>(), numel, bytes.data_ptr<uint8_t>(), nullptr)) {
     throw DivergedError(fmt::format(
@@ -268,8 +281,15 @@ void Gossip::handle(const Message& m) {
       at::Tensor x = flat().flat();
       if (lossy) {
         // x_j += alpha (s^ - y^): what the requester will subtract, exactly.
-        at::Tensor y_hat;
-        send(peer, kReply, id, encode_model(x.to(torch::kCPU), y_hat));
+        at::Tensor y_hat, bytes;
+        try {
+          bytes = encode_model(x.to(torch::kCPU), y_hat);
+        } catch (const DivergedError&) {
+          send(peer, kDecline, id, at::Tensor());  // the requester must not wait for us
+          ++counts_.refused;
+          throw;
+        }
+        send(peer, kReply, id, bytes);
         record_lag(m);
         x.add_(flat().on_device(s), options_.alpha()).sub_(flat().on_device(y_hat), options_.alpha());
       } else {

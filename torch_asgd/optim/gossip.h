@@ -81,6 +81,7 @@ struct GossipStats {
   StalenessStats lag;
   uint64_t messages_sent = 0, messages_received = 0, rejected = 0, dropped = 0;
   std::vector<int> failed_peers;
+  std::string codec;  // the compression of requests and replies, when lossy
   std::string str() const;
 };
 
