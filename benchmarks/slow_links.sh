@@ -10,8 +10,12 @@
 #
 #   benchmarks/slow_links.sh [--hosts "4 8"] [--rates "100mbit 1gbit"] [--seconds 60]
 #                            [--codecs "none bf16 int8 topk"] [--cifar-seconds 40]
+#                            [--algos "dasgd gossip sync"]
 #                            [--repeats 1] [--out DIR] [--quick]
 #
+# DASGD and sync run under every codec (sync all-gathers its encoded gradients), gossip
+# under every codec but topk (its models are not sparse). --algos picks which run; results
+# already in --out are kept, so a later run of one algorithm adds its rows to the table.
 # --quick: 2 and 4 hosts, 100mbit, 15 s: a check of the script, not figures.
 # Needs root (network namespaces), build/bin, gnuplot; exits 77 when namespaces are not
 # allowed.
@@ -20,6 +24,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 BIN=${TORCH_ASGD_BIN:-$ROOT/build/bin}
 HOSTS="4 8" RATES="100mbit 1gbit" SECS=60 CODECS="none bf16 int8 topk" CIFAR_SECS=40 REPEATS=1
+ALGOS="dasgd gossip sync"
 OUT=$HERE/results/slow_links
 while (($#)); do
   case $1 in
@@ -27,6 +32,7 @@ while (($#)); do
     --rates) RATES=$2; shift 2 ;;
     --seconds) SECS=$2; shift 2 ;;
     --codecs) CODECS=$2; shift 2 ;;
+    --algos) ALGOS=$2; shift 2 ;;
     --cifar-seconds) CIFAR_SECS=$2; shift 2 ;;
     --repeats) REPEATS=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
@@ -64,23 +70,30 @@ run() {
 for hosts in $HOSTS; do
   for rate in $RATES; do
     common=(--budget-seconds "$SECS" --eval-every-seconds 2 --eval-samples 2000 --target-accuracy 0.8)
-    for codec in $CODECS; do
-      run "mnist_n${hosts}_${rate}_dasgd_${codec}" "$hosts" "$rate" asgd-mnist --algo dasgd --compress "$codec" "${common[@]}"
+    for algo in $ALGOS; do
+      for codec in $CODECS; do
+        if [[ $algo == gossip ]]; then
+          [[ $codec == topk* ]] && continue
+          run "mnist_n${hosts}_${rate}_gossip_${codec}" "$hosts" "$rate" asgd-mnist --algo gossip --lr 0.12 \
+            --compress "$codec" "${common[@]}"
+        else
+          run "mnist_n${hosts}_${rate}_${algo}_${codec}" "$hosts" "$rate" asgd-mnist --algo "$algo" --compress "$codec" "${common[@]}"
+        fi
+      done
     done
-    run "mnist_n${hosts}_${rate}_gossip_none" "$hosts" "$rate" asgd-mnist --algo gossip --lr 0.12 "${common[@]}"
-    run "mnist_n${hosts}_${rate}_sync_none" "$hosts" "$rate" asgd-mnist --algo sync "${common[@]}"
   done
 done
 # The larger payload (ResNet-20, 1.1 MB of parameters): throughput and bytes only; the
 # synthetic images carry no accuracy worth reporting.
 for rate in $RATES; do
   hosts=4
-  for codec in $CODECS; do
-    run "cifar_n${hosts}_${rate}_dasgd_${codec}" "$hosts" "$rate" asgd-cifar --synthetic 2048 --algo dasgd \
-      --compress "$codec" --budget-seconds "$CIFAR_SECS" --eval-every 0
+  for algo in $ALGOS; do
+    [[ $algo == gossip ]] && continue
+    for codec in $CODECS; do
+      run "cifar_n${hosts}_${rate}_${algo}_${codec}" "$hosts" "$rate" asgd-cifar --synthetic 2048 --algo "$algo" \
+        --compress "$codec" --budget-seconds "$CIFAR_SECS" --eval-every 0
+    done
   done
-  run "cifar_n${hosts}_${rate}_sync_none" "$hosts" "$rate" asgd-cifar --synthetic 2048 --algo sync \
-    --budget-seconds "$CIFAR_SECS" --eval-every 0
 done
 
 /usr/bin/python3 "$HERE/slow_links_report.py" "$OUT" "$SECS" "$CIFAR_SECS"

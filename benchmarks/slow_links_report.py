@@ -63,7 +63,7 @@ for net in ("mnist", "cifar"):
         rs = runs[key]
         bps = med([r["bytes_per_step"] for r in rs])
         base = runs.get((net, hosts, rate, algo, "none"))
-        ratio = bps / med([r["bytes_per_step"] for r in base]) if base and algo == "dasgd" else None
+        ratio = bps / med([r["bytes_per_step"] for r in base]) if base else None
         sps = med([r["m"]["aggregate_samples_per_second"] for r in rs])
         ttt = [r["m"]["time_to_target_seconds"] for r in rs]
         missed = sum(t is None for t in ttt)
