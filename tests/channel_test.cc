@@ -166,6 +166,22 @@ ChannelOptions additive_options(const std::string& name, int64_t numel) {
   return o;
 }
 
+// Broadcast number i of the lagging-peer tests: every element i % 5 + 1.
+void broadcast_numbered(Channel& ch, int64_t numel, int i) {
+  Outgoing m;
+  m.delivery = Delivery::kAdditive;
+  m.payload = torch::full({numel}, static_cast<float>(i % 5 + 1));
+  m.meta = Metadata({1, i, i, i});
+  ch.broadcast(m);
+}
+
+// What every element of broadcasts 0 .. count - 1 adds up to.
+float numbered_total(int count) {
+  float total = 0;
+  for (int i = 0; i < count; ++i) total += static_cast<float>(i % 5 + 1);
+  return total;
+}
+
 // An error the sending or receiving thread did not foresee does not end the process
 // (std::terminate) and leaves no wait for the channel's progress running out its
 // timeout: the training thread's next call throws it, named, and so do flush() and
@@ -334,11 +350,7 @@ TEST(Channel, AStalledPeerLagsAloneAndGetsTheExactSumWhenItWakes) {
     if (me == 0) {
       const auto t0 = std::chrono::steady_clock::now();
       for (int i = 0; i < kSends; ++i) {
-        Outgoing m;
-        m.delivery = Delivery::kAdditive;
-        m.payload = torch::full({numel}, static_cast<float>(i % 5 + 1));
-        m.meta = Metadata({1, i, i, i});
-        ch->broadcast(m);
+        broadcast_numbered(*ch, numel, i);
         std::this_thread::sleep_for(1ms);
       }
       RecordProperty("send_seconds",
@@ -358,9 +370,7 @@ TEST(Channel, AStalledPeerLagsAloneAndGetsTheExactSumWhenItWakes) {
     if (me != 0) {
       Summed got(numel);
       got.add(ch->poll());
-      float expected = 0;
-      for (int i = 0; i < kSends; ++i) expected += static_cast<float>(i % 5 + 1);
-      EXPECT_TRUE(got.total.equal(torch::full({numel}, expected))) << "rank " << me;
+      EXPECT_TRUE(got.total.equal(torch::full({numel}, numbered_total(kSends)))) << "rank " << me;
       EXPECT_EQ(got.updates, kSends) << "rank " << me;
     }
   });
@@ -380,13 +390,7 @@ TEST(Channel, PeersThatLagInStepShareOneCoalescingBuffer) {
     const int me = world->rank();
     if (me == 1 || me == 2) ChannelTestAccess::hold_receiver(*ch, true);
     world->barrier("held");
-    auto send = [&](int i) {
-      Outgoing m;
-      m.delivery = Delivery::kAdditive;
-      m.payload = torch::full({numel}, static_cast<float>(i % 5 + 1));
-      m.meta = Metadata({1, i, i, i});
-      ch->broadcast(m);
-    };
+    auto send = [&](int i) { broadcast_numbered(*ch, numel, i); };
     if (me == 0) {
       for (int i = 0; i < kSends; ++i) send(i);
       EXPECT_TRUE(eventually([&] { return ch->counters(3).queued == 0; }));
@@ -411,9 +415,7 @@ TEST(Channel, PeersThatLagInStepShareOneCoalescingBuffer) {
     if (me != 0) {
       Summed got(numel);
       got.add(ch->poll());
-      float expected = 0;
-      for (int i = 0; i < 2 * kSends; ++i) expected += static_cast<float>(i % 5 + 1);
-      EXPECT_TRUE(got.total.equal(torch::full({numel}, expected))) << "rank " << me;
+      EXPECT_TRUE(got.total.equal(torch::full({numel}, numbered_total(2 * kSends)))) << "rank " << me;
       EXPECT_EQ(got.updates, 2 * kSends) << "rank " << me;
     }
   });
@@ -434,13 +436,7 @@ TEST(Channel, AGroupWaitsForItsSlowestMemberInsteadOfSplitting) {
     o.group_hold = 1e9;  // in effect: for as long as it takes
     auto ch = world->open_channel(o);
     const int me = world->rank();
-    auto send = [&](int i) {
-      Outgoing m;
-      m.delivery = Delivery::kAdditive;
-      m.payload = torch::full({numel}, static_cast<float>(i % 5 + 1));
-      m.meta = Metadata({1, i, i, i});
-      ch->broadcast(m);
-    };
+    auto send = [&](int i) { broadcast_numbered(*ch, numel, i); };
     Summed got(numel);
     if (me == 0) {
       send(0);
@@ -468,9 +464,7 @@ TEST(Channel, AGroupWaitsForItsSlowestMemberInsteadOfSplitting) {
     EXPECT_TRUE(ch->close(std::chrono::seconds(30)));
     if (me != 0) {
       got.add(ch->poll());
-      float expected = 0;
-      for (int i = 0; i < kSends; ++i) expected += static_cast<float>(i % 5 + 1);
-      EXPECT_TRUE(got.total.equal(torch::full({numel}, expected))) << "rank " << me;
+      EXPECT_TRUE(got.total.equal(torch::full({numel}, numbered_total(kSends)))) << "rank " << me;
       EXPECT_EQ(got.updates, kSends) << "rank " << me;
     }
   });

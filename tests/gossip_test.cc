@@ -221,15 +221,17 @@ TEST(Gossip, ARepliesLostToADeadRequesterAreCountedBroken) {
   EXPECT_GT(ranks.opt[1]->stats().completed + ranks.opt[2]->stats().completed, 0);
 }
 
-TEST(Gossip, EachRankWithItsOwnOptimumReachesTheAverageObjectives) {
-  // Local SGD alone would take every rank to its own optimum; gossip must take them to
-  // the optimum of the average objective, and close the gap between them.
-  const int n = 4;
-  const Problems pb(n);
+// Ranks at their own pace on their own problems, `gossip` mixing and `alone` not, with a
+// decreasing step size; then everything is delivered. The distances of both mean models
+// to the optimum of the average objective (relative), and how far the ranks spread.
+struct OptimumRun {
+  double err_gossip = 0, err_alone = 0;
+  double spread = 0, spread_alone = 0, spread_early = 0;  // early: gossip's at step 200
+};
+
+OptimumRun pace_to_joint_optimum(Ranks& gossip, Ranks& alone, const Problems& pb, int n) {
+  OptimumRun run;
   const auto star = pb.joint_optimum();
-  Ranks gossip(n, pb, 0.02);
-  Ranks alone(n, pb, 0.02);
-  double spread_early = 0;
   std::mt19937 rng(23);
   std::vector<int64_t> t_of(n, 0);
   for (int e = 0; e < 16000; ++e) {
@@ -249,73 +251,99 @@ TEST(Gossip, EachRankWithItsOwnOptimumReachesTheAverageObjectives) {
       if (to != from) gossip.net.deliver(from, to);
     }
     if (e == 200) {
-      for (int k = 0; k < n; ++k) spread_early = std::max(spread_early, (gossip.w[k] - gossip.w[0]).norm().item<double>());
+      for (int k = 0; k < n; ++k) {
+        run.spread_early = std::max(run.spread_early, (gossip.w[k] - gossip.w[0]).norm().item<double>());
+      }
     }
   }
   gossip.settle();
-  auto mean = [&](const Ranks& rs) {
+  auto error = [&](const Ranks& rs) {
     auto m = torch::zeros_like(star);
-    for (const auto& w : rs.w) m += w.detach();
-    return m / n;
+    for (const auto& w : rs.w) m += w.detach().to(torch::kDouble);
+    return (m / n - star).norm().item<double>() / star.norm().item<double>();
   };
-  const double err_gossip = (mean(gossip) - star).norm().item<double>() / star.norm().item<double>();
-  const double err_alone = (mean(alone) - star).norm().item<double>() / star.norm().item<double>();
-  double spread = 0, spread_alone = 0;
+  run.err_gossip = error(gossip);
+  run.err_alone = error(alone);
   for (int r = 0; r < n; ++r) {
-    spread = std::max(spread, (gossip.w[r] - gossip.w[0]).norm().item<double>());
-    spread_alone = std::max(spread_alone, (alone.w[r] - alone.w[0]).norm().item<double>());
+    run.spread = std::max(run.spread, (gossip.w[r] - gossip.w[0]).norm().item<double>());
+    run.spread_alone = std::max(run.spread_alone, (alone.w[r] - alone.w[0]).norm().item<double>());
   }
-  RecordProperty("error_gossip", std::to_string(err_gossip));
-  RecordProperty("error_local_alone", std::to_string(err_alone));
-  std::printf("distance to the joint optimum (relative): gossip %.4f, local SGD alone %.4f; spread "
-              "%.4f (at step 200: %.4f; alone %.4f)\n",
-              err_gossip, err_alone, spread, spread_early, spread_alone);
-  EXPECT_GT(err_alone, 0.3) << "the problem is too easy: local SGD alone reaches the joint optimum";
-  EXPECT_LT(err_gossip, 0.1 * err_alone);
-  EXPECT_LT(spread, 0.5 * spread_early);
-  EXPECT_LT(spread, 0.2 * spread_alone);
+  return run;
 }
 
-TEST(Gossip, OverRealChannelsTheSumIsConservedAndEveryExchangeSettles) {
-  // Ranks as threads over real channels (nothing scripted): every rank steps freely;
-  // after finish(), the sum of the final models equals the sum of the starting models
-  // plus every local step.
+TEST(Gossip, EachRankWithItsOwnOptimumReachesTheAverageObjectives) {
+  // Local SGD alone would take every rank to its own optimum; gossip must take them to
+  // the optimum of the average objective, and close the gap between them.
   const int n = 4;
   const Problems pb(n);
-  std::vector<torch::Tensor> finals(n), locals(n);
-  std::vector<GossipStats> stats(n);
+  Ranks gossip(n, pb, 0.02);
+  Ranks alone(n, pb, 0.02);
+  const OptimumRun run = pace_to_joint_optimum(gossip, alone, pb, n);
+  RecordProperty("error_gossip", std::to_string(run.err_gossip));
+  RecordProperty("error_local_alone", std::to_string(run.err_alone));
+  std::printf("distance to the joint optimum (relative): gossip %.4f, local SGD alone %.4f; spread "
+              "%.4f (at step 200: %.4f; alone %.4f)\n",
+              run.err_gossip, run.err_alone, run.spread, run.spread_early, run.spread_alone);
+  EXPECT_GT(run.err_alone, 0.3) << "the problem is too easy: local SGD alone reaches the joint optimum";
+  EXPECT_LT(run.err_gossip, 0.1 * run.err_alone);
+  EXPECT_LT(run.spread, 0.5 * run.spread_early);
+  EXPECT_LT(run.spread, 0.2 * run.spread_alone);
+}
+
+// Ranks as threads over real channels (nothing scripted), each stepping freely from the
+// same start at its own pace, then finish(). Every value in float64.
+struct FreeRun {
+  std::vector<torch::Tensor> finals, locals;  // final models, and each rank's own steps
+  std::vector<GossipStats> stats;
+  torch::Tensor gap;  // sum of the final models - (sum of the starts + every local step)
+};
+
+FreeRun run_over_real_channels(int n, const Problems& pb, at::ScalarType dtype, const GossipOptions& o,
+                               int64_t steps) {
+  FreeRun run;
+  run.finals.resize(n);
+  run.locals.resize(n);
+  run.stats.resize(n);
   torch::manual_seed(10);
-  auto x0 = torch::randn({pb.dim}, torch::kDouble);
+  auto x0 = torch::randn({pb.dim}, dtype);
   testing::spawn(n, [&](std::shared_ptr<World> world) {
     const int me = world->rank();
     auto w = x0.clone().requires_grad_(true);
     Gossip opt(std::make_shared<torch::optim::SGD>(std::vector<torch::Tensor>{w}, torch::optim::SGDOptions(0.02)),
-               GossipOptions(), world);
+               o, world);
     GossipTestAccess::hold_arrivals(opt);
-    auto local = torch::zeros_like(x0);
-    for (int64_t t = 0; t < 150; ++t) {
-      auto before = w.detach().clone();
+    auto local = torch::zeros({pb.dim}, torch::kDouble);
+    for (int64_t t = 0; t < steps; ++t) {
+      auto before = w.detach().to(torch::kDouble, /*non_blocking=*/false, /*copy=*/true);
       opt.zero_grad();
       pb.loss(w, me, t).backward();
       opt.step();
-      local += w.detach() - before;
+      local += w.detach().to(torch::kDouble) - before;
       GossipTestAccess::apply(opt);
       std::this_thread::sleep_for(std::chrono::microseconds(200 * (me + 1)));
     }
     EXPECT_TRUE(opt.finish(std::chrono::seconds(30))) << "rank " << me;
-    finals[me] = w.detach().clone();
-    locals[me] = local;
-    stats[me] = opt.stats();
+    run.finals[me] = w.detach().to(torch::kDouble, /*non_blocking=*/false, /*copy=*/true);
+    run.locals[me] = local;
+    run.stats[me] = opt.stats();
   });
-  auto sum = torch::zeros_like(x0), expected = x0 * n;
+  run.gap = -x0.to(torch::kDouble) * n;
+  for (int r = 0; r < n; ++r) run.gap += run.finals[r] - run.locals[r];
+  return run;
+}
+
+TEST(Gossip, OverRealChannelsTheSumIsConservedAndEveryExchangeSettles) {
+  // After finish(), the sum of the final models equals the sum of the starting models
+  // plus every local step.
+  const int n = 4;
+  const Problems pb(n);
+  const FreeRun run = run_over_real_channels(n, pb, torch::kDouble, GossipOptions(), 150);
   int64_t completed = 0;
   for (int r = 0; r < n; ++r) {
-    sum += finals[r];
-    expected += locals[r];
-    completed += stats[r].completed;
-    EXPECT_EQ(stats[r].broken, 0) << stats[r].str();
+    completed += run.stats[r].completed;
+    EXPECT_EQ(run.stats[r].broken, 0) << run.stats[r].str();
   }
-  EXPECT_LT((sum - expected).abs().max().item<double>(), 1e-10);
+  EXPECT_LT(run.gap.abs().max().item<double>(), 1e-10);
   EXPECT_GT(completed, 0);
 }
 
@@ -409,42 +437,14 @@ TEST_P(CompressedGossip, TheSumIsConservedUnderAnyDelivery) {
 TEST_P(CompressedGossip, EachRankWithItsOwnOptimumStillReachesTheAverageObjectives) {
   const int n = 4;
   const Problems pb(n);
-  const auto star = pb.joint_optimum();
   Ranks gossip(n, pb, 0.02, GossipOptions().compression(Compression::parse(GetParam())), torch::kFloat);
   Ranks alone(n, pb, 0.02, GossipOptions(), torch::kFloat);
-  std::mt19937 rng(23);
-  std::vector<int64_t> t_of(n, 0);
-  for (int e = 0; e < 16000; ++e) {
-    if (e > 0 && e % 2000 == 0) {
-      for (auto* rs : {&gossip, &alone}) {
-        for (auto& o : rs->opt) o->param_groups()[0].options().set_lr(o->param_groups()[0].options().get_lr() / 2);
-      }
-    }
-    const int r = static_cast<int>(rng() % n);
-    GossipTestAccess::apply(*gossip.opt[r]);
-    gossip.step(pb, r, t_of[r]);
-    alone.step(pb, r, t_of[r]++);
-    const int from = static_cast<int>(rng() % n);
-    for (int to = 0; to < n; ++to) {
-      if (to != from) gossip.net.deliver(from, to);
-    }
-  }
-  gossip.settle();
-  auto error = [&](const Ranks& rs) {
-    auto m = torch::zeros_like(star);
-    for (const auto& w : rs.w) m += w.detach().to(torch::kDouble);
-    return (m / n - star).norm().item<double>() / star.norm().item<double>();
-  };
-  double spread = 0, spread_alone = 0;
-  for (int r = 0; r < n; ++r) {
-    spread = std::max(spread, (gossip.w[r] - gossip.w[0]).norm().item<double>());
-    spread_alone = std::max(spread_alone, (alone.w[r] - alone.w[0]).norm().item<double>());
-  }
+  const OptimumRun run = pace_to_joint_optimum(gossip, alone, pb, n);
   std::printf("%s: distance to the joint optimum (relative): gossip %.4f, alone %.4f; spread %.4f "
               "(alone %.4f)\n",
-              GetParam().c_str(), error(gossip), error(alone), spread, spread_alone);
-  EXPECT_LT(error(gossip), 0.1 * error(alone));
-  EXPECT_LT(spread, 0.2 * spread_alone);
+              GetParam().c_str(), run.err_gossip, run.err_alone, run.spread, run.spread_alone);
+  EXPECT_LT(run.err_gossip, 0.1 * run.err_alone);
+  EXPECT_LT(run.spread, 0.2 * run.spread_alone);
 }
 
 INSTANTIATE_TEST_SUITE_P(Codecs, CompressedGossip, ::testing::Values("bf16", "fp16", "int8"),
@@ -453,49 +453,24 @@ INSTANTIATE_TEST_SUITE_P(Codecs, CompressedGossip, ::testing::Values("bf16", "fp
 TEST(GossipCompression, OverRealChannelsTheSumIsConservedAndExchangesComplete) {
   const int n = 3;
   const Problems pb(n, 50);
-  std::vector<torch::Tensor> finals(n), locals(n);
-  std::vector<GossipStats> stats(n);
-  torch::manual_seed(10);
-  auto x0 = torch::randn({pb.dim}, torch::kFloat);
-  testing::spawn(n, [&](std::shared_ptr<World> world) {
-    const int me = world->rank();
-    auto w = x0.clone().requires_grad_(true);
-    Gossip opt(std::make_shared<torch::optim::SGD>(std::vector<torch::Tensor>{w}, torch::optim::SGDOptions(0.02)),
-               GossipOptions().compression(Codec::kInt8), world);
-    GossipTestAccess::hold_arrivals(opt);
-    auto local = torch::zeros({pb.dim}, torch::kDouble);
-    for (int64_t t = 0; t < 100; ++t) {
-      auto before = w.detach().to(torch::kDouble);
-      opt.zero_grad();
-      pb.loss(w, me, t).backward();
-      opt.step();
-      local += w.detach().to(torch::kDouble) - before;
-      GossipTestAccess::apply(opt);
-      std::this_thread::sleep_for(std::chrono::microseconds(200 * (me + 1)));
-    }
-    EXPECT_TRUE(opt.finish(std::chrono::seconds(30))) << "rank " << me;
-    finals[me] = w.detach().to(torch::kDouble);
-    locals[me] = local;
-    stats[me] = opt.stats();
-  });
-  auto sum = torch::zeros({pb.dim}, torch::kDouble), expected = x0.to(torch::kDouble) * n;
+  const FreeRun run =
+      run_over_real_channels(n, pb, torch::kFloat, GossipOptions().compression(Codec::kInt8), 100);
   int64_t completed = 0, mixes = 0;
   double largest = 0;
   for (int r = 0; r < n; ++r) {
-    sum += finals[r];
-    expected += locals[r];
-    completed += stats[r].completed;
-    mixes += stats[r].completed + stats[r].answered + stats[r].undos_applied;
-    largest = std::max(largest, finals[r].abs().max().item<double>());
-    EXPECT_EQ(stats[r].broken, 0) << stats[r].str();
-    EXPECT_EQ(stats[r].rejected, 0u) << stats[r].str();
-    EXPECT_NE(stats[r].str().find("models sent as int8"), std::string::npos) << stats[r].str();
+    const GossipStats& st = run.stats[r];
+    completed += st.completed;
+    mixes += st.completed + st.answered + st.undos_applied;
+    largest = std::max(largest, run.finals[r].abs().max().item<double>());
+    EXPECT_EQ(st.broken, 0) << st.str();
+    EXPECT_EQ(st.rejected, 0u) << st.str();
+    EXPECT_NE(st.str().find("models sent as int8"), std::string::npos) << st.str();
   }
   // Each mix rounds twice in float32 (add, then subtract), each time by at most half an
   // ulp of values up to a few times the final ones: a bound that grows with the number
   // of mixes this run happened to make, not with the clock.
   const double bound = static_cast<double>(2 * mixes + 1) * std::ldexp(4 * largest, -24);
-  EXPECT_LT((sum - expected).abs().max().item<double>(), bound) << mixes << " mixes";
+  EXPECT_LT(run.gap.abs().max().item<double>(), bound) << mixes << " mixes";
   EXPECT_GT(completed, 0);
 }
 
