@@ -67,22 +67,29 @@ std::vector<int> ChannelCore::live_peers() const {
 }
 
 void ChannelCore::peer_failed(int peer, const std::string& what) {
+  const bool throws = options.on_peer_failure == PeerFailure::kThrow || critical(peer);
+  const std::string msg = fmt::format(
+      "{}: connection to rank {} failed: {}; is rank {} still running? check its output", prefix(),
+      peer, what, peer);
   bool normal_end;
   {
     std::lock_guard<std::mutex> lock(mu);
     if (peers[peer].failed || stopping) return;
-    peers[peer].failed = true;
     // A peer that said goodbye has sent everything: its connection closing then is
     // the normal end, not an error.
     normal_end = peers[peer].bye_received;
+    // The error is recorded before the failure is visible, so whoever sees the peer
+    // failed (counters, failed_peers) also sees the error it throws.
+    if (!normal_end && throws) {
+      std::lock_guard<std::mutex> error_lock(error_mu);
+      if (!error) error = std::make_exception_ptr(CommError(msg));
+    }
+    peers[peer].failed = true;
   }
   cv.notify_all();
   if (!normal_end) {
-    std::string msg = fmt::format(
-        "{}: connection to rank {} failed: {}; is rank {} still running? check its output",
-        prefix(), peer, what, peer);
-    if (options.on_peer_failure == PeerFailure::kThrow || critical(peer)) {
-      fail(std::make_exception_ptr(CommError(msg)));
+    if (throws) {
+      if (receiver != nullptr) receiver->notify();
     } else {
       log_warning(msg + "; continuing without it");
     }

@@ -79,7 +79,7 @@ struct ChannelCore {
   // Tests: the receiver thread throws once its next frame has arrived.
   std::atomic<bool> fail_receiver_thread{false};
 
-  std::mutex error_mu;  // guards error
+  std::mutex error_mu;  // guards error; taken after mu where both are held
   std::exception_ptr error;
   std::atomic<bool> broken{false};  // a thread of the channel died: nothing moves any more
 
