@@ -74,16 +74,22 @@ void ChannelCore::peer_failed(int peer, const std::string& what) {
   bool normal_end;
   {
     std::lock_guard<std::mutex> lock(mu);
-    if (peers[peer].failed || stopping) return;
+    if (peers[peer].failing || stopping) return;
+    peers[peer].failing = true;
     // A peer that said goodbye has sent everything: its connection closing then is
     // the normal end, not an error.
     normal_end = peers[peer].bye_received;
-    // The error is recorded before the failure is visible, so whoever sees the peer
-    // failed (counters, failed_peers) also sees the error it throws.
     if (!normal_end && throws) {
       std::lock_guard<std::mutex> error_lock(error_mu);
       if (!error) error = std::make_exception_ptr(CommError(msg));
     }
+  }
+  // Settled before the failure is visible: whoever sees the peer failed (counters,
+  // failed_peers) also sees the error it throws and what was lost or dropped with it.
+  if (sender != nullptr) sender->peer_failed(peer);
+  if (receiver != nullptr) receiver->peer_failed(peer);
+  {
+    std::lock_guard<std::mutex> lock(mu);
     peers[peer].failed = true;
   }
   cv.notify_all();
@@ -94,8 +100,6 @@ void ChannelCore::peer_failed(int peer, const std::string& what) {
       log_warning(msg + "; continuing without it");
     }
   }
-  if (sender != nullptr) sender->peer_failed(peer);
-  if (receiver != nullptr) receiver->peer_failed(peer);
 }
 
 void ChannelCore::rejected(int peer, Reject why, const std::string& detail) {

@@ -39,6 +39,7 @@ class Receiver;
 constexpr std::chrono::milliseconds kForever = std::chrono::hours(24 * 365);
 
 struct PeerStatus {
+  bool failing = false;  // peer_failed() has claimed it; `failed` is set once it is settled
   bool failed = false;
   bool bye_received = false;  // the peer sends nothing more but acknowledgements
   bool bye_acked = false;     // the peer has everything this rank sent, goodbye included
