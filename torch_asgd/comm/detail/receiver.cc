@@ -361,7 +361,6 @@ void Receiver::finish_message(PeerIn& p) {
     whole(p, h.sequence, ack_requested);  // processed, if not delivered
     return;
   }
-  ++p.received_messages;
   std::string violation;
   if (h.type == FrameType::kAdditive) {
     Accumulator& a = *acc_[h.stream];
@@ -408,6 +407,8 @@ void Receiver::finish_message(PeerIn& p) {
       slot = std::move(m);
     }
   }
+  // Counted once it can be polled: whoever sees the count sees the message.
+  ++p.received_messages;
   if (!violation.empty()) {
     core_.peer_failed(p.rank, violation);
     return;
