@@ -118,8 +118,9 @@ struct ChannelOptions {
   int64_t inline_bytes = 64 << 10;
   // Additive messages: a peer ready to send the buffer it shares with other lagging
   // peers waits for them (they are still sending their previous message) up to this many
-  // times its own last transfer, so that they go on sharing one buffer instead of one
-  // each: memory against latency. 0: never wait.
+  // times a transfer's time (the shortest last transfer of a live peer, at most its own),
+  // so that they go on sharing one buffer instead of one each: memory against latency.
+  // 0: never wait.
   double group_hold = 4.0;
   // Checksum every payload (XXH3-64: the sender computes, the receiver verifies). TCP
   // checksums what it carries; this catches corruption above it and payload chunks cut

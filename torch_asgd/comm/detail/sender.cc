@@ -570,9 +570,12 @@ Sender::Encoded Sender::encode_message(const OutMsg& m, const AdditiveStream& sp
 bool Sender::held_for_group_locked(PeerOut& p, int s) {
   // Peers that wait with the same buffer are a group: posted together, they go on
   // sharing every buffer. One that is ready waits for the others of its group (still
-  // sending their previous message) for up to group_hold times its own last transfer,
-  // then goes alone; so a peer that stalls splits off, and memory grows with the groups,
-  // not with the peers. Never held at close.
+  // sending their previous message) for up to group_hold times a transfer's time, then
+  // goes alone; so a peer that stalls splits off, and memory grows with the groups, not
+  // with the peers. Never held at close. A transfer's time runs from post to
+  // acknowledgement, so a receiver's stall is in it: the hold takes the shortest last
+  // transfer of any live peer (at most its own), so that a peer waking from a stall is
+  // not held for a multiple of that stall by a member still stalled.
   if (p.bye_wanted || core_.options.group_hold <= 0) return false;
   const OutRef& w = p.additive[s];
   if (!w || w.use_count() <= 1) return false;
@@ -589,9 +592,16 @@ bool Sender::held_for_group_locked(PeerOut& p, int s) {
     p.held_since[s] = now;
     p.held_for[s] = w.get();
   }
+  Clock::duration transfer = p.last_transfer[s];
+  for (const auto& q : peers_) {
+    if (q && !q->failed && q->last_transfer[s] > Clock::duration::zero() &&
+        q->last_transfer[s] < transfer) {
+      transfer = q->last_transfer[s];
+    }
+  }
   // (At most a minute, whatever group_hold says: a hold is a wait for a peer, not a stop.)
   const double seconds = std::min(
-      60.0, std::chrono::duration<double>(p.last_transfer[s]).count() * core_.options.group_hold);
+      60.0, std::chrono::duration<double>(transfer).count() * core_.options.group_hold);
   const Clock::time_point until =
       *p.held_since[s] + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
   if (now >= until) return false;
