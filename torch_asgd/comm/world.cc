@@ -372,17 +372,27 @@ void World::check_fingerprint(const std::string& topic, const Fingerprint& fp) {
       fmt::format("fingerprint/{}/{}/", topic, topic_uses_[topic]++);
   store_->set(prefix + std::to_string(rank()), bytes(fp.serialize()));
   wait_for_all(prefix, fmt::format("fingerprint exchange for '{}'", topic));
-  for (int r = 0; r < size(); ++r) {
+  std::string diff;
+  for (int r = 0; r < size() && diff.empty(); ++r) {
     if (r == rank()) continue;
     Fingerprint theirs = Fingerprint::parse(str(store_->get(prefix + std::to_string(r))));
-    std::string diff = fp.first_difference(theirs, "on rank " + std::to_string(r));
-    if (!diff.empty()) {
-      throw MismatchError(fmt::format(
-          "rank {}: ranks disagree on what they exchange ('{}'): {}. Every rank must build the "
-          "same model with the same options",
-          rank(), topic, diff));
-    }
+    diff = fp.first_difference(theirs, "on rank " + std::to_string(r));
   }
+  if (diff.empty()) return;
+  // Where fingerprints differ, every rank differs from some other and throws. The rank
+  // hosting the store takes it down as it unwinds, so each rank says it has read every
+  // fingerprint, and none throws before all have: every rank then reports the mismatch,
+  // not a store that went away. (Bounded by the timeout; a rank gone meanwhile is
+  // not waited for further, and the mismatch is thrown regardless.)
+  try {
+    store_->set(prefix + "read/" + std::to_string(rank()), bytes("1"));
+    wait_for_all(prefix + "read/", fmt::format("fingerprint exchange for '{}'", topic));
+  } catch (const std::exception&) {
+  }
+  throw MismatchError(fmt::format(
+      "rank {}: ranks disagree on what they exchange ('{}'): {}. Every rank must build the "
+      "same model with the same options",
+      rank(), topic, diff));
 }
 
 void World::barrier(const std::string& name) {
