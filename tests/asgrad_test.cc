@@ -344,15 +344,15 @@ TEST(AsGrad, SilentServerIsAClearErrorNotAHang) {
           if (world->rank() == 0) {
             ParameterServer server(std::vector<torch::Tensor>{w}, torch::optim::SGDOptions(0.1),
                                    ServerOptions(), world);
-            std::this_thread::sleep_for(3s);  // never serves
-            world->barrier("worker gave up");
+            // Never serves, and stays up (silent, not gone) until the worker gave up.
+            world->store().wait({"worker gave up"});
           } else {
             AsGradWorker opt(std::vector<torch::Tensor>{w}, WorkerOptions(), world);
           }
         } catch (const std::exception& e) {
           errors[world->rank()] = e.what();
-          if (world->rank() == 1) world->barrier("worker gave up");
         }
+        if (world->rank() == 1) world->store().set("worker gave up", std::vector<uint8_t>{1});
       },
       [](WorldOptions& o) { o.timeout = 2s; });
   EXPECT_NE(errors[1].find("rank 1: no job from the parameter server (rank 0) for 2 s"),

@@ -2,6 +2,7 @@
 // another way, set-based staleness against ground-truth update sets under scripted
 // delivery, the bounded lead, convergence with a straggler over real channels,
 // checkpoints and the failures it must not hide.
+#include <unistd.h>
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -716,7 +717,7 @@ TEST(Checkpoint, RanksResumedFromCheckpointsOfDifferentMomentsAgreeAgain) {
   // sent. After a restart with resync(), the replicas must agree exactly again (the
   // unsent update must not be sent twice, or the replicas diverge for good).
   const int n = 3;
-  const std::string dir = ::testing::TempDir();
+  const std::string dir = ::testing::TempDir() + std::to_string(::getpid()) + "_";
   const Problem pb;
   auto make = [&](std::shared_ptr<World> world, torch::Tensor& w) {
     w = pb.x0.clone().requires_grad_(true);

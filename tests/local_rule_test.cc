@@ -2,6 +2,7 @@
 // every algorithm is its inner optimizer, bit for bit, LR scheduler included; the
 // wrapper is a drop-in torch::optim::Optimizer (groups, schedulers, zero_grad, save and
 // load with the inner state, refusals).
+#include <unistd.h>
 #include <gtest/gtest.h>
 
 #include <cstdio>
@@ -184,8 +185,8 @@ TEST(LocalRule, SaveLoadCarriesAdamsMomentsAndResumesIdentically) {
     train_step(net, opt, t);
     sched.step();
   }
-  const std::string model_path = ::testing::TempDir() + "lr_model.pt";
-  const std::string opt_path = ::testing::TempDir() + "lr_opt.pt";
+  const std::string model_path = ::testing::TempDir() + std::to_string(::getpid()) + "_lr_model.pt";
+  const std::string opt_path = ::testing::TempDir() + std::to_string(::getpid()) + "_lr_opt.pt";
   torch::save(net, model_path);
   torch::save(opt, opt_path);
   for (int t = 25; t < 50; ++t) train_step(net, opt, t);

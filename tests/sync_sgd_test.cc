@@ -1,3 +1,4 @@
+#include <unistd.h>
 #include <gtest/gtest.h>
 
 #include <torch/torch.h>
@@ -341,7 +342,7 @@ TEST(SyncSGDCompressed, DoubleParametersAndBadFractionsAreConfigErrors) {
 TEST(SyncSGDCompressed, ACheckpointKeepsTheResidual) {
   const int n = 2, before = 7, after = 6;
   const auto x0 = initial_params();
-  const std::string dir = ::testing::TempDir();
+  const std::string dir = ::testing::TempDir() + std::to_string(::getpid()) + "_";
   auto make = [](torch::nn::Sequential& net, std::shared_ptr<World> world) {
     return std::make_unique<SyncSGD>(net->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9),
                                      SyncSGDOptions().compression(Compression(Codec::kTopK, 0.05)), world);
@@ -396,7 +397,7 @@ TEST(SyncSGDCompressed, ACheckpointKeepsTheResidual) {
 TEST(SyncSGDCompressed, ResumedWithoutCompressionTheResidualIsSentOnce) {
   const int n = 2;
   const auto x0 = initial_params();
-  const std::string dir = ::testing::TempDir();
+  const std::string dir = ::testing::TempDir() + std::to_string(::getpid()) + "_";
   std::vector<at::Tensor> residual(n), produced(n, at::Tensor()), produced2(n), used(n), used2(n);
   auto train_step = [](SyncSGD& opt, torch::nn::Sequential& net, int me, int t) {
     auto [x, y] = batch(me, t);

@@ -30,6 +30,14 @@ inline WorldOptions thread_world_options(int rank, int size) {
   return o;
 }
 
+// Every rank's World is up (its mesh connected) before any rank's test body runs, so a
+// rank that ends or throws at once cannot close its connections under a rank that is
+// still connecting (which would then fail with "Connection closed by peer").
+inline std::shared_ptr<World> created(std::shared_ptr<World> world) {
+  world->barrier("testing: every World is up");
+  return world;
+}
+
 // Runs fn(world) on `size` threads, one World per rank, all meeting in one HashStore.
 // Rethrows the first exception any rank threw, after all ranks have finished.
 inline void spawn(int size, const std::function<void(std::shared_ptr<World>)>& fn,
@@ -43,7 +51,7 @@ inline void spawn(int size, const std::function<void(std::shared_ptr<World>)>& f
       try {
         WorldOptions o = thread_world_options(r, size);
         if (tweak) tweak(o);
-        fn(World::create(o, store));
+        fn(created(World::create(o, store)));
       } catch (...) {
         std::lock_guard<std::mutex> lock(mu);
         if (!first) first = std::current_exception();
@@ -63,7 +71,7 @@ inline std::vector<std::string> spawn_collect(
   for (int r = 0; r < size; ++r) {
     threads.emplace_back([&, r] {
       try {
-        fn(World::create(thread_world_options(r, size), store));
+        fn(created(World::create(thread_world_options(r, size), store)));
       } catch (const std::exception& e) {
         errors[r] = e.what();
         if (errors[r].empty()) errors[r] = "(empty message)";
