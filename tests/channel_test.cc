@@ -989,7 +989,7 @@ TEST(Channel, APeerThatFloodsOrderedMessagesIsFailedNotBuffered) {
       return false;
     }));
     EXPECT_NE(error.find("more than max_ordered=4 ordered messages"), std::string::npos) << error;
-    world->store().wait({"rank 1 sent all"});
+    world->store().wait({"rank 1 sent all"}, std::chrono::milliseconds(30000));
     world->store().set("rank 0 failed rank 1", std::vector<uint8_t>{1});
   });
 }

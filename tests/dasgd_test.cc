@@ -2,8 +2,8 @@
 // another way, set-based staleness against ground-truth update sets under scripted
 // delivery, the bounded lead, convergence with a straggler over real channels,
 // checkpoints and the failures it must not hide.
-#include <unistd.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cstdio>

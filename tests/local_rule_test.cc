@@ -2,8 +2,8 @@
 // every algorithm is its inner optimizer, bit for bit, LR scheduler included; the
 // wrapper is a drop-in torch::optim::Optimizer (groups, schedulers, zero_grad, save and
 // load with the inner state, refusals).
-#include <unistd.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <functional>

@@ -1,5 +1,5 @@
-#include <unistd.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <torch/torch.h>
 

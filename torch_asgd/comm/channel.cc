@@ -249,6 +249,16 @@ PeerCounters Channel::counters(int peer) const {
   PeerCounters c;
   c.peer = peer;
   if (peer == core_->rank) return c;
+  {
+    // The status first: a peer seen failed has its lost and dropped counts settled
+    // (ChannelCore::peer_failed settles them before the failure is visible).
+    std::lock_guard<std::mutex> lock(core_->mu);
+    const detail::PeerStatus& s = core_->peers[peer];
+    c.rejected = s.rejected;
+    c.last_reject = s.last_reject;
+    c.closed = s.bye_received;
+    c.failed = s.failed && !s.bye_received;  // a connection closing after goodbye is the normal end
+  }
   const auto out = sender_->counts(peer);
   const auto in = receiver_->counts(peer);
   c.sent_messages = out.sent_messages;
@@ -262,12 +272,6 @@ PeerCounters Channel::counters(int peer) const {
   c.received_messages = in.received_messages;
   c.received_bytes = in.received_bytes;
   c.coalesced_received = in.coalesced;
-  std::lock_guard<std::mutex> lock(core_->mu);
-  const detail::PeerStatus& s = core_->peers[peer];
-  c.rejected = s.rejected;
-  c.last_reject = s.last_reject;
-  c.closed = s.bye_received;
-  c.failed = s.failed && !s.bye_received;  // a connection closing after goodbye is the normal end
   return c;
 }
 

@@ -373,22 +373,31 @@ void World::check_fingerprint(const std::string& topic, const Fingerprint& fp) {
   store_->set(prefix + std::to_string(rank()), bytes(fp.serialize()));
   wait_for_all(prefix, fmt::format("fingerprint exchange for '{}'", topic));
   std::string diff;
-  for (int r = 0; r < size() && diff.empty(); ++r) {
-    if (r == rank()) continue;
-    Fingerprint theirs = Fingerprint::parse(str(store_->get(prefix + std::to_string(r))));
-    diff = fp.first_difference(theirs, "on rank " + std::to_string(r));
+  std::exception_ptr unreadable;  // a fingerprint that cannot be read or parsed
+  try {
+    for (int r = 0; r < size() && diff.empty(); ++r) {
+      if (r == rank()) continue;
+      Fingerprint theirs = Fingerprint::parse(str(store_->get(prefix + std::to_string(r))));
+      diff = fp.first_difference(theirs, "on rank " + std::to_string(r));
+    }
+  } catch (...) {
+    unreadable = std::current_exception();
   }
-  if (diff.empty()) return;
+  if (diff.empty() && !unreadable) return;
   // Where fingerprints differ, every rank differs from some other and throws. The rank
   // hosting the store takes it down as it unwinds, so each rank says it has read every
   // fingerprint, and none throws before all have: every rank then reports the mismatch,
-  // not a store that went away. (Bounded by the timeout; a rank gone meanwhile is
-  // not waited for further, and the mismatch is thrown regardless.)
+  // not a store that went away. (Bounded by the timeout; a rank gone meanwhile is not
+  // waited for further, and the mismatch is thrown regardless.) A rank that could not
+  // read a fingerprint says so too, so that nobody waits for it, but does not wait:
+  // the others may have found nothing wrong and gone on.
   try {
     store_->set(prefix + "read/" + std::to_string(rank()), bytes("1"));
+    if (unreadable) std::rethrow_exception(unreadable);
     wait_for_all(prefix + "read/", fmt::format("fingerprint exchange for '{}'", topic));
   } catch (const std::exception&) {
   }
+  if (unreadable) std::rethrow_exception(unreadable);
   throw MismatchError(fmt::format(
       "rank {}: ranks disagree on what they exchange ('{}'): {}. Every rank must build the "
       "same model with the same options",

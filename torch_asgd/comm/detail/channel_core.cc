@@ -61,7 +61,7 @@ std::vector<int> ChannelCore::live_peers() const {
   std::vector<int> out;
   std::lock_guard<std::mutex> lock(mu);
   for (int p = 0; p < size; ++p) {
-    if (p != rank && !peers[p].failed) out.push_back(p);
+    if (p != rank && !peers[p].failing) out.push_back(p);  // (failing: being settled or failed)
   }
   return out;
 }

@@ -407,7 +407,8 @@ void Receiver::finish_message(PeerIn& p) {
       slot = std::move(m);
     }
   }
-  // Counted once it can be polled: whoever sees the count sees the message.
+  // Counted once handled (summed or queued, so whoever sees the count can poll it; or
+  // refused below).
   ++p.received_messages;
   if (!violation.empty()) {
     core_.peer_failed(p.rank, violation);

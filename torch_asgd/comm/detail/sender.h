@@ -8,11 +8,11 @@
 // peers that lag share one coalescing buffer for as long as they waited for the same
 // broadcasts (a group), so that n lagging peers in step cost one buffer, not n. A group
 // is posted together: a member that is ready first waits for the others (at most
-// group_hold times the shortest last transfer of a live peer, and a minute), so that peers of uneven speed
-// do not split into a buffer each. When every peer waits with the same buffer, a
-// broadcast is summed straight into it. Under a lossy codec a message is encoded once
-// (outside the lock), and what the encoding lost becomes the next waiting message of
-// the peers that post it. Ordered and replace messages are in flight up to
+// group_hold times the shortest last transfer of a live peer, and a minute), so that
+// peers of uneven speed do not split into a buffer each. When every peer waits with the
+// same buffer, a broadcast is summed straight into it. Under a lossy codec a message is
+// encoded once (outside the lock), and what the encoding lost becomes the next waiting
+// message of the peers that post it. Ordered and replace messages are in flight up to
 // max_in_flight per peer. Internal.
 #pragma once
 
