@@ -81,6 +81,21 @@ TEST(LauncherArgs, RejectsBadArguments) {
                std::invalid_argument);
 }
 
+// --master-port 0's port lies below the ephemeral range, where no other process's
+// connection or bind(0) is handed it before rank 0's store listens, and is free.
+TEST(FreePort, LiesBelowTheEphemeralRangeAndCanBeBound) {
+  std::ifstream range("/proc/sys/net/ipv4/ip_local_port_range");
+  int low = 0, high = 0;
+  ASSERT_TRUE(range >> low >> high);
+  if (low < 11000) GTEST_SKIP() << "no room below the ephemeral range (" << low << ")";
+  for (int i = 0; i < 20; ++i) {
+    const int port = launch::free_port();
+    EXPECT_GE(port, 10000);
+    EXPECT_LT(port, low) << "a port of the ephemeral range " << low << "-" << high;
+    EXPECT_EQ(launch::try_bind_loopback(port), port);
+  }
+}
+
 TEST(Launcher, BadArgumentsExitTwoWithUsage) {
   Proc p = testing::run({launcher(), "--nproc", "0", "--", "/bin/true"});
   EXPECT_EQ(p.exit_code, 2);

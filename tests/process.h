@@ -19,6 +19,8 @@
 #include <string>
 #include <vector>
 
+#include "torch_asgd/launch/free_port.h"
+
 extern char** environ;
 
 namespace torch_asgd {
@@ -182,17 +184,9 @@ inline std::map<std::string, std::string> rank_env(int rank, int size, int port,
 }
 
 // A TCP port on 127.0.0.1 that nobody listens on right now.
-inline int free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
+// Below the ephemeral range, so that no other process's connection takes it before
+// the rank that listens there starts.
+inline int free_port() { return launch::free_port(); }
 
 // Starts `size` ranks of `argv` on loopback, each with rank_env() at a free port.
 inline std::vector<Proc> start_ranks(int size, const std::vector<std::string>& argv,

@@ -20,6 +20,8 @@
 
 #include <fmt/format.h>
 
+#include "torch_asgd/launch/free_port.h"
+
 namespace torch_asgd {
 namespace launch {
 namespace {
@@ -43,24 +45,6 @@ void write_all(int fd, const std::string& s) {
     if (n <= 0) return;
     off += static_cast<size_t>(n);
   }
-}
-
-int free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) throw std::runtime_error("cannot create a socket to find a free port");
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  socklen_t len = sizeof(addr);
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-    ::close(fd);
-    throw std::runtime_error("cannot find a free port on 127.0.0.1");
-  }
-  int port = ntohs(addr.sin_port);
-  ::close(fd);
-  return port;
 }
 
 int signal_pipe[2] = {-1, -1};

@@ -1,0 +1,63 @@
+// A free TCP port on 127.0.0.1 for a rendezvous store that a child process will listen
+// on a moment later. Internal (the launcher's --master-port 0, and the tests).
+//
+// The port is chosen below the kernel's ephemeral range
+// (/proc/sys/net/ipv4/ip_local_port_range): a port that bind(0) handed out is free
+// again once closed, and any other process's connect() or bind(0) (Gloo's pairs open
+// dozens a second) can take it before the child listens. Ports below that range are
+// handed out to nobody; only a process binding that very port could race.
+#pragma once
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <random>
+#include <stdexcept>
+
+namespace torch_asgd {
+namespace launch {
+
+// Whether `port` (0: any) can be bound on 127.0.0.1 now; the port bound, or 0.
+inline int try_bind_loopback(int port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return 0;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  socklen_t len = sizeof(addr);
+  int got = 0;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+    got = ntohs(addr.sin_port);
+  }
+  ::close(fd);
+  return got;
+}
+
+inline int free_port() {
+  int low = 32768;  // the kernel's default start of the ephemeral range
+  std::ifstream range("/proc/sys/net/ipv4/ip_local_port_range");
+  int first = 0, last = 0;
+  if (range >> first >> last && first > 0) low = first;
+  const int from = 10000;  // above the well-known and most registered services' ports
+  if (low - from >= 1000) {
+    std::mt19937 pick(static_cast<uint32_t>(
+        std::chrono::steady_clock::now().time_since_epoch().count() ^ (::getpid() << 16)));
+    std::uniform_int_distribution<int> port(from, low - 1);
+    for (int tries = 0; tries < 200; ++tries) {
+      const int p = try_bind_loopback(port(pick));
+      if (p != 0) return p;
+    }
+  }
+  const int any = try_bind_loopback(0);  // no room below the range: the kernel's pick
+  if (any == 0) throw std::runtime_error("cannot find a free port on 127.0.0.1");
+  return any;
+}
+
+}  // namespace launch
+}  // namespace torch_asgd
