@@ -975,7 +975,7 @@ TEST(Channel, APeerThatFloodsOrderedMessagesIsFailedNotBuffered) {
       // Rank 0 keeps its end open until every send here was made: a send after its
       // teardown would rightly throw (rank 0 gone).
       world->store().set("rank 1 sent all", std::vector<uint8_t>{1});
-      world->store().wait({"rank 0 failed rank 1"});
+      world->store().wait({"rank 0 failed rank 1"}, std::chrono::milliseconds(30000));
       return;
     }
     std::string error;

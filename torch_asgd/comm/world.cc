@@ -373,31 +373,36 @@ void World::check_fingerprint(const std::string& topic, const Fingerprint& fp) {
   store_->set(prefix + std::to_string(rank()), bytes(fp.serialize()));
   wait_for_all(prefix, fmt::format("fingerprint exchange for '{}'", topic));
   std::string diff;
-  std::exception_ptr unreadable;  // a fingerprint that cannot be read or parsed
+  std::exception_ptr store_error;  // a fingerprint that could not be fetched
   try {
     for (int r = 0; r < size() && diff.empty(); ++r) {
       if (r == rank()) continue;
-      Fingerprint theirs = Fingerprint::parse(str(store_->get(prefix + std::to_string(r))));
-      diff = fp.first_difference(theirs, "on rank " + std::to_string(r));
+      const std::string theirs_text = str(store_->get(prefix + std::to_string(r)));
+      try {
+        diff = fp.first_difference(Fingerprint::parse(theirs_text), "on rank " + std::to_string(r));
+      } catch (const MismatchError& e) {  // another format: another torch_asgd, or corrupt
+        diff = fmt::format("rank {}'s fingerprint cannot be read here: {}", r, e.what());
+      }
     }
   } catch (...) {
-    unreadable = std::current_exception();
+    store_error = std::current_exception();
   }
-  if (diff.empty() && !unreadable) return;
+  if (diff.empty() && !store_error) return;
   // Where fingerprints differ, every rank differs from some other and throws. The rank
   // hosting the store takes it down as it unwinds, so each rank says it has read every
   // fingerprint, and none throws before all have: every rank then reports the mismatch,
   // not a store that went away. (Bounded by the timeout; a rank gone meanwhile is not
-  // waited for further, and the mismatch is thrown regardless.) A rank that could not
-  // read a fingerprint says so too, so that nobody waits for it, but does not wait:
-  // the others may have found nothing wrong and gone on.
+  // waited for further, and the mismatch is thrown regardless.) A rank whose store
+  // failed says it has read, so that nobody waits for it, and throws at once.
   try {
     store_->set(prefix + "read/" + std::to_string(rank()), bytes("1"));
-    if (unreadable) std::rethrow_exception(unreadable);
+  } catch (const std::exception&) {
+  }
+  if (store_error) std::rethrow_exception(store_error);
+  try {
     wait_for_all(prefix + "read/", fmt::format("fingerprint exchange for '{}'", topic));
   } catch (const std::exception&) {
   }
-  if (unreadable) std::rethrow_exception(unreadable);
   throw MismatchError(fmt::format(
       "rank {}: ranks disagree on what they exchange ('{}'): {}. Every rank must build the "
       "same model with the same options",

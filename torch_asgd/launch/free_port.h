@@ -1,4 +1,4 @@
-// A free TCP port on 127.0.0.1 for a rendezvous store that a child process will listen
+// A free TCP port for a rendezvous store that a child process will listen
 // on a moment later. Internal (the launcher's --master-port 0, and the tests).
 //
 // The port is chosen below the kernel's ephemeral range
@@ -6,6 +6,8 @@
 // again once closed, and any other process's connect() or bind(0) (Gloo's pairs open
 // dozens a second) can take it before the child listens. Ports below that range are
 // handed out to nobody; only a process binding that very port could race.
+// (The probe binds every address, as the store does: a service listening on one
+// address only still rules its port out.)
 #pragma once
 
 #include <arpa/inet.h>
@@ -13,6 +15,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <fstream>
 #include <random>
@@ -21,16 +24,33 @@
 namespace torch_asgd {
 namespace launch {
 
-// Whether `port` (0: any) can be bound on 127.0.0.1 now; the port bound, or 0.
-inline int try_bind_loopback(int port) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+// Whether `port` (0: any) can be bound now on every address, as the store binds it
+// (dual-stack [::], else 0.0.0.0); the port bound, or 0.
+inline int try_bind(int port) {
+  int fd = ::socket(AF_INET6, SOCK_STREAM, 0);
+  int got = 0;
+  if (fd >= 0) {
+    const int off = 0;
+    ::setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &off, sizeof(off));
+    sockaddr_in6 addr{};
+    addr.sin6_family = AF_INET6;
+    addr.sin6_addr = in6addr_any;
+    addr.sin6_port = htons(static_cast<uint16_t>(port));
+    socklen_t len = sizeof(addr);
+    if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
+        ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+      got = ntohs(addr.sin6_port);
+    }
+    ::close(fd);
+    return got;
+  }
+  fd = ::socket(AF_INET, SOCK_STREAM, 0);  // no IPv6 here
   if (fd < 0) return 0;
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_addr.s_addr = htonl(INADDR_ANY);
   addr.sin_port = htons(static_cast<uint16_t>(port));
   socklen_t len = sizeof(addr);
-  int got = 0;
   if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
       ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
     got = ntohs(addr.sin_port);
@@ -44,18 +64,21 @@ inline int free_port() {
   std::ifstream range("/proc/sys/net/ipv4/ip_local_port_range");
   int first = 0, last = 0;
   if (range >> first >> last && first > 0) low = first;
-  const int from = 10000;  // above the well-known and most registered services' ports
-  if (low - from >= 1000) {
+  // Above the well-known ports, below Kubernetes' node ports (30000-32767, redirected
+  // without a socket to find).
+  const int from = 10000, to = std::min(low, 30000);
+  if (to - from >= 1000) {
     std::mt19937 pick(static_cast<uint32_t>(
-        std::chrono::steady_clock::now().time_since_epoch().count() ^ (::getpid() << 16)));
-    std::uniform_int_distribution<int> port(from, low - 1);
+        static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
+        (static_cast<uint64_t>(::getpid()) << 16)));
+    std::uniform_int_distribution<int> port(from, to - 1);
     for (int tries = 0; tries < 200; ++tries) {
-      const int p = try_bind_loopback(port(pick));
+      const int p = try_bind(port(pick));
       if (p != 0) return p;
     }
   }
-  const int any = try_bind_loopback(0);  // no room below the range: the kernel's pick
-  if (any == 0) throw std::runtime_error("cannot find a free port on 127.0.0.1");
+  const int any = try_bind(0);  // no room below the range: the kernel's pick
+  if (any == 0) throw std::runtime_error("cannot find a free port to listen on");
   return any;
 }
 

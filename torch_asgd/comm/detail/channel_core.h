@@ -89,7 +89,7 @@ struct ChannelCore {
   uint64_t transfer_bytes(const FrameHeader& h) const;
   bool critical(int peer) const;
   bool failed(int peer) const;
-  std::vector<int> live_peers() const;  // not failed (goodbyes included)
+  std::vector<int> live_peers() const;  // not failing or failed (goodbyes included)
   // A peer's connection failed, as seen by any thread: log or store the error (not if
   // the peer had said goodbye: then it is the normal end), and tell sender and receiver.
   void peer_failed(int peer, const std::string& what);
