@@ -3,12 +3,9 @@
 // rather than hangs).
 #pragma once
 
-#include <arpa/inet.h>
 #include <fcntl.h>
-#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -183,10 +180,9 @@ inline std::map<std::string, std::string> rank_env(int rank, int size, int port,
           {"TORCH_ASGD_TIMEOUT", timeout},   {"TORCHELASTIC_RUN_ID", "e2e"}};
 }
 
-// A TCP port on 127.0.0.1 that nobody listens on right now.
-// Below the ephemeral range, so that no other process's connection takes it before
-// the rank that listens there starts.
-inline int free_port() { return launch::free_port(); }
+// A TCP port nobody listens on right now, below the ephemeral range, so that no other
+// process's connection takes it before the rank that listens there starts.
+using launch::free_port;
 
 // Starts `size` ranks of `argv` on loopback, each with rank_env() at a free port.
 inline std::vector<Proc> start_ranks(int size, const std::vector<std::string>& argv,

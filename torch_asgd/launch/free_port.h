@@ -24,39 +24,40 @@
 namespace torch_asgd {
 namespace launch {
 
+// Binds fd to addr, closes fd, and returns the port bound (0: it could not bind).
+template <typename Addr>
+int bind_and_close(int fd, Addr addr, in_port_t Addr::*port) {
+  socklen_t len = sizeof(addr);
+  int got = 0;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+    got = ntohs(addr.*port);
+  }
+  ::close(fd);
+  return got;
+}
+
 // Whether `port` (0: any) can be bound now on every address, as the store binds it
 // (dual-stack [::], else 0.0.0.0); the port bound, or 0.
 inline int try_bind(int port) {
+  const in_port_t wanted = htons(static_cast<uint16_t>(port));
   int fd = ::socket(AF_INET6, SOCK_STREAM, 0);
-  int got = 0;
   if (fd >= 0) {
     const int off = 0;
     ::setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &off, sizeof(off));
     sockaddr_in6 addr{};
     addr.sin6_family = AF_INET6;
     addr.sin6_addr = in6addr_any;
-    addr.sin6_port = htons(static_cast<uint16_t>(port));
-    socklen_t len = sizeof(addr);
-    if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
-        ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
-      got = ntohs(addr.sin6_port);
-    }
-    ::close(fd);
-    return got;
+    addr.sin6_port = wanted;
+    return bind_and_close(fd, addr, &sockaddr_in6::sin6_port);
   }
   fd = ::socket(AF_INET, SOCK_STREAM, 0);  // no IPv6 here
   if (fd < 0) return 0;
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_ANY);
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  socklen_t len = sizeof(addr);
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
-    got = ntohs(addr.sin_port);
-  }
-  ::close(fd);
-  return got;
+  addr.sin_port = wanted;
+  return bind_and_close(fd, addr, &sockaddr_in::sin_port);
 }
 
 inline int free_port() {
