@@ -19,6 +19,9 @@ struct ChannelTestAccess {
   static void fail_sender_thread(Channel& ch) { ch.core_->fail_sender_thread = true; }
   // The receiver thread throws once its next frame has arrived.
   static void fail_receiver_thread(Channel& ch) { ch.core_->fail_receiver_thread = true; }
+  // Idle payload buffers of ordered and replace messages, on either side.
+  static size_t idle_send_buffers(Channel& ch) { return ch.core_->send_buffers.idle_count(); }
+  static size_t idle_recv_buffers(Channel& ch) { return ch.core_->recv_buffers.idle_count(); }
 };
 
 namespace {
@@ -501,6 +504,75 @@ TEST(Channel, CloseReturnsOnlyOnceThePeerHasEverything) {
     }
     EXPECT_FALSE(ch->close(1500ms)) << "close() returned while the peer had not read everything";
     world->store().set("first close done", std::vector<uint8_t>{1});
+    EXPECT_TRUE(ch->close(20s));
+  });
+}
+
+TEST(BufferPool, KeepsWhatWasReleasedWithinItsBoundsAndNeverLendsABufferInUse) {
+  auto pool = std::make_unique<detail::BufferPool>(2, 2000);
+  at::Tensor a = pool->take(at::kFloat, 250);  // 1000 bytes
+  void* const first = a.data_ptr();
+  at::Tensor b = pool->take(at::kFloat, 250);
+  EXPECT_NE(b.data_ptr(), first) << "a buffer in use is not lent again";
+  at::Tensor view = a.narrow(0, 10, 5);
+  a = at::Tensor();
+  EXPECT_EQ(pool->idle_count(), 0u) << "a view still holds it";
+  view = at::Tensor();
+  EXPECT_EQ(pool->idle_count(), 1u);
+  EXPECT_EQ(pool->idle_bytes(), 1000u);
+  at::Tensor c = pool->take(at::kByte, 1000);  // the same bytes, another dtype
+  EXPECT_EQ(c.data_ptr(), first) << "released memory is reused";
+  EXPECT_EQ(c.numel(), 1000);
+  EXPECT_EQ(c.scalar_type(), at::kByte);
+  EXPECT_EQ(pool->idle_count(), 0u);
+  at::Tensor d = pool->take(at::kFloat, 100);  // another size: fresh
+  EXPECT_NE(d.data_ptr(), first);
+  at::Tensor e = pool->take(at::kFloat, 125);  // 500 bytes
+  b = at::Tensor();
+  c = at::Tensor();
+  EXPECT_EQ(pool->idle_bytes(), 2000u);
+  e = at::Tensor();
+  EXPECT_EQ(pool->idle_count(), 2u) << "beyond max_bytes a buffer goes back to the allocator";
+  EXPECT_EQ(pool->idle_bytes(), 2000u);
+  d = at::Tensor();
+  EXPECT_EQ(pool->idle_count(), 2u) << "beyond max_count too";
+  EXPECT_EQ(pool->take(at::kDouble, 0).numel(), 0);
+  at::Tensor late = pool->take(at::kFloat, 250);
+  pool.reset();
+  late.fill_(1.0f);  // still valid memory
+  late = at::Tensor();  // released after its pool: freed
+}
+
+TEST(Channel, OrderedPayloadsReuseTheirBuffersOnBothSides) {
+  // A message's buffers are fresh memory only the first time: a sender's copy returns
+  // to its pool once acknowledged, and what a receiver handed out once it is dropped.
+  const int64_t numel = (1 << 20) / 4;
+  spawn(2, [&](std::shared_ptr<World> world) {
+    ChannelOptions opts;
+    opts.name = "pool";
+    opts.capacity_bytes = numel * 4;
+    auto ch = world->open_channel(opts);
+    void* first = nullptr;
+    for (int i = 0; i < 3; ++i) {
+      if (world->rank() == 1) {
+        Outgoing m;
+        m.payload = torch::full({numel}, static_cast<float>(i));
+        ch->send(0, m);
+        ASSERT_TRUE(ch->flush(30s));
+        EXPECT_EQ(ChannelTestAccess::idle_send_buffers(*ch), 1u)
+            << "message " << i << ": the acknowledged copy is back, and the earlier one was reused";
+      } else {
+        auto got = receive(*ch, 1);
+        ASSERT_EQ(got.size(), 1u);
+        EXPECT_TRUE(got[0].payload.equal(torch::full({numel}, static_cast<float>(i))));
+        if (i == 0) first = got[0].payload.data_ptr();
+        EXPECT_EQ(got[0].payload.data_ptr(), first) << "message " << i << " reuses the first's buffer";
+        EXPECT_EQ(ChannelTestAccess::idle_recv_buffers(*ch), 0u);
+        got.clear();
+        EXPECT_EQ(ChannelTestAccess::idle_recv_buffers(*ch), 1u) << "dropped, it is back";
+      }
+      world->barrier("message " + std::to_string(i));
+    }
     EXPECT_TRUE(ch->close(20s));
   });
 }

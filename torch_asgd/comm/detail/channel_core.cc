@@ -14,6 +14,18 @@
 namespace torch_asgd {
 namespace detail {
 
+namespace {
+
+// Idle payload buffers kept per side: enough for a stream of messages of one size to
+// reuse its buffers (two of the largest, or up to 32 MiB of smaller ones).
+constexpr size_t kPooledBuffers = 8;
+uint64_t pooled_bytes(const ChannelOptions& o) {
+  const uint64_t cap = static_cast<uint64_t>(std::max<int64_t>(o.capacity_bytes, 0));
+  return std::min<uint64_t>(kPooledBuffers * cap, std::max<uint64_t>(2 * cap, 32ull << 20));
+}
+
+}  // namespace
+
 ChannelCore::ChannelCore(std::shared_ptr<World> w, ChannelOptions o, uint64_t slot, uint64_t tok)
     : world(std::move(w)),
       context(world->gloo_context()),
@@ -22,7 +34,9 @@ ChannelCore::ChannelCore(std::shared_ptr<World> w, ChannelOptions o, uint64_t sl
       size(world->size()),
       data_slot(slot),
       watch_slot(slot + 1),
-      token(tok) {
+      token(tok),
+      send_buffers(kPooledBuffers, pooled_bytes(options)),
+      recv_buffers(kPooledBuffers, pooled_bytes(options)) {
   peers.resize(size);
   for (const auto& s : options.additive) {
     streams[s.id] = &s;

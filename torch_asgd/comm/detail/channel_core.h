@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "torch_asgd/comm/channel.h"
+#include "torch_asgd/comm/detail/buffer_pool.h"
 #include "torch_asgd/comm/detail/numeric.h"
 #include "torch_asgd/comm/wire.h"
 
@@ -65,6 +66,11 @@ struct ChannelCore {
 
   Sender* sender = nullptr;
   Receiver* receiver = nullptr;
+
+  // Payloads of ordered and replace messages: the sender's copies, and what the receiver
+  // hands out (each keeps at most two of the largest messages, or 32 MiB of smaller ones).
+  BufferPool send_buffers;
+  BufferPool recv_buffers;
 
   // Guards peers and is what close() sleeps on.
   mutable std::mutex mu;

@@ -282,7 +282,7 @@ void Receiver::on_frame(int src, const uint8_t* data) {
   p.checksum.reset();
   if (h.type != FrameType::kAdditive && why == Reject::kNone) {
     const int64_t numel = static_cast<int64_t>(h.payload_bytes / dtype_size(h.dtype));
-    p.buffer = at::empty({numel}, at::TensorOptions().dtype(h.dtype));
+    p.buffer = core_.recv_buffers.take(h.dtype, numel);
   }
   if (h.payload_bytes == 0) {
     finish_message(p);

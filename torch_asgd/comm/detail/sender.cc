@@ -118,7 +118,11 @@ OutRef Sender::new_message(FrameType type, uint8_t stream, c10::ScalarType dtype
       free.pop_back();
     }
   }
-  if (!buffer.defined()) buffer = at::empty({numel}, at::TensorOptions().dtype(dtype));
+  if (!buffer.defined()) {
+    // (Ordered and replace payloads come back to the pool when the last peer has them.)
+    buffer = type == FrameType::kAdditive ? at::empty({numel}, at::TensorOptions().dtype(dtype))
+                                          : core_.send_buffers.take(dtype, numel);
+  }
   // Additive buffers come back for the next message once nobody references them (a
   // retired message may outlive the sender: the free list is shared with it).
   auto recycle = [free = free_](OutMsg* m) {
