@@ -25,7 +25,11 @@
 //   and three threads (a sender, a receiver and a watcher of the connections) serve
 //   every peer. Messages larger than a chunk travel as several chunks; a receiver may
 //   hand part of an additive message to the training thread before the rest arrives
-//   (its metadata comes with the last chunk).
+//   (its metadata comes with the last chunk). The payload buffers of ordered and
+//   replace messages are reused once released (the sender's copy when acknowledged,
+//   a received payload when the caller drops it): each side keeps at most two idle
+//   buffers of capacity_bytes, or 32 MiB of smaller ones, since fresh memory costs a
+//   page fault per page on first write.
 // - Every frame is checked (wire.h): sizes, sender, sequence, token, header checksum,
 //   and by default an XXH3 checksum of every payload. What fails a check is counted in
 //   PeerCounters::rejected, logged once per reason, and never delivered. Floating-point
