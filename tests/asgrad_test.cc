@@ -2,7 +2,10 @@
 
 #include <algorithm>
 
+#include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <limits>
 #include <deque>
 #include <map>
 #include <set>
@@ -577,6 +580,198 @@ TEST(AsGrad, AGradientOfAWorkerAlreadyGivenUpIsAppliedWithoutANewJob) {
   ASSERT_TRUE(server.serve(std::chrono::milliseconds(0)));
   EXPECT_EQ(server.stats().version, 1) << "the gradient is real work";
   EXPECT_EQ(server.jobs_in_flight(), 1) << "only worker 1 is left, with its one job";
+}
+
+// ---- compressed gradients -------------------------------------------------------------
+
+// An SGD that also adds up, in float64, every gradient it is given.
+struct RecordingSGD : torch::optim::SGD {
+  RecordingSGD(std::vector<torch::Tensor> params, torch::optim::SGDOptions o)
+      : torch::optim::SGD(std::move(params), o) {}
+  torch::Tensor step(LossClosure closure = nullptr) override {
+    const at::Tensor g = param_groups()[0].params()[0].grad().to(at::kDouble).reshape({-1});
+    sum = sum.defined() ? sum + g : g;
+    ++steps;
+    return torch::optim::SGD::step(closure);
+  }
+  at::Tensor sum;
+  int steps = 0;
+};
+
+// Gradient t of the compressed tests: scales from 1e-2 to 1e2, and one entry far larger
+// than the rest of its block (what a per-block scale must survive).
+at::Tensor compressed_test_gradient(int64_t dim, int t) {
+  auto gen = at::detail::createCPUGenerator(100 + t);
+  at::Tensor g = torch::randn({dim}, gen) * std::pow(10.0, t % 5 - 2);
+  g[(t * 977) % dim] = 3e3;
+  return g;
+}
+
+class CompressedAsGrad : public ::testing::TestWithParam<std::string> {};
+
+// The server applies the decoded gradients; what the codec lost stays with the worker
+// and rides along with its next gradient, so that the gradients applied plus what the
+// worker still keeps equal the gradients it produced, up to the float32 rounding of
+// adding the residual in. Without error feedback the gap is far above that bound.
+TEST_P(CompressedAsGrad, TheServerAppliesWhatWasProducedLessWhatTheWorkerStillKeeps) {
+  const Compression c = Compression::parse(GetParam());
+  const int64_t dim = 9002;  // two whole codec blocks and an odd rest
+  const int steps = 25;
+  at::Tensor produced, magnitude, applied, residual;
+  int applied_steps = 0;
+  testing::spawn(2, [&](std::shared_ptr<World> world) {
+    auto w = torch::zeros({dim}, torch::requires_grad());
+    if (world->rank() == 0) {
+      auto rule = std::make_shared<RecordingSGD>(std::vector<torch::Tensor>{w}, torch::optim::SGDOptions(0.01));
+      ParameterServer server(rule, ServerOptions().policy(AssignPolicy::kPure).max_gradients(steps).compression(c),
+                             world);
+      server.run();
+      applied = rule->sum;
+      applied_steps = rule->steps;
+      return;
+    }
+    AsGradWorker opt(std::vector<torch::Tensor>{w}, WorkerOptions().compression(c), world);
+    at::Tensor made, size;
+    for (int t = 0; !opt.done(); ++t) {
+      const at::Tensor g = compressed_test_gradient(dim, t);
+      w.mutable_grad() = g.clone();
+      made = made.defined() ? made + g.to(at::kDouble) : g.to(at::kDouble);
+      size = size.defined() ? size + g.abs().to(at::kDouble) : g.abs().to(at::kDouble);
+      opt.step();
+    }
+    produced = made;
+    magnitude = size;
+    residual = opt.residual().to(at::kDouble);
+    opt.finish();
+  });
+  ASSERT_EQ(applied_steps, steps);
+  const at::Tensor gap = (applied + residual - produced).abs();
+  const at::Tensor bound = 1e-7 * (magnitude + residual.abs()) + 1e-12;
+  EXPECT_TRUE((gap <= bound).all().item<bool>())
+      << "largest gap " << gap.max().item<double>() << " where the rounding bound is "
+      << bound.max().item<double>() << " (worst ratio " << (gap / bound).max().item<double>() << ")";
+  EXPECT_GT(residual.abs().max().item<double>(), 10 * bound.max().item<double>())
+      << "the codec lost something (else this proves nothing)";
+}
+
+INSTANTIATE_TEST_SUITE_P(Codecs, CompressedAsGrad, ::testing::Values("bf16", "fp16", "int8", "topk:0.1"),
+                         [](const auto& info) {
+                           std::string s = info.param;
+                           std::replace(s.begin(), s.end(), ':', '_');
+                           std::replace(s.begin(), s.end(), '.', '_');
+                           return s;
+                         });
+
+TEST(CompressedAsGrad, AServerAndAWorkerWithDifferentCodecsAreRefused) {
+  auto errors = testing::spawn_collect(2, [](std::shared_ptr<World> world) {
+    auto w = torch::zeros({10}, torch::requires_grad());
+    if (world->rank() == 0) {
+      ParameterServer server(std::vector<torch::Tensor>{w}, torch::optim::SGDOptions(0.1),
+                             ServerOptions().compression(Codec::kInt8), world);
+    } else {
+      AsGradWorker opt(std::vector<torch::Tensor>{w}, WorkerOptions().compression(Codec::kBf16), world);
+    }
+  });
+  ASSERT_EQ(errors.size(), 2u);
+  for (const auto& e : errors) {
+    EXPECT_NE(e.find("compression"), std::string::npos) << e;
+    EXPECT_NE(e.find("int8"), std::string::npos) << e;
+    EXPECT_NE(e.find("bf16"), std::string::npos) << e;
+  }
+}
+
+TEST(CompressedAsGrad, DoubleParametersAndBadFractionsAreConfigErrors) {
+  auto errors = testing::spawn_collect(2, [](std::shared_ptr<World> world) {
+    auto w = torch::zeros({10}, torch::TensorOptions().dtype(torch::kDouble).requires_grad(true));
+    if (world->rank() == 0) {
+      ParameterServer server(std::vector<torch::Tensor>{w}, torch::optim::SGDOptions(0.1),
+                             ServerOptions().compression(Codec::kInt8), world);
+    } else {
+      auto f = torch::zeros({10}, torch::requires_grad());
+      AsGradWorker opt(std::vector<torch::Tensor>{f}, WorkerOptions().compression(Compression(Codec::kTopK, 0)),
+                       world);
+    }
+  });
+  ASSERT_EQ(errors.size(), 2u);
+  EXPECT_NE(errors[0].find("ParameterServer: compression 'int8' needs float32 parameters, these are Double"),
+            std::string::npos)
+      << errors[0];
+  EXPECT_NE(errors[1].find("AsGradWorker: topk fraction 0 must be in (0, 1]"), std::string::npos) << errors[1];
+}
+
+TEST(CompressedAsGrad, AnUndecodableGradientIsACommErrorNotAStep) {
+  testing::ScriptedNetwork net(2);
+  auto w = torch::zeros({10}, torch::requires_grad());
+  ParameterServer server(std::make_shared<torch::optim::SGD>(std::vector<torch::Tensor>{w},
+                                                             torch::optim::SGDOptions(0.1)),
+                         ServerOptions().max_gradients(10).compression(Codec::kInt8), net.endpoint(0));
+  auto worker = net.endpoint(1);
+  ASSERT_TRUE(server.serve(std::chrono::milliseconds(0)));
+  at::Tensor bytes = torch::zeros({codec::encoded_bytes(Codec::kInt8, 10)}, torch::kByte);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::memcpy(bytes.data_ptr(), &nan, sizeof(nan));  // the block's scale
+  worker->send(0, detail::asgrad_message(detail::kGradient, 0, bytes));
+  net.deliver(1, 0, 1);
+  try {
+    server.serve(std::chrono::milliseconds(0));
+    ADD_FAILURE() << "an undecodable gradient was taken";
+  } catch (const CommError& e) {
+    EXPECT_NE(std::string(e.what()).find("worker 1 sent a int8 gradient that does not decode to finite values"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_EQ(server.stats().version, 0);
+  EXPECT_TRUE(w.eq(0).all().item<bool>());
+}
+
+// The residual is state: saved and loaded with the worker; resumed without
+// compression, it goes with the first gradient, whole.
+TEST(CompressedAsGrad, ACheckpointKeepsTheResidualAndAnUncompressedResumeSendsItOnce) {
+  const std::string path = ::testing::TempDir() + "asgd_worker_int8_" + std::to_string(::getpid()) + ".pt";
+  const int64_t dim = 5000;
+  at::Tensor saved_residual, loaded_residual, first_applied;
+  testing::spawn(2, [&](std::shared_ptr<World> world) {
+    auto w = torch::zeros({dim}, torch::requires_grad());
+    if (world->rank() == 0) {
+      ParameterServer server(std::vector<torch::Tensor>{w}, torch::optim::SGDOptions(0.01),
+                             ServerOptions().max_gradients(5).compression(Codec::kInt8), world);
+      server.run();
+      return;
+    }
+    AsGradWorker opt(std::vector<torch::Tensor>{w}, WorkerOptions().compression(Codec::kInt8), world);
+    for (int t = 0; !opt.done(); ++t) {
+      w.mutable_grad() = compressed_test_gradient(dim, t);
+      opt.step();
+    }
+    opt.finish();
+    saved_residual = opt.residual().clone();
+    torch::save(opt, path);
+  });
+  ASSERT_GT(saved_residual.abs().max().item<double>(), 0);
+  const at::Tensor g = compressed_test_gradient(dim, 7);
+  bool residual_after = true;
+  testing::spawn(2, [&](std::shared_ptr<World> world) {
+    auto w = torch::zeros({dim}, torch::requires_grad());
+    if (world->rank() == 0) {
+      auto rule = std::make_shared<RecordingSGD>(std::vector<torch::Tensor>{w}, torch::optim::SGDOptions(0.01));
+      ParameterServer server(rule, ServerOptions().max_gradients(1), world);
+      server.run();
+      first_applied = rule->sum;
+      return;
+    }
+    AsGradWorker opt(std::vector<torch::Tensor>{w}, WorkerOptions(), world);
+    torch::load(opt, path);
+    loaded_residual = opt.residual().clone();
+    w.mutable_grad() = g.clone();
+    opt.step();
+    residual_after = opt.residual().defined();
+    opt.finish();
+  });
+  EXPECT_TRUE(torch::equal(loaded_residual, saved_residual)) << "the checkpoint keeps the residual";
+  EXPECT_TRUE(torch::equal(first_applied, (g + saved_residual).to(at::kDouble)))
+      << "the first uncompressed gradient carries the residual";
+  EXPECT_FALSE(residual_after) << "and nothing is owed after it";
+  std::remove(path.c_str());
 }
 
 }  // namespace

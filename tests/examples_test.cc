@@ -71,7 +71,8 @@ INSTANTIATE_TEST_SUITE_P(Algos, MnistEveryAlgo,
                          algo_test_name);
 
 // The codecs end to end in real processes: a compressed run finishes cleanly on every
-// rank; sync's summary names the codec and its (deterministic) accuracy clears the bar.
+// rank; sync's and the AsGrad server's summaries name the codec, and sync's
+// (deterministic) accuracy clears the bar.
 // Run like this (no straggler, no evaluations), DASGD's accuracy after its 40 steps on
 // this tiny data varied between 0.1 and 1.0 over 18 runs, compressed or not (it depends
 // on timing; MnistEveryAlgo's straggler and evaluations slow the ranks and it has
@@ -96,13 +97,16 @@ TEST_P(MnistCompressed, Int8RunsFinishAndSyncNamesTheCodec) {
   if (algo == "gossip") {
     EXPECT_NE(p.out_buf.find("models sent as int8"), std::string::npos) << p.out_buf;
   }
+  if (algo == "asgd-shuffle") {
+    EXPECT_NE(p.out_buf.find("received as int8"), std::string::npos) << p.out_buf;
+  }
   if (algo == "sync") {
     EXPECT_NE(p.out_buf.find("bytes reduced (int8)"), std::string::npos) << p.out_buf;
     EXPECT_GT(m["test_accuracy"].get<double>(), 0.5) << m.dump(2);
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Algos, MnistCompressed, ::testing::Values("dasgd", "sync", "gossip"),
+INSTANTIATE_TEST_SUITE_P(Algos, MnistCompressed, ::testing::Values("dasgd", "sync", "gossip", "asgd-shuffle"),
                          algo_test_name);
 
 // Each bad input: one clear line on every rank that sees it, a non-zero exit, no hang.
@@ -163,9 +167,9 @@ TEST(MnistBadInput, UnknownAlgo) {
 }
 
 TEST(MnistBadInput, CompressionWhereItDoesNotApply) {
-  Proc p = mnist({"--algo", "asgd-shuffle", "--compress", "int8"});
+  Proc p = mnist({"--algo", "local", "--compress", "int8"});
   EXPECT_EQ(p.exit_code, 2);
-  EXPECT_NE(p.err_buf.find("--algo asgd-shuffle is not compressed (use dasgd, sync or gossip)"),
+  EXPECT_NE(p.err_buf.find("--algo local is not compressed (use dasgd, sync, gossip or asgd-*)"),
             std::string::npos)
       << p.err_buf;
   p = mnist({"--algo", "gossip", "--compress", "topk:0.1"});

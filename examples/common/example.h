@@ -36,7 +36,7 @@ struct ExampleOptions {
   int64_t max_lead = 0;                // dasgd: the bounded lead (0: off)
   std::string lead_policy = "wait";    // dasgd: wait, damp
   std::string lead_measure = "applied";  // dasgd: applied, progress
-  std::string compress = "none";       // dasgd, sync, gossip: codec of the deltas / gradients / models
+  std::string compress = "none";       // dasgd, sync, gossip, asgd-*: codec of the deltas / gradients / models
   double gossip_alpha = 0.5;
   std::string partition = "iid";       // iid, by-label (shards), full (every rank, own order)
   std::string sampling = "reshuffle";  // reshuffle, shuffle-once, with-replacement

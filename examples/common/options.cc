@@ -67,9 +67,9 @@ int parse_options(int argc, char** argv, const Task& task, ExampleOptions* out) 
       ->check(CLI::IsMember({"applied", "progress"}))
       ->capture_default_str();
   app.add_option("--compress", o.compress,
-                 "dasgd, sync, gossip: how deltas / gradients / models travel: none, bf16, fp16, int8, topk "
-                 "(1 % of the entries; not gossip) or topk:F; for deltas and gradients, lossy codecs keep "
-                 "what they lose for the next message")
+                 "dasgd, sync, gossip, asgd-*: how deltas / gradients / models / workers' gradients travel: "
+                 "none, bf16, fp16, int8, topk (1 % of the entries; not gossip) or topk:F; for deltas and "
+                 "gradients, lossy codecs keep what they lose for the next message")
       ->check([](const std::string& v) {
         try {
           torch_asgd::Compression::parse(v);
@@ -148,9 +148,11 @@ int parse_options(int argc, char** argv, const Task& task, ExampleOptions* out) 
     if (o.resume && o.checkpoint_dir.empty()) {
       throw CLI::ValidationError("--resume", "needs --checkpoint-dir DIR, the directory of the run to continue");
     }
-    if (o.compress != "none" && o.algo != "dasgd" && o.algo != "sync" && o.algo != "gossip") {
-      throw CLI::ValidationError("--compress", "compresses DASGD's deltas, SyncSGD's gradients and gossip's models; "
-                                                   "--algo " + o.algo + " is not compressed (use dasgd, sync or gossip)");
+    if (o.compress != "none" && o.algo != "dasgd" && o.algo != "sync" && o.algo != "gossip" &&
+        o.algo.rfind("asgd-", 0) != 0) {
+      throw CLI::ValidationError("--compress", "compresses DASGD's deltas, SyncSGD's gradients, gossip's models and "
+                                                   "AsGrad workers' gradients; --algo " + o.algo +
+                                                   " is not compressed (use dasgd, sync, gossip or asgd-*)");
     }
     if (o.algo == "gossip" && o.compress.rfind("topk", 0) == 0) {
       throw CLI::ValidationError("--compress", "topk sends a few entries of what it is given, and gossip sends "

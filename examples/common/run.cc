@@ -320,7 +320,8 @@ void Run::setup() {
             .policy(parse_assign_policy(o_.algo.substr(5)))
             .step_rule(parse_step_rule(o_.step_rule))
             .max_gradients(budget)
-            .seed(o_.seed),
+            .seed(o_.seed)
+            .compression(Compression::parse(o_.compress)),
         world_, model_->named_parameters().keys());
     if (o_.resume) {
       const int64_t at = load_rank(*checkpoint_, meta_, "server", *server_, *model_);
@@ -375,7 +376,8 @@ void Run::build_trainer() {
     sync_ = s.get();
     opt_ = std::move(s);
   } else {
-    auto w = std::make_unique<AsGradWorker>(model_->named_parameters(), WorkerOptions(), world_);
+    auto w = std::make_unique<AsGradWorker>(model_->named_parameters(),
+                                            WorkerOptions().compression(Compression::parse(o_.compress)), world_);
     worker_ = w.get();
     opt_ = std::move(w);
   }

@@ -49,11 +49,17 @@ AsGradWorker::AsGradWorker(const torch::OrderedDict<std::string, torch::Tensor>&
   }
   stats_.rank = world_->rank();
   flat_ = std::make_unique<detail::FlatParams>(param_groups_, named.keys());
+  const Compression& c = options_.compression();
+  detail::check_asgrad_compression(c, flat_->dtype(), fmt::format("rank {}: AsGradWorker", world_->rank()));
   // A dead fellow worker is no concern of this one; a dead server ends its work.
-  ChannelOptions channel_options = detail::asgrad_channel_options(*flat_, PeerFailure::kContinue);
+  ChannelOptions channel_options = detail::asgrad_channel_options(*flat_, PeerFailure::kContinue, c);
   channel_options.critical_peers = {server};
-  channel_ = world_->open_channel(channel_options, detail::asgrad_fingerprint(*flat_, server));
+  channel_ = world_->open_channel(channel_options, detail::asgrad_fingerprint(*flat_, server, c));
   grads_ = torch::zeros({flat_->numel()}, torch::TensorOptions().dtype(flat_->dtype()));
+  if (c.lossy()) {
+    residual_ = torch::zeros_like(grads_);
+    encoded_ = torch::empty({codec::encoded_bytes(c, flat_->numel())}, torch::kByte);
+  }
   wait_for_job();
 }
 
@@ -118,8 +124,24 @@ torch::Tensor AsGradWorker::step(LossClosure closure) {
   if (done_) return loss;
   torch::NoGradGuard no_grad;
   flat_->gather_grads(grads_);
+  at::Tensor payload = grads_;
+  if (residual_.defined()) {
+    // Error feedback: what earlier encodings lost rides along. The residual becomes what
+    // this encoding loses; values no codec can take (NaN, Inf) travel as they are, and
+    // owe nothing after.
+    grads_.add_(residual_);
+    const Compression& c = options_.compression();
+    if (c.lossy() && codec::encode(c, grads_.data_ptr<float>(), grads_.numel(),
+                                   encoded_.data_ptr<uint8_t>(), residual_.data_ptr<float>())) {
+      payload = encoded_;
+    } else if (c.lossy()) {
+      residual_.zero_();
+    } else {
+      residual_ = at::Tensor();  // a checkpoint's residual, resumed without compression: sent
+    }
+  }
   channel_->send(options_.server_rank(),
-                 detail::asgrad_message(detail::kGradient, stats_.job_version, grads_));
+                 detail::asgrad_message(detail::kGradient, stats_.job_version, payload));
   ++stats_.gradients;
   wait_for_job();
   return loss;
@@ -138,6 +160,7 @@ bool AsGradWorker::finish(std::chrono::milliseconds timeout) {
 void AsGradWorker::save(torch::serialize::OutputArchive& archive) const {
   detail::write_fingerprint(archive, "torch_asgd/worker", flat_->fingerprint());
   detail::write_int64s(archive, "torch_asgd/worker/counters", {stats_.gradients, stats_.jobs});
+  if (residual_.defined()) archive.write("torch_asgd/worker/residual", residual_);
 }
 
 void AsGradWorker::load(torch::serialize::InputArchive& archive) {
@@ -145,6 +168,20 @@ void AsGradWorker::load(torch::serialize::InputArchive& archive) {
   auto c = detail::read_int64s(archive, "torch_asgd/worker/counters", 2);
   stats_.gradients = c[0];
   stats_.jobs = c[1];
+  // What the encodings owed when it was saved goes with the next gradient, compressed
+  // or not (a checkpoint without one owes nothing).
+  at::Tensor saved;
+  if (!archive.try_read("torch_asgd/worker/residual", saved)) {
+    if (residual_.defined() && options_.compression().lossy()) residual_.zero_();
+    if (!options_.compression().lossy()) residual_ = at::Tensor();
+    return;
+  }
+  if (saved.numel() != flat_->numel() || saved.scalar_type() != flat_->dtype()) {
+    throw MismatchError(fmt::format(
+        "AsGradWorker: the checkpoint's error-feedback residual has {} {} values, this model has {} {}",
+        saved.numel(), c10::toString(saved.scalar_type()), flat_->numel(), c10::toString(flat_->dtype())));
+  }
+  residual_ = saved.reshape({-1}).to(at::kCPU).clone();
 }
 
 }  // namespace torch_asgd

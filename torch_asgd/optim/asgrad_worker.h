@@ -37,6 +37,11 @@ class FlatParams;
 struct WorkerOptions {
   WorkerOptions() = default;
   TORCH_ARG(int, server_rank) = 0;
+  // How gradients travel (codec.h; float32 parameters only). Must be the server's too
+  // (compared when the channel opens). Under a lossy codec the worker keeps what each
+  // encoding lost and adds it to its next gradient (error feedback): the server receives
+  // the sum of the gradients less what the worker still keeps (residual()).
+  TORCH_ARG(Compression, compression) = Compression();
 };
 
 
@@ -65,6 +70,9 @@ class AsGradWorker : public torch::optim::Optimizer {
   // false if the server did not finish within `timeout`.
   bool finish(std::chrono::milliseconds timeout = std::chrono::seconds(60));
   AsGradWorkerStats stats() const { return stats_; }
+  // What the gradient encodings lost and the next gradient carries (undefined without
+  // compression). Saved in checkpoints; resumed without compression, it is sent once.
+  const at::Tensor& residual() const { return residual_; }
 
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
@@ -77,6 +85,8 @@ class AsGradWorker : public torch::optim::Optimizer {
   std::unique_ptr<detail::FlatParams> flat_;
   std::unique_ptr<Channel> channel_;
   at::Tensor grads_;
+  at::Tensor residual_;  // error feedback: float32, on the CPU
+  at::Tensor encoded_;   // the encoded gradient (bytes)
   std::deque<Message> arrivals_;  // from the server, not yet used
   AsGradWorkerStats stats_;
   bool done_ = false;

@@ -24,9 +24,10 @@ StepRule parse_step_rule(const std::string& name) {
 }
 
 std::string ServerStats::str() const {
-  std::string out = fmt::format("server: {} gradients, {} applied, {} dropped{}; {}", gradients,
+  std::string out = fmt::format("server: {} gradients, {} applied, {} dropped{}{}; {}", gradients,
                                 version, dropped,
                                 late > 0 ? fmt::format(", {} after the budget", late) : "",
+                                codec.empty() ? "" : fmt::format(", {} received as {}", encoded, codec),
                                 staleness.str());
   for (const auto& w : workers) {
     out += fmt::format("\n  worker {}: {} jobs, {} gradients, {} dropped, {}{}", w.rank, w.jobs,
@@ -50,8 +51,10 @@ ParameterServer::ParameterServer(std::shared_ptr<torch::optim::Optimizer> inner,
     throw ConfigError(fmt::format("rank {} built a ParameterServer but server_rank is {}",
                                   world_->rank(), options_.server_rank()));
   }
-  Fingerprint fp = detail::asgrad_fingerprint(flat(), options_.server_rank());
-  transport_ = world_->open_channel(detail::asgrad_channel_options(flat(), options_.on_worker_failure()), fp);
+  const Compression& c = options_.compression();
+  detail::check_asgrad_compression(c, flat().dtype(), fmt::format("rank {}: ParameterServer", world_->rank()));
+  Fingerprint fp = detail::asgrad_fingerprint(flat(), options_.server_rank(), c);
+  transport_ = world_->open_channel(detail::asgrad_channel_options(flat(), options_.on_worker_failure(), c), fp);
   timeout_ = world_->options().timeout;
   init();
 }
@@ -66,6 +69,7 @@ ParameterServer::ParameterServer(std::shared_ptr<torch::optim::Optimizer> inner,
   if (!transport_ || transport_->size() < 2) {
     throw ConfigError("a parameter server needs at least 2 ranks (itself and a worker)");
   }
+  detail::check_asgrad_compression(options_.compression(), flat().dtype(), "ParameterServer");
   init();
 }
 
@@ -83,6 +87,10 @@ void ParameterServer::init() {
   }
   assigner_ = std::make_unique<JobAssigner>(options_.policy(), worker_ranks_, options_.seed());
   grad_ = torch::zeros({flat().numel()}, torch::TensorOptions().dtype(flat().dtype()).device(flat().device()));
+  if (options_.compression().lossy()) {
+    decoded_ = torch::zeros({flat().numel()}, torch::kFloat);
+    totals_.codec = options_.compression().describe();
+  }
 }
 
 ParameterServer::ParameterServer(std::vector<torch::Tensor> params,
@@ -196,14 +204,25 @@ void ParameterServer::handle_gradient(const Message& m) {
     ++totals_.late;  // the budget is spent: no more steps
     return;
   }
-  if (m.payload.numel() != flat().numel() || m.payload.scalar_type() != flat().dtype()) {
+  const Compression& c = options_.compression();
+  const bool encoded = detail::is_encoded_gradient(m, c, flat().numel());
+  if (encoded && !codec::valid(c, m.payload.data_ptr<uint8_t>(), 0, m.payload.numel(), flat().numel())) {
+    throw CommError(fmt::format("rank {}: worker {} sent a {} gradient that does not decode to finite "
+                                "values; its memory or its build is broken",
+                                rank_, w, c.describe()));
+  }
+  if (!encoded && (m.payload.numel() != flat().numel() || m.payload.scalar_type() != flat().dtype())) {
     throw CommError(fmt::format("rank {}: worker {} sent a gradient of {} elements of {}; the model "
-                                "has {} of {}",
+                                "has {} of {}{}",
                                 rank_, w, m.payload.numel(),
                                 c10::toString(m.payload.scalar_type()), flat().numel(),
-                                c10::toString(flat().dtype())));
+                                c10::toString(flat().dtype()),
+                                c.lossy() ? fmt::format(" ({} bytes under {})",
+                                                        codec::encoded_bytes(c, flat().numel()), c.describe())
+                                          : ""));
   }
   ++totals_.gradients;
+  if (encoded) ++totals_.encoded;
   // A worker already given up (its job was issued to another) gets no new job: as many
   // jobs stay in flight as live workers. Its gradient is still real work.
   const bool counted = busy_[w];
@@ -215,7 +234,14 @@ void ParameterServer::handle_gradient(const Message& m) {
     ++totals_.dropped;
   } else {
     torch::NoGradGuard no_grad;
-    grad_.copy_(m.payload);
+    if (encoded) {
+      decoded_.zero_();
+      codec::add_decoded(c, m.payload.data_ptr<uint8_t>(), 0, m.payload.numel(), flat().numel(),
+                         decoded_.data_ptr<float>());
+      grad_.copy_(decoded_);
+    } else {
+      grad_.copy_(m.payload);
+    }
     const double n = static_cast<double>(worker_ranks_.size());
     if (options_.step_rule() == StepRule::kDelayAdaptive && tau > n) {
       grad_.mul_(n / static_cast<double>(tau));  // gamma_tau = gamma min(1, n / tau)

@@ -63,6 +63,9 @@ struct ServerOptions {
   // more jobs; its job in flight is issued anew to another worker. kThrow: the next
   // serve() throws CommError.
   TORCH_ARG(PeerFailure, on_worker_failure) = PeerFailure::kContinue;
+  // How the workers' gradients travel (codec.h; float32 parameters only); the workers'
+  // WorkerOptions::compression must be the same (compared when the channel opens).
+  TORCH_ARG(Compression, compression) = Compression();
 };
 
 struct WorkerStats {
@@ -81,6 +84,8 @@ struct ServerStats {
   int64_t gradients = 0;  // gradients taken (applied or dropped), at most max_gradients
   int64_t dropped = 0;
   int64_t late = 0;  // gradients that came after the budget was spent (not applied)
+  std::string codec;     // ServerOptions::compression, when lossy
+  int64_t encoded = 0;   // gradients that came encoded (the others: values no codec takes)
   StalenessStats staleness;
   std::vector<WorkerStats> workers;
   std::string str() const;
@@ -158,6 +163,7 @@ class ParameterServer : public DistributedOptimizer {
   std::vector<std::deque<Job>> queues_;   // by rank
   std::deque<Message> pending_;           // arrived, not yet handled
   at::Tensor grad_;                       // the gradient the rule is given (parameters' device)
+  at::Tensor decoded_;                    // an encoded gradient decoded (CPU, float32)
   ServerStats totals_;
   std::vector<int> job_log_, apply_log_;
   std::chrono::steady_clock::time_point last_gradient_;
