@@ -10,11 +10,12 @@
 #
 #   benchmarks/slow_links.sh [--hosts "4 8"] [--rates "100mbit 1gbit"] [--seconds 60]
 #                            [--codecs "none bf16 int8 topk"] [--cifar-seconds 40]
-#                            [--algos "dasgd gossip sync"]
+#                            [--algos "dasgd gossip sync"] (also: asgd-shuffle)
 #                            [--repeats 1] [--out DIR] [--quick]
 #
 # DASGD and sync run under every codec (sync all-gathers its encoded gradients), gossip
-# under every codec but topk (its models are not sparse). --algos picks which run; results
+# under every codec but topk (its models are not sparse); asgd-shuffle (rank 0 the
+# server, the others workers whose gradients travel encoded, the models not) when asked. --algos picks which run; results
 # already in --out are kept, so a later run of one algorithm adds its rows to the table.
 # --quick: 2 and 4 hosts, 100mbit, 15 s: a check of the script, not figures.
 # Needs root (network namespaces), build/bin, gnuplot; exits 77 when namespaces are not

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 out, secs, cifar_secs = sys.argv[1], sys.argv[2], sys.argv[3]
-NAME = re.compile(r"(mnist|cifar)_n(\d+)_(\w+?)_(dasgd|gossip|sync)_([\w.:]+)\.r(\d+)\.json$")
+NAME = re.compile(r"(mnist|cifar)_n(\d+)_(\w+?)_(dasgd|gossip|sync|asgd-shuffle)_([\w.:]+)\.r(\d+)\.json$")
 
 runs = {}
 for path in sorted(glob.glob(os.path.join(out, "*.json"))):
