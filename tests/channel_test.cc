@@ -1,6 +1,8 @@
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cstring>
+#include <thread>
 
 #include <gloo/context.h>
 #include <gloo/transport/unbound_buffer.h>
@@ -508,8 +510,8 @@ TEST(Channel, CloseReturnsOnlyOnceThePeerHasEverything) {
   });
 }
 
-TEST(BufferPool, KeepsWhatWasReleasedWithinItsBoundsAndNeverLendsABufferInUse) {
-  auto pool = std::make_unique<detail::BufferPool>(2, 2000);
+TEST(BufferPool, ReusesWhatWasReleasedAndNeverLendsABufferInUse) {
+  auto pool = std::make_unique<detail::BufferPool>(4, 1 << 20);
   at::Tensor a = pool->take(at::kFloat, 250);  // 1000 bytes
   void* const first = a.data_ptr();
   at::Tensor b = pool->take(at::kFloat, 250);
@@ -527,20 +529,60 @@ TEST(BufferPool, KeepsWhatWasReleasedWithinItsBoundsAndNeverLendsABufferInUse) {
   EXPECT_EQ(pool->idle_count(), 0u);
   at::Tensor d = pool->take(at::kFloat, 100);  // another size: fresh
   EXPECT_NE(d.data_ptr(), first);
-  at::Tensor e = pool->take(at::kFloat, 125);  // 500 bytes
-  b = at::Tensor();
-  c = at::Tensor();
-  EXPECT_EQ(pool->idle_bytes(), 2000u);
-  e = at::Tensor();
-  EXPECT_EQ(pool->idle_count(), 2u) << "beyond max_bytes a buffer goes back to the allocator";
-  EXPECT_EQ(pool->idle_bytes(), 2000u);
-  d = at::Tensor();
-  EXPECT_EQ(pool->idle_count(), 2u) << "beyond max_count too";
   EXPECT_EQ(pool->take(at::kDouble, 0).numel(), 0);
   at::Tensor late = pool->take(at::kFloat, 250);
   pool.reset();
   late.fill_(1.0f);  // still valid memory
   late = at::Tensor();  // released after its pool: freed
+}
+
+TEST(BufferPool, TheNewestReleasedStayWithinTheCountAndTheBytes) {
+  {
+    detail::BufferPool pool(2, 1 << 20);  // the count binds
+    at::Tensor a = pool.take(at::kByte, 1000), b = pool.take(at::kByte, 400), c = pool.take(at::kByte, 500);
+    void* const pb = b.data_ptr();
+    a = at::Tensor();
+    b = at::Tensor();
+    c = at::Tensor();
+    EXPECT_EQ(pool.idle_count(), 2u);
+    EXPECT_EQ(pool.idle_bytes(), 900u) << "the oldest (1000 bytes) made room";
+    at::Tensor again = pool.take(at::kByte, 400);
+    EXPECT_EQ(again.data_ptr(), pb) << "a kept buffer is lent again";
+    EXPECT_EQ(pool.idle_count(), 1u);
+  }
+  {
+    detail::BufferPool pool(8, 2000);  // the bytes bind
+    at::Tensor a = pool.take(at::kByte, 1000), b = pool.take(at::kByte, 800), c = pool.take(at::kByte, 600);
+    at::Tensor big = pool.take(at::kByte, 3000);
+    a = at::Tensor();
+    b = at::Tensor();
+    EXPECT_EQ(pool.idle_bytes(), 1800u);
+    c = at::Tensor();
+    EXPECT_EQ(pool.idle_count(), 2u);
+    EXPECT_EQ(pool.idle_bytes(), 1400u) << "the oldest (1000 bytes) made room";
+    big = at::Tensor();
+    EXPECT_EQ(pool.idle_bytes(), 1400u) << "larger than the pool: freed, nothing displaced";
+  }
+}
+
+TEST(BufferPool, ThreadsTakingAndReleasingAtOnceNeverShareABuffer) {
+  detail::BufferPool pool(4, 1 << 20);
+  std::atomic<int> shared{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 2000; ++i) {
+        at::Tensor buf = pool.take(at::kInt, 64 + 64 * (i % 3));
+        buf.fill_(t * 100000 + i);
+        std::this_thread::yield();
+        if (!buf.eq(t * 100000 + i).all().item<bool>()) ++shared;  // another thread wrote it
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(shared.load(), 0);
+  EXPECT_LE(pool.idle_count(), 4u);
+  EXPECT_GT(pool.idle_count(), 0u);
 }
 
 TEST(Channel, OrderedPayloadsReuseTheirBuffersOnBothSides) {

@@ -63,10 +63,16 @@ at::Tensor flat_payload(const Outgoing& msg) {
   return msg.payload.contiguous().view({-1});
 }
 
-// The sender's private copy of the caller's payload (a plain memcpy: flat is contiguous
-// and of the message's dtype; at::copy_ takes several times as long for bytes).
+// The sender's private copy of the caller's payload: a plain memcpy where flat's memory
+// holds its values (contiguous, the message's dtype; at::copy_ takes several times as
+// long for bytes), else at::copy_ (a lazily negated or conjugated view, a zero tensor).
 void copy_payload(detail::OutMsg& m, const at::Tensor& flat) {
-  if (flat.numel() > 0) std::memcpy(m.payload.data_ptr(), flat.data_ptr(), m.bytes());
+  if (flat.numel() == 0) return;
+  if (flat.is_neg() || flat.is_conj() || flat.data_ptr() == nullptr) {
+    m.payload.copy_(flat);
+  } else {
+    std::memcpy(m.payload.data_ptr(), flat.data_ptr(), m.bytes());
+  }
 }
 
 }  // namespace

@@ -27,9 +27,9 @@
 //   hand part of an additive message to the training thread before the rest arrives
 //   (its metadata comes with the last chunk). The payload buffers of ordered and
 //   replace messages are reused once released (the sender's copy when acknowledged,
-//   a received payload when the caller drops it): each side keeps at most two idle
-//   buffers of capacity_bytes, or 32 MiB of smaller ones, since fresh memory costs a
-//   page fault per page on first write.
+//   a received payload when the caller drops it), since fresh memory costs a page fault
+//   per page on first write: each side (sending, receiving) keeps at most 8 idle
+//   buffers and max(2 capacity_bytes, 32 MiB) of them, the most recently released.
 // - Every frame is checked (wire.h): sizes, sender, sequence, token, header checksum,
 //   and by default an XXH3 checksum of every payload. What fails a check is counted in
 //   PeerCounters::rejected, logged once per reason, and never delivered. Floating-point
@@ -154,7 +154,10 @@ struct Message {
   int sender = -1;
   Delivery delivery = Delivery::kOrdered;
   uint8_t stream = 0;
-  at::Tensor payload;  // 1-D, the dtype it was sent with; owned by the caller
+  // 1-D, the dtype it was sent with; owned by the caller. Its memory returns to the
+  // channel's pool when the last tensor sharing it is gone, so its storage cannot grow
+  // (resize_ beyond its size throws): clone() it to get one that can.
+  at::Tensor payload;
   Metadata meta;
 };
 

@@ -37,11 +37,19 @@ at::Tensor BufferPool::take(c10::ScalarType dtype, int64_t numel) {
         auto shelf = home.lock();
         if (!shelf) return;
         const uint64_t b = static_cast<uint64_t>(block.numel());
+        if (shelf->max_count == 0 || b > shelf->max_bytes) return;
+        std::vector<at::Tensor> evicted;  // freed after the lock is released
         std::lock_guard<std::mutex> lock(shelf->mu);
-        if (shelf->idle.size() < shelf->max_count && shelf->bytes + b <= shelf->max_bytes) {
-          shelf->bytes += b;
-          shelf->idle.push_back(std::move(block));
+        auto& idle = shelf->idle;
+        size_t drop = 0;
+        while (idle.size() - drop >= shelf->max_count || shelf->bytes + b > shelf->max_bytes) {
+          shelf->bytes -= static_cast<uint64_t>(idle[drop].numel());
+          evicted.push_back(std::move(idle[drop]));
+          ++drop;
         }
+        idle.erase(idle.begin(), idle.begin() + static_cast<long>(drop));
+        shelf->bytes += b;
+        idle.push_back(std::move(block));
       },
       at::TensorOptions().dtype(dtype));
 }

@@ -17,8 +17,9 @@ namespace detail {
 
 class BufferPool {
  public:
-  // Keeps at most `max_count` idle buffers and `max_bytes` bytes of them; a buffer
-  // released beyond that goes back to the allocator.
+  // Keeps at most `max_count` idle buffers and `max_bytes` bytes of them: a released
+  // buffer displaces the longest idle ones to fit (a buffer larger than max_bytes goes
+  // back to the allocator), so the sizes in use now are the ones kept.
   BufferPool(size_t max_count, uint64_t max_bytes);
 
   // A contiguous 1-D tensor of `numel` elements of `dtype` (contents undefined) whose

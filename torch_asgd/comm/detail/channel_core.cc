@@ -16,12 +16,13 @@ namespace detail {
 
 namespace {
 
-// Idle payload buffers kept per side: enough for a stream of messages of one size to
-// reuse its buffers (two of the largest, or up to 32 MiB of smaller ones).
+// Idle payload buffers kept per side (send, receive): enough for a stream of messages of
+// one size to reuse its buffers. At most 8 buffers and max(2 capacity_bytes, 32 MiB).
 constexpr size_t kPooledBuffers = 8;
 uint64_t pooled_bytes(const ChannelOptions& o) {
   const uint64_t cap = static_cast<uint64_t>(std::max<int64_t>(o.capacity_bytes, 0));
-  return std::min<uint64_t>(kPooledBuffers * cap, std::max<uint64_t>(2 * cap, 32ull << 20));
+  const uint64_t two = cap > UINT64_MAX / 2 ? UINT64_MAX : 2 * cap;
+  return std::max<uint64_t>(two, 32ull << 20);
 }
 
 }  // namespace

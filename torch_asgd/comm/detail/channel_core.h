@@ -68,7 +68,7 @@ struct ChannelCore {
   Receiver* receiver = nullptr;
 
   // Payloads of ordered and replace messages: the sender's copies, and what the receiver
-  // hands out (each keeps at most two of the largest messages, or 32 MiB of smaller ones).
+  // hands out (each keeps at most 8 idle buffers and max(2 capacity_bytes, 32 MiB)).
   BufferPool send_buffers;
   BufferPool recv_buffers;
 
