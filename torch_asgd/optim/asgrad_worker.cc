@@ -166,22 +166,25 @@ void AsGradWorker::save(torch::serialize::OutputArchive& archive) const {
 void AsGradWorker::load(torch::serialize::InputArchive& archive) {
   detail::check_fingerprint(archive, "torch_asgd/worker", flat_->fingerprint(), "AsGradWorker");
   auto c = detail::read_int64s(archive, "torch_asgd/worker/counters", 2);
-  stats_.gradients = c[0];
-  stats_.jobs = c[1];
   // What the encodings owed when it was saved goes with the next gradient, compressed
-  // or not (a checkpoint without one owes nothing).
+  // or not (a checkpoint without one owes nothing). Read and checked before anything
+  // changes: a bad checkpoint leaves this worker as it was.
   at::Tensor saved;
-  if (!archive.try_read("torch_asgd/worker/residual", saved)) {
-    if (residual_.defined() && options_.compression().lossy()) residual_.zero_();
-    if (!options_.compression().lossy()) residual_ = at::Tensor();
-    return;
-  }
-  if (saved.numel() != flat_->numel() || saved.scalar_type() != flat_->dtype()) {
+  const bool has_residual = archive.try_read("torch_asgd/worker/residual", saved);
+  if (has_residual && (saved.numel() != flat_->numel() || saved.scalar_type() != flat_->dtype())) {
     throw MismatchError(fmt::format(
         "AsGradWorker: the checkpoint's error-feedback residual has {} {} values, this model has {} {}",
         saved.numel(), c10::toString(saved.scalar_type()), flat_->numel(), c10::toString(flat_->dtype())));
   }
-  residual_ = saved.reshape({-1}).to(at::kCPU).clone();
+  stats_.gradients = c[0];
+  stats_.jobs = c[1];
+  if (has_residual) {
+    residual_ = saved.reshape({-1}).to(at::kCPU).clone();
+  } else if (options_.compression().lossy()) {
+    residual_.zero_();
+  } else {
+    residual_ = at::Tensor();
+  }
 }
 
 }  // namespace torch_asgd

@@ -197,18 +197,12 @@ void ParameterServer::handle(const Message& m) {
 
 void ParameterServer::handle_gradient(const Message& m) {
   const int w = m.sender;
-  WorkerStats& ws = worker(w);
-  last_gradient_ = std::chrono::steady_clock::now();
-  ++ws.gradients;
-  if (budget_spent()) {
-    ++totals_.late;  // the budget is spent: no more steps
-    return;
-  }
+  // (Checked before anything is counted: a bad gradient leaves the statistics as they were.)
   const Compression& c = options_.compression();
   const bool encoded = detail::is_encoded_gradient(m, c, flat().numel());
   if (encoded && !codec::valid(c, m.payload.data_ptr<uint8_t>(), 0, m.payload.numel(), flat().numel())) {
-    throw CommError(fmt::format("rank {}: worker {} sent a {} gradient that does not decode to finite "
-                                "values; its memory or its build is broken",
+    throw CommError(fmt::format("rank {}: worker {} sent a {} gradient that does not decode (values not "
+                                "finite, or topk indices out of range); its memory or its build is broken",
                                 rank_, w, c.describe()));
   }
   if (!encoded && (m.payload.numel() != flat().numel() || m.payload.scalar_type() != flat().dtype())) {
@@ -220,6 +214,13 @@ void ParameterServer::handle_gradient(const Message& m) {
                                 c.lossy() ? fmt::format(" ({} bytes under {})",
                                                         codec::encoded_bytes(c, flat().numel()), c.describe())
                                           : ""));
+  }
+  WorkerStats& ws = worker(w);
+  last_gradient_ = std::chrono::steady_clock::now();
+  ++ws.gradients;
+  if (budget_spent()) {
+    ++totals_.late;  // the budget is spent: no more steps
+    return;
   }
   ++totals_.gradients;
   if (encoded) ++totals_.encoded;
