@@ -10,6 +10,7 @@
 #include "torch_asgd/comm/codec.h"
 #include "torch_asgd/comm/detail/log.h"
 #include "torch_asgd/comm/error.h"
+#include "torch_asgd/optim/detail/compression_checks.h"
 #include "torch_asgd/optim/detail/checkpoint.h"
 #include "torch_asgd/optim/detail/collectives.h"
 #include "torch_asgd/optim/detail/flat_params.h"
@@ -97,11 +98,7 @@ void Gossip::init() {
         "whole models: use bf16, fp16 or int8 (or DASGD, whose deltas topk suits)",
         c.describe()));
   }
-  if (c.lossy() && flat().dtype() != at::kFloat) {
-    throw ConfigError(fmt::format("Gossip: compression '{}' needs float32 parameters, these are "
-                                  "{}; use compression none",
-                                  c.describe(), c10::toString(flat().dtype())));
-  }
+  detail::check_codec_dtype(c, flat().dtype(), "Gossip");
   rank_ = transport_ ? transport_->rank() : 0;
   size_ = transport_ ? transport_->size() : 1;
   rounds_ = std::max(1, static_cast<int>(std::ceil(std::log2(size_))));

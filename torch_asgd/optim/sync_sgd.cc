@@ -11,6 +11,7 @@
 
 #include "torch_asgd/comm/error.h"
 #include "torch_asgd/optim/detail/checkpoint.h"
+#include "torch_asgd/optim/detail/compression_checks.h"
 #include "torch_asgd/optim/detail/flat_params.h"
 
 namespace torch_asgd {
@@ -29,20 +30,14 @@ SyncSGD::SyncSGD(std::shared_ptr<torch::optim::Optimizer> inner, SyncSGDOptions 
   stats_.rank = world_ ? world_->rank() : 0;
   stats_.world_size = world_ ? world_->size() : 1;
   const Compression& c = options_.compression();
-  if (c.codec == Codec::kTopK && !(c.topk_fraction > 0 && c.topk_fraction <= 1)) {
-    throw ConfigError(fmt::format("SyncSGD: topk fraction {} must be in (0, 1]", c.topk_fraction));
-  }
+  detail::check_topk_fraction(c, "SyncSGD");
   if (world_ && world_->size() > 1 && !options_.local()) {
     if (flat().dtype() != at::kFloat && flat().dtype() != at::kDouble) {
       throw ConfigError(fmt::format("SyncSGD: parameters of dtype {} cannot be all-reduced; use "
                                     "float or double",
                                     c10::toString(flat().dtype())));
     }
-    if (c.lossy() && flat().dtype() != at::kFloat) {
-      throw ConfigError(fmt::format("SyncSGD: compression '{}' needs float32 parameters, these are "
-                                    "{}; use compression none",
-                                    c.describe(), c10::toString(flat().dtype())));
-    }
+    detail::check_codec_dtype(c, flat().dtype(), "SyncSGD");
     Fingerprint fp = flat().fingerprint();
     fp.set("algorithm", "sync").set("local rule", rule_name()).set("compression", c.describe());
     world_->check_fingerprint("syncsgd", fp);

@@ -15,12 +15,10 @@
 #include <cstdint>
 #include <string>
 
-#include <fmt/format.h>
-
 #include "torch_asgd/comm/channel.h"
 #include "torch_asgd/comm/codec.h"
-#include "torch_asgd/comm/error.h"
 #include "torch_asgd/comm/fingerprint.h"
+#include "torch_asgd/optim/detail/compression_checks.h"
 #include "torch_asgd/optim/detail/flat_params.h"
 
 namespace torch_asgd {
@@ -60,14 +58,8 @@ inline Fingerprint asgrad_fingerprint(const FlatParams& flat, int server_rank,
 
 // Throws ConfigError, naming `who`, for a compression these parameters cannot take.
 inline void check_asgrad_compression(const Compression& c, c10::ScalarType dtype, const std::string& who) {
-  if (c.codec == Codec::kTopK && !(c.topk_fraction > 0 && c.topk_fraction <= 1)) {
-    throw ConfigError(fmt::format("{}: topk fraction {} must be in (0, 1]", who, c.topk_fraction));
-  }
-  if (c.lossy() && dtype != at::kFloat) {
-    throw ConfigError(fmt::format("{}: compression '{}' needs float32 parameters, these are {}; use "
-                                  "compression none",
-                                  who, c.describe(), c10::toString(dtype)));
-  }
+  check_topk_fraction(c, who);
+  check_codec_dtype(c, dtype, who);
 }
 
 // A gradient message's payload under `c`: the codec's bytes, or (values no codec can
