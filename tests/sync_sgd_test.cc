@@ -303,6 +303,108 @@ TEST(SyncSGDCompressed, ANonFiniteGradientFailsEveryRankAndNoneTakesTheStep) {
   }
 }
 
+// Every rank's gradient encodes, but the sum of one share does not (int8 values near
+// FLT_MAX add up to Inf at the rank that reduces it): every rank throws the same
+// DivergedError naming that share, none takes the step, no residual moves.
+TEST(SyncSGDCompressed, ASumTooLargeToEncodeFailsEveryRankAndNoneTakesTheStep) {
+  const int n = 3;
+  const auto x0 = initial_params();
+  std::vector<std::string> errors(n);
+  testing::spawn(n, [&](std::shared_ptr<World> world) {
+    const int me = world->rank();
+    auto net = make_net();
+    load(*net, x0);
+    SyncSGD opt(net->parameters(), torch::optim::SGDOptions(0.1), SyncSGDOptions().compression(Codec::kInt8),
+                world);
+    auto [x, y] = batch(me, 0);
+    opt.zero_grad();
+    torch::mse_loss(net->forward(x), y).backward();
+    {
+      torch::NoGradGuard g;
+      net->parameters()[0].mutable_grad()[0][0] = 3e38f;  // finite on every rank
+    }
+    const at::Tensor before = flat_values(*net).clone();
+    const at::Tensor residual = opt.residual().clone();
+    try {
+      opt.step();
+      ADD_FAILURE() << "rank " << me << " took a step whose sum is Inf";
+    } catch (const DivergedError& e) {
+      errors[me] = e.what();
+    }
+    EXPECT_TRUE(torch::equal(flat_values(*net), before)) << "rank " << me << " stepped";
+    EXPECT_TRUE(torch::equal(opt.residual(), residual)) << "rank " << me << "'s residual moved";
+  });
+  for (int r = 0; r < n; ++r) {
+    EXPECT_NE(errors[r].find("the sum of the ranks' gradients for rank 0's share"), std::string::npos)
+        << "rank " << r << ": '" << errors[r] << "'";
+  }
+}
+
+// A compressed run resumed on more ranks: the shares are cut anew, so what the encoding
+// of a share's sums had lost goes with its rank's next gradient; nothing is lost. Over
+// the resumed run, the gradients applied plus the residuals at its end equal the
+// gradients produced plus the residuals it started with.
+TEST(SyncSGDCompressed, ResumedOnMoreRanksTheResidualsOfTheSumsAreNotLost) {
+  const int before_n = 2, after_n = 4, steps = 6;
+  torch::manual_seed(7);
+  std::vector<torch::Tensor> x0;
+  for (const auto& p : make_wide_net()->parameters()) x0.push_back(p.detach().clone());
+  const std::string dir = ::testing::TempDir() + std::to_string(::getpid()) + "_";
+  const Compression c(Codec::kTopK, 0.05);
+  std::vector<at::Tensor> start(before_n);
+  testing::spawn(before_n, [&](std::shared_ptr<World> world) {
+    const int me = world->rank();
+    auto net = make_wide_net();
+    load(*net, x0);
+    SyncSGD opt(net->parameters(), torch::optim::SGDOptions(0.02), SyncSGDOptions().compression(c), world);
+    for (int t = 0; t < 4; ++t) {
+      auto [x, y] = batch(me, t);
+      opt.zero_grad();
+      torch::mse_loss(net->forward(x), y).backward();
+      opt.step();
+    }
+    start[me] = opt.residual().to(at::kDouble);
+    torch::save(opt, dir + "sync_more" + std::to_string(me) + ".pt");
+  });
+  std::vector<at::Tensor> produced(after_n), size(after_n), applied(after_n), end(after_n);
+  testing::spawn(after_n, [&](std::shared_ptr<World> world) {
+    const int me = world->rank();
+    auto net = make_wide_net();
+    load(*net, x0);
+    SyncSGD opt(net->parameters(), torch::optim::SGDOptions(0.02), SyncSGDOptions().compression(c), world);
+    if (me < before_n) torch::load(opt, dir + "sync_more" + std::to_string(me) + ".pt");
+    at::Tensor made, mag, sum;
+    for (int t = 4; t < 4 + steps; ++t) {
+      auto [x, y] = batch(me, t);
+      opt.zero_grad();
+      torch::mse_loss(net->forward(x), y).backward();
+      const at::Tensor g = flat_grads(*net).to(at::kDouble);
+      made = made.defined() ? made + g : g;
+      mag = mag.defined() ? mag + g.abs() : g.abs();
+      opt.step();
+      const at::Tensor used = flat_grads(*net).to(at::kDouble) * after_n;
+      sum = sum.defined() ? sum + used : used;
+    }
+    produced[me] = made;
+    size[me] = mag;
+    applied[me] = sum;
+    end[me] = opt.residual().to(at::kDouble);
+  });
+  at::Tensor in = start[0] + start[1], out = torch::zeros_like(in), made = torch::zeros_like(in),
+             mag = torch::zeros_like(in);
+  for (int r = 0; r < after_n; ++r) {
+    out += end[r];
+    made += produced[r];
+    mag += size[r];
+  }
+  ASSERT_GT(in.abs().max().item<double>(), 1e-3) << "nothing carried: this proves nothing";
+  const at::Tensor gap = (applied[0] + out - made - in).abs();
+  const at::Tensor bound = 1e-7 * (mag + in.abs() + out.abs()) + 1e-12;
+  EXPECT_TRUE((gap <= bound).all().item<bool>())
+      << "largest gap " << gap.max().item<double>() << " where the rounding bound is "
+      << bound.max().item<double>();
+}
+
 TEST(SyncSGDCompressed, RanksWithDifferentCodecsAreRefused) {
   auto errors = testing::spawn_collect(2, [](std::shared_ptr<World> world) {
     auto net = make_net();

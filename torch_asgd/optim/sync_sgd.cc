@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 #include <gloo/allgather.h>
 #include <gloo/allreduce.h>
+#include <gloo/alltoall.h>
 #include <gloo/math.h>
 #include <torch/torch.h>
 
@@ -40,12 +41,23 @@ SyncSGD::SyncSGD(std::shared_ptr<torch::optim::Optimizer> inner, SyncSGDOptions 
     detail::check_codec_dtype(c, flat().dtype(), "SyncSGD");
     Fingerprint fp = flat().fingerprint();
     fp.set("algorithm", "sync").set("local rule", rule_name()).set("compression", c.describe());
+    if (c.lossy()) fp.set("compressed exchange", "reduce-scatter, all-gather");
     world_->check_fingerprint("syncsgd", fp);
     grads_ = torch::zeros({flat().numel()}, torch::TensorOptions().dtype(flat().dtype()));
     if (c.lossy()) {
       stats_.codec = c.describe();
       residual_ = torch::zeros_like(grads_);
-      encoded_.resize(static_cast<size_t>(world_->size()) * slot_bytes());
+      reduce_residual_ = torch::zeros_like(grads_);
+      reduced_ = torch::zeros_like(grads_);
+      // Shares of whole codec blocks, so that a share encodes to the bytes the whole
+      // gradient's encoding has there.
+      const int64_t n = world_->size();
+      const int64_t blocks = (flat().numel() + kCodecBlock - 1) / kCodecBlock;
+      share_ = (blocks + n - 1) / n * kCodecBlock;
+      const size_t bytes = static_cast<size_t>(n) * slot_bytes();
+      send_.resize(bytes);
+      received_.resize(bytes);
+      gathered_.resize(bytes);
     }
   }
 }
@@ -67,77 +79,170 @@ SyncSGD::SyncSGD(std::vector<torch::optim::OptimizerParamGroup> groups,
     : SyncSGD(detail::make_sgd(std::move(groups), defaults), std::move(options), std::move(world),
               std::move(names)) {}
 
-size_t SyncSGD::slot_bytes() const {
-  return 8 + static_cast<size_t>(codec::encoded_bytes(options_.compression(), flat().numel()));
+namespace {
+
+// The status word at the head of every slot of the compressed exchange, and the rank it
+// names (second word). Every rank decides from the same gathered slots, so that all of
+// them fail alike and none waits in a collective the others left.
+enum SlotStatus : uint32_t {
+  kSlotOk = 0,
+  kGradientNotEncodable = 1,  // the named rank's gradient holds NaN/Inf (or too large)
+  kShareUndecodable = 2,      // the named rank's encoded share arrived undecodable here
+  kSumNotEncodable = 3,       // the reduced sum of the named rank's share cannot be encoded
+};
+
+void write_status(uint8_t* slot, uint32_t status, int32_t rank) {
+  std::memcpy(slot, &status, 4);
+  std::memcpy(slot + 4, &rank, 4);
 }
 
-void SyncSGD::allgather_encoded() {
+std::pair<uint32_t, int32_t> read_status(const uint8_t* slot) {
+  uint32_t status = 0;
+  int32_t rank = 0;
+  std::memcpy(&status, slot, 4);
+  std::memcpy(&rank, slot + 4, 4);
+  return {status, rank};
+}
+
+}  // namespace
+
+int64_t SyncSGD::share_begin(int j) const {
+  return std::min(flat().numel(), static_cast<int64_t>(j) * share_);
+}
+
+int64_t SyncSGD::share_end(int j) const { return share_begin(j + 1); }
+
+size_t SyncSGD::slot_bytes() const {
+  return 8 + static_cast<size_t>(codec::encoded_bytes(options_.compression(), share_));
+}
+
+void SyncSGD::exchange_encoded() {
   const Compression& c = options_.compression();
   const int n = world_->size(), me = world_->rank();
   const size_t slot = slot_bytes();
   const int64_t numel = flat().numel();
-  // What this rank sends: its gradient plus the residual, encoded; the residual becomes
-  // what the encoding lost. A gradient the codec cannot carry (NaN, Inf) is announced
-  // in the slot's status word instead, so that every rank fails alike, none hangs.
+  auto fail_collective = [&](const char* what, const std::exception& e) {
+    return CommError(fmt::format(
+        "rank {}: SyncSGD's {} of compressed gradients failed: {}. Synchronous SGD waits for "
+        "every rank: is one of them stopped, dead or much slower than the timeout allows?",
+        me, what, std::string(e.what()).substr(0, 300)));
+  };
+  // 1. Reduce-scatter. Share j of this rank's gradient plus its residual, encoded, goes
+  //    to rank j; grads_ keeps what the encoding lost (the next residual, taken only if
+  //    the step is). A gradient the codec cannot carry (NaN, Inf) is announced in the
+  //    status word instead.
   grads_.add_(residual_);
-  uint8_t* mine = encoded_.data() + static_cast<size_t>(me) * slot;
-  uint32_t status = 0;
-  if (codec::encode(c, grads_.data_ptr<float>(), numel, mine + 8, grads_.data_ptr<float>())) {
-    // grads_ now holds the new residual: make it residual_, and reuse the old residual's
-    // buffer as grads_ (the decoded sum goes there below).
-    std::swap(grads_, residual_);
-  } else {
-    status = 1;  // residual_ is left as it was
+  float* g = grads_.data_ptr<float>();
+  uint32_t status = kSlotOk;
+  for (int j = 0; j < n && status == kSlotOk; ++j) {
+    const int64_t b = share_begin(j), e = share_end(j);
+    if (!codec::encode(c, g + b, e - b, send_.data() + static_cast<size_t>(j) * slot + 8, g + b)) {
+      status = kGradientNotEncodable;
+    }
   }
-  std::memcpy(mine, &status, sizeof status);
-  std::memset(mine + 4, 0, 4);
+  for (int j = 0; j < n; ++j) write_status(send_.data() + static_cast<size_t>(j) * slot, status, me);
   const auto t0 = std::chrono::steady_clock::now();
   try {
+    gloo::AlltoallOptions opts(world_->gloo_context());
+    opts.setInput(send_.data(), send_.size());
+    opts.setOutput(received_.data(), received_.size());
+    opts.setTimeout(world_->options().timeout);
+    gloo::alltoall(opts);
+  } catch (const std::exception& e) {
+    throw fail_collective("reduce-scatter", e);
+  }
+  // 2. This rank's share: the sum of every rank's decoded share, in rank order, plus
+  //    what the encoding of earlier sums lost here (the second residual); encoded into
+  //    this rank's slot of the all-gather, the loss kept in reduced_ until the step is
+  //    taken.
+  const int64_t b = share_begin(me), e = share_end(me);
+  const int64_t off = codec::encoded_bytes(c, b), len = codec::encoded_bytes(c, e) - off;
+  uint8_t* mine = gathered_.data() + static_cast<size_t>(me) * slot;
+  std::pair<uint32_t, int32_t> verdict{kSlotOk, me};
+  for (int r = 0; r < n && verdict.first == kSlotOk; ++r) {
+    const uint8_t* theirs = received_.data() + static_cast<size_t>(r) * slot;
+    const auto st = read_status(theirs);
+    if (st.first != kSlotOk) {
+      verdict = {kGradientNotEncodable, r};
+    } else if (!codec::valid(c, theirs + 8, off, len, numel)) {
+      verdict = {kShareUndecodable, r};
+    }
+  }
+  if (verdict.first == kSlotOk) {
+    float* red = reduced_.data_ptr<float>();
+    std::fill(red + b, red + e, 0.0f);
+    for (int r = 0; r < n; ++r) {
+      codec::add_decoded(c, received_.data() + static_cast<size_t>(r) * slot + 8, off, len, numel, red);
+    }
+    const float* kept = reduce_residual_.data_ptr<float>();
+    for (int64_t i = b; i < e; ++i) red[i] += kept[i];
+    if (!codec::encode(c, red + b, e - b, mine + 8, red + b)) verdict = {kSumNotEncodable, me};
+  }
+  write_status(mine, verdict.first, verdict.second);
+  // 3. All-gather of the encoded sums.
+  try {
     gloo::AllgatherOptions opts(world_->gloo_context());
-    opts.setOutput(encoded_.data(), encoded_.size());  // no input: in place, from `mine`
+    opts.setOutput(gathered_.data(), gathered_.size());  // no input: in place, from `mine`
     opts.setTimeout(world_->options().timeout);
     gloo::allgather(opts);
   } catch (const std::exception& e) {
-    if (status == 0) std::swap(grads_, residual_);  // this step is not taken: undo
-    throw CommError(fmt::format(
-        "rank {}: SyncSGD's all-gather of compressed gradients failed: {}. Synchronous SGD waits "
-        "for every rank: is one of them stopped, dead or much slower than the timeout allows?",
-        me, std::string(e.what()).substr(0, 300)));
+    throw fail_collective("all-gather", e);
   }
   stats_.allreduce_seconds +=
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  stats_.bytes_reduced += static_cast<uint64_t>(slot - 8);
-  for (int r = 0; r < n; ++r) {
-    const uint8_t* theirs = encoded_.data() + static_cast<size_t>(r) * slot;
-    uint32_t st = 0;
-    std::memcpy(&st, theirs, sizeof st);
-    if (st != 0 || !codec::valid(c, theirs + 8, 0, static_cast<int64_t>(slot - 8), numel)) {
-      if (status == 0) std::swap(grads_, residual_);  // this step is not taken: undo
-      if (st != 0) {
-        throw DivergedError(fmt::format(
-            "rank {}: rank {}'s gradients hold NaN or Inf (or values too large for '{}') and "
-            "cannot be encoded; no rank takes this step. Is the loss diverging? Lower the "
-            "learning rate or clip gradients",
-            me, r, c.describe()));
-      }
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* sum = gathered_.data() + static_cast<size_t>(j) * slot;
+    const auto [st, who] = read_status(sum);
+    const int64_t o = codec::encoded_bytes(c, share_begin(j));
+    if (st == kGradientNotEncodable) {
+      throw DivergedError(fmt::format(
+          "rank {}: rank {}'s gradients hold NaN or Inf (or values too large for '{}') and "
+          "cannot be encoded; no rank takes this step. Is the loss diverging? Lower the "
+          "learning rate or clip gradients",
+          me, who, c.describe()));
+    }
+    if (st == kSumNotEncodable) {
+      throw DivergedError(fmt::format(
+          "rank {}: the sum of the ranks' gradients for rank {}'s share of the parameters is too "
+          "large for '{}'; no rank takes this step. Is the loss diverging? Lower the learning "
+          "rate or clip gradients",
+          me, who, c.describe()));
+    }
+    if (st == kShareUndecodable || st != kSlotOk) {
       throw CommError(fmt::format(
-          "rank {}: rank {}'s compressed gradients ('{}') arrived undecodable; no rank takes "
-          "this step",
-          me, r, c.describe()));
+          "rank {}: rank {}'s compressed gradients ('{}') arrived undecodable at rank {}; no rank "
+          "takes this step",
+          me, who, c.describe(), j));
+    }
+    if (!codec::valid(c, sum + 8, o, codec::encoded_bytes(c, share_end(j)) - o, numel)) {
+      throw CommError(fmt::format(
+          "rank {}: rank {}'s compressed sum ('{}') arrived undecodable; this rank cannot take "
+          "the step",
+          me, j, c.describe()));
     }
   }
-  // Every rank sums the same decoded values in the same order: identical replicas.
+  // The step is taken: the losses become the residuals, and every rank decodes the same
+  // sums into the mean's numerator (identical replicas).
+  std::swap(grads_, residual_);
+  std::swap(reduced_, reduce_residual_);  // (outside this rank's share both are zero)
+  stats_.bytes_reduced += static_cast<uint64_t>(codec::encoded_bytes(c, numel));
   grads_.zero_();
-  for (int r = 0; r < n; ++r) {
-    codec::add_decoded(c, encoded_.data() + static_cast<size_t>(r) * slot + 8, 0,
-                       static_cast<int64_t>(slot - 8), numel, grads_.data_ptr<float>());
+  for (int j = 0; j < n; ++j) {
+    const int64_t o = codec::encoded_bytes(c, share_begin(j));
+    codec::add_decoded(c, gathered_.data() + static_cast<size_t>(j) * slot + 8, o,
+                       codec::encoded_bytes(c, share_end(j)) - o, numel, grads_.data_ptr<float>());
   }
+}
+
+at::Tensor SyncSGD::residual() const {
+  if (!residual_.defined()) return at::Tensor();
+  return residual_ + reduce_residual_;
 }
 
 void SyncSGD::allreduce_gradients() {
   flat().gather_grads(grads_);  // every rank contributes every parameter
   if (residual_.defined()) {
-    allgather_encoded();
+    exchange_encoded();
     set_mean_gradients();
     return;
   }
@@ -209,7 +314,13 @@ torch::Tensor SyncSGD::step(LossClosure closure) {
 
 void SyncSGD::save_state(torch::serialize::OutputArchive& archive) const {
   detail::write_int64s(archive, "torch_asgd/SyncSGD/counters", {stats_.steps});
-  if (residual_.defined()) archive.write("torch_asgd/SyncSGD/residual", residual_);
+  if (residual_.defined()) {
+    archive.write("torch_asgd/SyncSGD/residual", residual_);
+    archive.write("torch_asgd/SyncSGD/reduce_residual", reduce_residual_);
+    // Whose share the second residual is of: it stays with this rank only if the shares
+    // are cut alike when resumed.
+    detail::write_int64s(archive, "torch_asgd/SyncSGD/shares", {world_->size(), share_});
+  }
 }
 
 void SyncSGD::load_state(torch::serialize::InputArchive& archive) {
@@ -217,23 +328,38 @@ void SyncSGD::load_state(torch::serialize::InputArchive& archive) {
   carry_ = at::Tensor();
   // A checkpoint of a compressed run carries what its messages had not yet sent; one of
   // an uncompressed run has nothing outstanding. Resumed without compression, the
-  // residual travels with the next step's gradients; with one rank or local(), where
-  // nothing is sent, there is no one to send it to and it is dropped.
-  at::Tensor saved;
-  if (!archive.try_read("torch_asgd/SyncSGD/residual", saved)) {
-    if (residual_.defined()) residual_.zero_();
-    return;
-  }
-  if (saved.scalar_type() != at::kFloat || saved.numel() != flat().numel()) {
-    throw MismatchError(fmt::format(
-        "SyncSGD: the checkpoint's error-feedback residual has {} {} values, this model has {} "
-        "parameters",
-        saved.numel(), c10::toString(saved.scalar_type()), flat().numel()));
-  }
+  // residuals travel with the next step's gradients; with one rank or local(), where
+  // nothing is sent, there is no one to send them to and they are dropped.
+  auto read_residual = [&](const char* key, const char* what) {
+    at::Tensor saved;
+    if (!archive.try_read(key, saved)) return at::Tensor();
+    if (saved.scalar_type() != at::kFloat || saved.numel() != flat().numel()) {
+      throw MismatchError(fmt::format(
+          "SyncSGD: the checkpoint's {} has {} {} values, this model has {} parameters", what,
+          saved.numel(), c10::toString(saved.scalar_type()), flat().numel()));
+    }
+    return saved.reshape({-1});
+  };
+  const at::Tensor saved = read_residual("torch_asgd/SyncSGD/residual", "error-feedback residual");
+  const at::Tensor saved_sum =
+      read_residual("torch_asgd/SyncSGD/reduce_residual", "error-feedback residual of reduced sums");
   if (residual_.defined()) {
-    residual_.copy_(saved.reshape({-1}));
-  } else if (grads_.defined()) {
-    carry_ = saved.reshape({-1}).to(grads_.scalar_type());
+    residual_.zero_();
+    reduce_residual_.zero_();
+    if (saved.defined()) residual_.copy_(saved);
+    if (saved_sum.defined()) {
+      // Kept for this rank's share if the shares are cut as they were, else it goes with
+      // this rank's next gradient (nothing is lost either way).
+      const auto shares = detail::read_int64s(archive, "torch_asgd/SyncSGD/shares", 2);
+      if (shares[0] == world_->size() && shares[1] == share_) {
+        reduce_residual_.copy_(saved_sum);
+      } else {
+        residual_.add_(saved_sum);
+      }
+    }
+  } else if (grads_.defined() && saved.defined()) {
+    carry_ = saved.to(grads_.scalar_type());
+    if (saved_sum.defined()) carry_.add_(saved_sum.to(grads_.scalar_type()));
   }
 }
 

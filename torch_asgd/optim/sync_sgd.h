@@ -4,11 +4,17 @@
 // them: DDP's semantics for any rule. With .local(true) nothing is communicated at all,
 // each rank training on its own (the throughput bound).
 //
-// With .compression(codec) (codec.h) the gradients travel encoded instead: every rank
-// encodes its gradient plus what its earlier messages lost (error feedback), the encoded
-// gradients are all-gathered, and every rank sums their decoded values in rank order, so
-// that the replicas stay bit-identical and, over a run, the gradients applied plus the
-// ranks' residuals equal the gradients produced.
+// With .compression(codec) (codec.h) the gradients travel encoded instead, as a
+// reduce-scatter and an all-gather of encoded shares (each rank sends and receives about
+// 2 (n-1)/n encoded gradients a step, as a ring all-reduce does uncompressed):
+//   1. every rank encodes its gradient plus what its earlier messages lost (error
+//      feedback), and sends share j (whole codec blocks, about 1/n of the parameters) to
+//      rank j;
+//   2. rank j sums the n decoded shares in rank order, adds what the encoding of its
+//      earlier sums lost, and encodes the sum (keeping the new loss);
+//   3. the encoded sums are all-gathered, and every rank decodes the same bytes,
+//      so that the replicas stay bit-identical and, over a run, the gradients applied
+//      plus the ranks' residuals (both kinds) equal the gradients produced.
 //
 // step() blocks until every rank has contributed its gradients: the slowest rank sets
 // the pace. It throws CommError if the all-reduce does not complete within the World's
@@ -73,10 +79,11 @@ class SyncSGD : public DistributedOptimizer {
   torch::Tensor step(LossClosure closure = nullptr) override;
   SyncSGDStats stats() const { return stats_; }
   const SyncSGDOptions& options() const { return options_; }
-  // Under a lossy codec: what this rank's messages have not yet carried of its
-  // gradients (float32, flat, in parameter order); undefined otherwise. Valid until the
-  // next step (its buffer is reused): clone it to keep it.
-  const at::Tensor& residual() const { return residual_; }
+  // Under a lossy codec: what this rank holds that no step has applied yet (float32,
+  // flat, in parameter order): what the encoding of its gradients lost, plus, on its
+  // share of the parameters, what the encoding of the reduced sums lost. Undefined
+  // otherwise. A new tensor.
+  at::Tensor residual() const;
 
  protected:
   void save_state(torch::serialize::OutputArchive& archive) const override;
@@ -84,17 +91,24 @@ class SyncSGD : public DistributedOptimizer {
 
  private:
   void allreduce_gradients();
-  // The compressed path: encode, all-gather, decode and sum into grads_.
-  void allgather_encoded();
+  // The compressed path: reduce-scatter of encoded shares, all-gather of their encoded
+  // sums, decoded into grads_.
+  void exchange_encoded();
   void set_mean_gradients();
-  size_t slot_bytes() const;
+  int64_t share_begin(int rank) const;  // this rank's share of the flat parameters
+  int64_t share_end(int rank) const;
+  size_t slot_bytes() const;  // a status word, the rank it names, and a share encoded
 
   SyncSGDOptions options_;
   std::shared_ptr<World> world_;
   at::Tensor grads_;  // flat gradient buffer (host) for the all-reduce
-  at::Tensor residual_;  // error feedback under a lossy codec
-  at::Tensor carry_;  // a checkpoint's residual resumed without compression: sent once
-  std::vector<uint8_t> encoded_;  // every rank's slot: a status word, then the encoded gradient
+  at::Tensor residual_;  // error feedback under a lossy codec: of this rank's gradients
+  at::Tensor reduce_residual_;  // ... and of the sums of its share (zero elsewhere)
+  at::Tensor reduced_;  // the sum of this rank's share being encoded (zero elsewhere)
+  at::Tensor carry_;  // a checkpoint's residuals resumed without compression: sent once
+  int64_t share_ = 0;  // elements of a share (whole codec blocks; the last may be shorter)
+  // Every rank's slot, of the reduce-scatter (sent, received) and the all-gather.
+  std::vector<uint8_t> send_, received_, gathered_;
   SyncSGDStats stats_;
 };
 
