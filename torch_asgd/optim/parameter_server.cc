@@ -88,7 +88,8 @@ void ParameterServer::init() {
   assigner_ = std::make_unique<JobAssigner>(options_.policy(), worker_ranks_, options_.seed());
   grad_ = torch::zeros({flat().numel()}, torch::TensorOptions().dtype(flat().dtype()).device(flat().device()));
   if (options_.compression().lossy()) {
-    decoded_ = torch::zeros({flat().numel()}, torch::kFloat);
+    // (On the CPU a gradient is decoded straight into grad_.)
+    if (!grad_.is_cpu()) decoded_ = torch::zeros({flat().numel()}, torch::kFloat);
     totals_.codec = options_.compression().describe();
   }
 }
@@ -236,10 +237,11 @@ void ParameterServer::handle_gradient(const Message& m) {
   } else {
     torch::NoGradGuard no_grad;
     if (encoded) {
-      decoded_.zero_();
+      at::Tensor& into = decoded_.defined() ? decoded_ : grad_;  // float32 on the CPU
+      into.zero_();
       codec::add_decoded(c, m.payload.data_ptr<uint8_t>(), 0, m.payload.numel(), flat().numel(),
-                         decoded_.data_ptr<float>());
-      grad_.copy_(decoded_);
+                         into.data_ptr<float>());
+      if (decoded_.defined()) grad_.copy_(decoded_);
     } else {
       grad_.copy_(m.payload);
     }

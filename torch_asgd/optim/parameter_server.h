@@ -163,7 +163,7 @@ class ParameterServer : public DistributedOptimizer {
   std::vector<std::deque<Job>> queues_;   // by rank
   std::deque<Message> pending_;           // arrived, not yet handled
   at::Tensor grad_;                       // the gradient the rule is given (parameters' device)
-  at::Tensor decoded_;                    // an encoded gradient decoded (CPU, float32)
+  at::Tensor decoded_;                    // an encoded gradient decoded, for a GPU's grad_
   ServerStats totals_;
   std::vector<int> job_log_, apply_log_;
   std::chrono::steady_clock::time_point last_gradient_;
