@@ -13,7 +13,7 @@
 #                            [--algos "dasgd gossip sync"] (also: asgd-shuffle)
 #                            [--repeats 1] [--out DIR] [--quick]
 #
-# DASGD and sync run under every codec (sync all-gathers its encoded gradients), gossip
+# DASGD and sync run under every codec (sync reduce-scatters encoded shares), gossip
 # under every codec but topk (its models are not sparse); asgd-shuffle (rank 0 the
 # server, the others workers whose gradients travel encoded, the models not) when asked. --algos picks which run; results
 # already in --out are kept, so a later run of one algorithm adds its rows to the table.
