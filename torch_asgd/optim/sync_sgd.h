@@ -20,9 +20,11 @@
 // the pace. It throws CommError if the all-reduce does not complete within the World's
 // timeout. Under compression it also throws, on every rank alike and before any rank
 // takes the step, DivergedError when a rank's gradient holds NaN or Inf (uncompressed,
-// those are averaged in like any value) and CommError when a rank's slot does not
-// decode. Construction is collective and checks that ranks agree on the parameters and
-// the rule (MismatchError otherwise).
+// those are averaged in like any value) or a share's sum is too large for the codec, and
+// CommError when a rank's encoded share arrives undecodable at the rank that reduces it
+// (a sum that arrives undecodable fails the rank that received it). Construction is
+// collective and checks that ranks agree on the parameters and the rule (MismatchError
+// otherwise).
 #pragma once
 
 #include <memory>
