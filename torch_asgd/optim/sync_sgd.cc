@@ -1,12 +1,14 @@
 #include "torch_asgd/optim/sync_sgd.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <utility>
 
 #include <fmt/format.h>
-#include <gloo/allgather.h>
 #include <gloo/allreduce.h>
-#include <gloo/alltoall.h>
+#include <gloo/allgatherv.h>
+#include <gloo/alltoallv.h>
 #include <gloo/math.h>
 #include <torch/torch.h>
 
@@ -47,17 +49,22 @@ SyncSGD::SyncSGD(std::shared_ptr<torch::optim::Optimizer> inner, SyncSGDOptions 
     if (c.lossy()) {
       stats_.codec = c.describe();
       residual_ = torch::zeros_like(grads_);
-      reduce_residual_ = torch::zeros_like(grads_);
-      reduced_ = torch::zeros_like(grads_);
-      // Shares of whole codec blocks, so that a share encodes to the bytes the whole
-      // gradient's encoding has there.
-      const int64_t n = world_->size();
+      // Shares of whole codec blocks, as even as blocks allow (some empty when there are
+      // fewer blocks than ranks): each share encodes on its own to the bytes the whole
+      // gradient's encoding has there, and travels without padding.
+      const int n = world_->size();
       const int64_t blocks = (flat().numel() + kCodecBlock - 1) / kCodecBlock;
-      share_ = (blocks + n - 1) / n * kCodecBlock;
-      const size_t bytes = static_cast<size_t>(n) * slot_bytes();
-      send_.resize(bytes);
-      received_.resize(bytes);
-      gathered_.resize(bytes);
+      for (int j = 0; j <= n; ++j) {
+        share_starts_.push_back(std::min(flat().numel(), j * blocks / n * kCodecBlock));
+      }
+      for (int j = 0; j < n; ++j) slot_offsets_.push_back(j == 0 ? 0 : slot_offsets_[j - 1] + slot_bytes(j - 1));
+      const int me = world_->rank();
+      const int64_t mine = share_end(me) - share_begin(me);
+      reduce_residual_ = torch::zeros({mine}, torch::kFloat);
+      reduced_ = torch::zeros({mine}, torch::kFloat);
+      send_.resize(slot_offsets_[n - 1] + slot_bytes(n - 1));
+      received_.resize(static_cast<size_t>(n) * slot_bytes(me));
+      gathered_.resize(send_.size());
     }
   }
 }
@@ -106,27 +113,25 @@ std::pair<uint32_t, int32_t> read_status(const uint8_t* slot) {
 
 }  // namespace
 
-int64_t SyncSGD::share_begin(int j) const {
-  return std::min(flat().numel(), static_cast<int64_t>(j) * share_);
-}
+int64_t SyncSGD::share_begin(int j) const { return share_starts_[static_cast<size_t>(j)]; }
 
-int64_t SyncSGD::share_end(int j) const { return share_begin(j + 1); }
+int64_t SyncSGD::share_end(int j) const { return share_starts_[static_cast<size_t>(j) + 1]; }
 
-size_t SyncSGD::slot_bytes() const {
-  return 8 + static_cast<size_t>(codec::encoded_bytes(options_.compression(), share_));
+size_t SyncSGD::slot_bytes(int j) const {
+  return 8 + static_cast<size_t>(codec::encoded_bytes(options_.compression(), share_end(j) - share_begin(j)));
 }
 
 void SyncSGD::exchange_encoded() {
   const Compression& c = options_.compression();
   const int n = world_->size(), me = world_->rank();
-  const size_t slot = slot_bytes();
-  const int64_t numel = flat().numel();
   auto fail_collective = [&](const char* what, const std::exception& e) {
     return CommError(fmt::format(
         "rank {}: SyncSGD's {} of compressed gradients failed: {}. Synchronous SGD waits for "
         "every rank: is one of them stopped, dead or much slower than the timeout allows?",
         me, what, std::string(e.what()).substr(0, 300)));
   };
+  // Every share is a payload of its own (whole codec blocks), encoded and decoded alone.
+  auto share_numel = [&](int j) { return share_end(j) - share_begin(j); };
   // 1. Reduce-scatter. Share j of this rank's gradient plus its residual, encoded, goes
   //    to rank j; grads_ keeps what the encoding lost (the next residual, taken only if
   //    the step is). A gradient the codec cannot carry (NaN, Inf) is announced in the
@@ -135,19 +140,22 @@ void SyncSGD::exchange_encoded() {
   float* g = grads_.data_ptr<float>();
   uint32_t status = kSlotOk;
   for (int j = 0; j < n && status == kSlotOk; ++j) {
-    const int64_t b = share_begin(j), e = share_end(j);
-    if (!codec::encode(c, g + b, e - b, send_.data() + static_cast<size_t>(j) * slot + 8, g + b)) {
+    float* x = g + share_begin(j);
+    if (!codec::encode(c, x, share_numel(j), send_.data() + slot_offsets_[j] + 8, x)) {
       status = kGradientNotEncodable;
     }
   }
-  for (int j = 0; j < n; ++j) write_status(send_.data() + static_cast<size_t>(j) * slot, status, me);
+  for (int j = 0; j < n; ++j) write_status(send_.data() + slot_offsets_[j], status, me);
+  const size_t my_slot = slot_bytes(me);
   const auto t0 = std::chrono::steady_clock::now();
   try {
-    gloo::AlltoallOptions opts(world_->gloo_context());
-    opts.setInput(send_.data(), send_.size());
-    opts.setOutput(received_.data(), received_.size());
+    gloo::AlltoallvOptions opts(world_->gloo_context());
+    std::vector<int64_t> out_counts, in_counts(static_cast<size_t>(n), static_cast<int64_t>(my_slot));
+    for (int j = 0; j < n; ++j) out_counts.push_back(static_cast<int64_t>(slot_bytes(j)));
+    opts.setInput(send_.data(), out_counts);
+    opts.setOutput(received_.data(), in_counts);
     opts.setTimeout(world_->options().timeout);
-    gloo::alltoall(opts);
+    gloo::alltoallv(opts);
   } catch (const std::exception& e) {
     throw fail_collective("reduce-scatter", e);
   }
@@ -155,45 +163,45 @@ void SyncSGD::exchange_encoded() {
   //    what the encoding of earlier sums lost here (the second residual); encoded into
   //    this rank's slot of the all-gather, the loss kept in reduced_ until the step is
   //    taken.
-  const int64_t b = share_begin(me), e = share_end(me);
-  const int64_t off = codec::encoded_bytes(c, b), len = codec::encoded_bytes(c, e) - off;
-  uint8_t* mine = gathered_.data() + static_cast<size_t>(me) * slot;
+  const int64_t len = share_numel(me);
+  const int64_t bytes = static_cast<int64_t>(my_slot) - 8;
+  uint8_t* mine = gathered_.data() + slot_offsets_[me];
   std::pair<uint32_t, int32_t> verdict{kSlotOk, me};
   for (int r = 0; r < n && verdict.first == kSlotOk; ++r) {
-    const uint8_t* theirs = received_.data() + static_cast<size_t>(r) * slot;
-    const auto st = read_status(theirs);
-    if (st.first != kSlotOk) {
+    const uint8_t* theirs = received_.data() + static_cast<size_t>(r) * my_slot;
+    if (read_status(theirs).first != kSlotOk) {
       verdict = {kGradientNotEncodable, r};
-    } else if (!codec::valid(c, theirs + 8, off, len, numel)) {
+    } else if (!codec::valid(c, theirs + 8, 0, bytes, len)) {
       verdict = {kShareUndecodable, r};
     }
   }
   if (verdict.first == kSlotOk) {
     float* red = reduced_.data_ptr<float>();
-    std::fill(red + b, red + e, 0.0f);
+    std::fill(red, red + len, 0.0f);
     for (int r = 0; r < n; ++r) {
-      codec::add_decoded(c, received_.data() + static_cast<size_t>(r) * slot + 8, off, len, numel, red);
+      codec::add_decoded(c, received_.data() + static_cast<size_t>(r) * my_slot + 8, 0, bytes, len, red);
     }
     const float* kept = reduce_residual_.data_ptr<float>();
-    for (int64_t i = b; i < e; ++i) red[i] += kept[i];
-    if (!codec::encode(c, red + b, e - b, mine + 8, red + b)) verdict = {kSumNotEncodable, me};
+    for (int64_t i = 0; i < len; ++i) red[i] += kept[i];
+    if (!codec::encode(c, red, len, mine + 8, red)) verdict = {kSumNotEncodable, me};
   }
   write_status(mine, verdict.first, verdict.second);
   // 3. All-gather of the encoded sums.
   try {
-    gloo::AllgatherOptions opts(world_->gloo_context());
-    opts.setOutput(gathered_.data(), gathered_.size());  // no input: in place, from `mine`
+    gloo::AllgathervOptions opts(world_->gloo_context());
+    std::vector<size_t> counts;
+    for (int j = 0; j < n; ++j) counts.push_back(slot_bytes(j));
+    opts.setOutput(gathered_.data(), counts);  // no input: in place, from `mine`
     opts.setTimeout(world_->options().timeout);
-    gloo::allgather(opts);
+    gloo::allgatherv(opts);
   } catch (const std::exception& e) {
     throw fail_collective("all-gather", e);
   }
   stats_.allreduce_seconds +=
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   for (int j = 0; j < n; ++j) {
-    const uint8_t* sum = gathered_.data() + static_cast<size_t>(j) * slot;
+    const uint8_t* sum = gathered_.data() + slot_offsets_[j];
     const auto [st, who] = read_status(sum);
-    const int64_t o = codec::encoded_bytes(c, share_begin(j));
     if (st == kGradientNotEncodable) {
       throw DivergedError(fmt::format(
           "rank {}: rank {}'s gradients hold NaN or Inf (or values too large for '{}') and "
@@ -208,35 +216,38 @@ void SyncSGD::exchange_encoded() {
           "rate or clip gradients",
           me, who, c.describe()));
     }
-    if (st == kShareUndecodable || st != kSlotOk) {
+    if (st != kSlotOk) {
       throw CommError(fmt::format(
           "rank {}: rank {}'s compressed gradients ('{}') arrived undecodable at rank {}; no rank "
           "takes this step",
           me, who, c.describe(), j));
     }
-    if (!codec::valid(c, sum + 8, o, codec::encoded_bytes(c, share_end(j)) - o, numel)) {
+    if (!codec::valid(c, sum + 8, 0, static_cast<int64_t>(slot_bytes(j)) - 8, share_numel(j))) {
       throw CommError(fmt::format(
           "rank {}: rank {}'s compressed sum ('{}') arrived undecodable; this rank cannot take "
-          "the step",
+          "the step, and its replica would differ from the others': restart from a checkpoint",
           me, j, c.describe()));
     }
   }
   // The step is taken: the losses become the residuals, and every rank decodes the same
   // sums into the mean's numerator (identical replicas).
   std::swap(grads_, residual_);
-  std::swap(reduced_, reduce_residual_);  // (outside this rank's share both are zero)
-  stats_.bytes_reduced += static_cast<uint64_t>(codec::encoded_bytes(c, numel));
+  std::swap(reduced_, reduce_residual_);
+  stats_.bytes_reduced += static_cast<uint64_t>(codec::encoded_bytes(c, flat().numel()));
   grads_.zero_();
   for (int j = 0; j < n; ++j) {
-    const int64_t o = codec::encoded_bytes(c, share_begin(j));
-    codec::add_decoded(c, gathered_.data() + static_cast<size_t>(j) * slot + 8, o,
-                       codec::encoded_bytes(c, share_end(j)) - o, numel, grads_.data_ptr<float>());
+    codec::add_decoded(c, gathered_.data() + slot_offsets_[j] + 8, 0,
+                       static_cast<int64_t>(slot_bytes(j)) - 8, share_numel(j),
+                       grads_.data_ptr<float>() + share_begin(j));
   }
 }
 
 at::Tensor SyncSGD::residual() const {
   if (!residual_.defined()) return at::Tensor();
-  return residual_ + reduce_residual_;
+  at::Tensor all = residual_.clone();
+  const int me = world_->rank();
+  all.narrow(0, share_begin(me), share_end(me) - share_begin(me)).add_(reduce_residual_);
+  return all;
 }
 
 void SyncSGD::allreduce_gradients() {
@@ -316,20 +327,17 @@ void SyncSGD::save_state(torch::serialize::OutputArchive& archive) const {
   detail::write_int64s(archive, "torch_asgd/SyncSGD/counters", {stats_.steps});
   if (residual_.defined()) {
     archive.write("torch_asgd/SyncSGD/residual", residual_);
-    archive.write("torch_asgd/SyncSGD/reduce_residual", reduce_residual_);
-    // Whose share the second residual is of: it stays with this rank only if the shares
-    // are cut alike when resumed.
-    detail::write_int64s(archive, "torch_asgd/SyncSGD/shares", {world_->size(), share_});
+    // Flat, zero outside this rank's share: a resume cuts the shares anew.
+    at::Tensor sums = torch::zeros_like(residual_);
+    const int me = world_->rank();
+    sums.narrow(0, share_begin(me), share_end(me) - share_begin(me)).copy_(reduce_residual_);
+    archive.write("torch_asgd/SyncSGD/reduce_residual", sums);
   }
 }
 
 void SyncSGD::load_state(torch::serialize::InputArchive& archive) {
-  stats_.steps = detail::read_int64s(archive, "torch_asgd/SyncSGD/counters", 1)[0];
-  carry_ = at::Tensor();
-  // A checkpoint of a compressed run carries what its messages had not yet sent; one of
-  // an uncompressed run has nothing outstanding. Resumed without compression, the
-  // residuals travel with the next step's gradients; with one rank or local(), where
-  // nothing is sent, there is no one to send them to and they are dropped.
+  // Everything is read and checked before anything changes.
+  const int64_t steps = detail::read_int64s(archive, "torch_asgd/SyncSGD/counters", 1)[0];
   auto read_residual = [&](const char* key, const char* what) {
     at::Tensor saved;
     if (!archive.try_read(key, saved)) return at::Tensor();
@@ -341,25 +349,31 @@ void SyncSGD::load_state(torch::serialize::InputArchive& archive) {
     return saved.reshape({-1});
   };
   const at::Tensor saved = read_residual("torch_asgd/SyncSGD/residual", "error-feedback residual");
-  const at::Tensor saved_sum =
+  const at::Tensor saved_sums =
       read_residual("torch_asgd/SyncSGD/reduce_residual", "error-feedback residual of reduced sums");
+  stats_.steps = steps;
+  carry_ = at::Tensor();
+  // A checkpoint of a compressed run carries what its messages had not yet sent; one of
+  // an uncompressed run has nothing outstanding. Resumed without compression, the
+  // residuals travel with the next step's gradients; with one rank or local(), where
+  // nothing is sent, there is no one to send them to and they are dropped.
   if (residual_.defined()) {
     residual_.zero_();
     reduce_residual_.zero_();
     if (saved.defined()) residual_.copy_(saved);
-    if (saved_sum.defined()) {
-      // Kept for this rank's share if the shares are cut as they were, else it goes with
-      // this rank's next gradient (nothing is lost either way).
-      const auto shares = detail::read_int64s(archive, "torch_asgd/SyncSGD/shares", 2);
-      if (shares[0] == world_->size() && shares[1] == share_) {
-        reduce_residual_.copy_(saved_sum);
-      } else {
-        residual_.add_(saved_sum);
-      }
+    if (saved_sums.defined()) {
+      // What lies in this rank's share now stays with its sums; the rest (shares cut
+      // otherwise, or another rank's file) goes with this rank's next gradient.
+      const int me = world_->rank();
+      const int64_t b = share_begin(me), len = share_end(me) - b;
+      reduce_residual_.copy_(saved_sums.narrow(0, b, len));
+      at::Tensor rest = saved_sums.clone();
+      rest.narrow(0, b, len).zero_();
+      residual_.add_(rest);
     }
   } else if (grads_.defined() && saved.defined()) {
     carry_ = saved.to(grads_.scalar_type());
-    if (saved_sum.defined()) carry_.add_(saved_sum.to(grads_.scalar_type()));
+    if (saved_sums.defined()) carry_.add_(saved_sums.to(grads_.scalar_type()));
   }
 }
 

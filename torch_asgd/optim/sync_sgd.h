@@ -58,7 +58,9 @@ struct SyncSGDStats {
   int rank = 0;
   int world_size = 1;
   int64_t steps = 0;
-  double allreduce_seconds = 0;  // time spent in the all-reduce (waiting included)
+  // Time spent in the all-reduce (waiting included; under compression the whole
+  // exchange, the decoding and encoding of this rank's share included).
+  double allreduce_seconds = 0;
   uint64_t bytes_reduced = 0;  // gradient bytes this rank contributed (encoded, if compressed)
   std::string codec;  // the compression, when lossy
   StalenessStats staleness;  // always 0: every update is applied to the model it was computed at
@@ -97,19 +99,21 @@ class SyncSGD : public DistributedOptimizer {
   // sums, decoded into grads_.
   void exchange_encoded();
   void set_mean_gradients();
-  int64_t share_begin(int rank) const;  // this rank's share of the flat parameters
+  int64_t share_begin(int rank) const;  // a rank's share of the flat parameters
   int64_t share_end(int rank) const;
-  size_t slot_bytes() const;  // a status word, the rank it names, and a share encoded
+  size_t slot_bytes(int rank) const;  // a status word, the rank it names, the share encoded
 
   SyncSGDOptions options_;
   std::shared_ptr<World> world_;
   at::Tensor grads_;  // flat gradient buffer (host) for the all-reduce
   at::Tensor residual_;  // error feedback under a lossy codec: of this rank's gradients
-  at::Tensor reduce_residual_;  // ... and of the sums of its share (zero elsewhere)
-  at::Tensor reduced_;  // the sum of this rank's share being encoded (zero elsewhere)
+  at::Tensor reduce_residual_;  // ... and of the sums of its share (share-sized)
+  at::Tensor reduced_;  // the sum of this rank's share being encoded (share-sized)
   at::Tensor carry_;  // a checkpoint's residuals resumed without compression: sent once
-  int64_t share_ = 0;  // elements of a share (whole codec blocks; the last may be shorter)
-  // Every rank's slot, of the reduce-scatter (sent, received) and the all-gather.
+  std::vector<int64_t> share_starts_;  // rank j's share: [starts[j], starts[j + 1])
+  std::vector<size_t> slot_offsets_;   // of rank j's slot in send_ and gathered_
+  // Slots of the reduce-scatter (one per rank: sent; this rank's share from each:
+  // received) and of the all-gather (one per rank), each as long as its share needs.
   std::vector<uint8_t> send_, received_, gathered_;
   SyncSGDStats stats_;
 };
