@@ -71,7 +71,8 @@ for net in ("mnist", "cifar"):
         if net == "cifar":
             t_cell = "-"
         acc = med([r["m"]["test_accuracy"] for r in rs])
-        lines.append(f"| {hosts} | {rate} | {algo} | {codec} | {cell(bps, '{:.0f}')} | {cell(ratio, '{:.2f}')} | "
+        codec_cell = codec if len(rs) == 1 else f"{codec} (median of {len(rs)} runs)"
+        lines.append(f"| {hosts} | {rate} | {algo} | {codec_cell} | {cell(bps, '{:.0f}')} | {cell(ratio, '{:.2f}')} | "
                      f"{cell(sps, '{:.0f}')} | {t_cell} | {cell(acc * 100 if net == 'mnist' else None, '{:.1f}')} |")
     lines.append("")
 
