@@ -59,9 +59,8 @@ SyncSGD::SyncSGD(std::shared_ptr<torch::optim::Optimizer> inner, SyncSGDOptions 
       }
       for (int j = 0; j < n; ++j) slot_offsets_.push_back(j == 0 ? 0 : slot_offsets_[j - 1] + slot_bytes(j - 1));
       const int me = world_->rank();
-      const int64_t mine = share_end(me) - share_begin(me);
-      reduce_residual_ = torch::zeros({mine}, torch::kFloat);
-      reduced_ = torch::zeros({mine}, torch::kFloat);
+      reduce_residual_ = torch::zeros({share_size(me)}, torch::kFloat);
+      reduced_ = torch::zeros({share_size(me)}, torch::kFloat);
       send_.resize(slot_offsets_[n - 1] + slot_bytes(n - 1));
       received_.resize(static_cast<size_t>(n) * slot_bytes(me));
       gathered_.resize(send_.size());
@@ -117,8 +116,10 @@ int64_t SyncSGD::share_begin(int j) const { return share_starts_[static_cast<siz
 
 int64_t SyncSGD::share_end(int j) const { return share_starts_[static_cast<size_t>(j) + 1]; }
 
+int64_t SyncSGD::share_size(int j) const { return share_end(j) - share_begin(j); }
+
 size_t SyncSGD::slot_bytes(int j) const {
-  return 8 + static_cast<size_t>(codec::encoded_bytes(options_.compression(), share_end(j) - share_begin(j)));
+  return 8 + static_cast<size_t>(codec::encoded_bytes(options_.compression(), share_size(j)));
 }
 
 void SyncSGD::exchange_encoded() {
@@ -131,7 +132,6 @@ void SyncSGD::exchange_encoded() {
         me, what, std::string(e.what()).substr(0, 300)));
   };
   // Every share is a payload of its own (whole codec blocks), encoded and decoded alone.
-  auto share_numel = [&](int j) { return share_end(j) - share_begin(j); };
   // 1. Reduce-scatter. Share j of this rank's gradient plus its residual, encoded, goes
   //    to rank j; grads_ keeps what the encoding lost (the next residual, taken only if
   //    the step is). A gradient the codec cannot carry (NaN, Inf) is announced in the
@@ -141,7 +141,7 @@ void SyncSGD::exchange_encoded() {
   uint32_t status = kSlotOk;
   for (int j = 0; j < n && status == kSlotOk; ++j) {
     float* x = g + share_begin(j);
-    if (!codec::encode(c, x, share_numel(j), send_.data() + slot_offsets_[j] + 8, x)) {
+    if (!codec::encode(c, x, share_size(j), send_.data() + slot_offsets_[j] + 8, x)) {
       status = kGradientNotEncodable;
     }
   }
@@ -163,7 +163,7 @@ void SyncSGD::exchange_encoded() {
   //    what the encoding of earlier sums lost here (the second residual); encoded into
   //    this rank's slot of the all-gather, the loss kept in reduced_ until the step is
   //    taken.
-  const int64_t len = share_numel(me);
+  const int64_t len = share_size(me);
   const int64_t bytes = static_cast<int64_t>(my_slot) - 8;
   uint8_t* mine = gathered_.data() + slot_offsets_[me];
   std::pair<uint32_t, int32_t> verdict{kSlotOk, me};
@@ -222,7 +222,7 @@ void SyncSGD::exchange_encoded() {
           "takes this step",
           me, who, c.describe(), j));
     }
-    if (!codec::valid(c, sum + 8, 0, static_cast<int64_t>(slot_bytes(j)) - 8, share_numel(j))) {
+    if (!codec::valid(c, sum + 8, 0, static_cast<int64_t>(slot_bytes(j)) - 8, share_size(j))) {
       throw CommError(fmt::format(
           "rank {}: rank {}'s compressed sum ('{}') arrived undecodable; this rank cannot take "
           "the step, and its replica would differ from the others': restart from a checkpoint",
@@ -237,7 +237,7 @@ void SyncSGD::exchange_encoded() {
   grads_.zero_();
   for (int j = 0; j < n; ++j) {
     codec::add_decoded(c, gathered_.data() + slot_offsets_[j] + 8, 0,
-                       static_cast<int64_t>(slot_bytes(j)) - 8, share_numel(j),
+                       static_cast<int64_t>(slot_bytes(j)) - 8, share_size(j),
                        grads_.data_ptr<float>() + share_begin(j));
   }
 }
@@ -246,7 +246,7 @@ at::Tensor SyncSGD::residual() const {
   if (!residual_.defined()) return at::Tensor();
   at::Tensor all = residual_.clone();
   const int me = world_->rank();
-  all.narrow(0, share_begin(me), share_end(me) - share_begin(me)).add_(reduce_residual_);
+  all.narrow(0, share_begin(me), share_size(me)).add_(reduce_residual_);
   return all;
 }
 
@@ -330,7 +330,7 @@ void SyncSGD::save_state(torch::serialize::OutputArchive& archive) const {
     // Flat, zero outside this rank's share: a resume cuts the shares anew.
     at::Tensor sums = torch::zeros_like(residual_);
     const int me = world_->rank();
-    sums.narrow(0, share_begin(me), share_end(me) - share_begin(me)).copy_(reduce_residual_);
+    sums.narrow(0, share_begin(me), share_size(me)).copy_(reduce_residual_);
     archive.write("torch_asgd/SyncSGD/reduce_residual", sums);
   }
 }
@@ -365,7 +365,7 @@ void SyncSGD::load_state(torch::serialize::InputArchive& archive) {
       // What lies in this rank's share now stays with its sums; the rest (shares cut
       // otherwise, or another rank's file) goes with this rank's next gradient.
       const int me = world_->rank();
-      const int64_t b = share_begin(me), len = share_end(me) - b;
+      const int64_t b = share_begin(me), len = share_size(me);
       reduce_residual_.copy_(saved_sums.narrow(0, b, len));
       at::Tensor rest = saved_sums.clone();
       rest.narrow(0, b, len).zero_();
