@@ -224,6 +224,40 @@ TEST(LocalRule, SaveLoadCarriesAdamsMomentsAndResumesIdentically) {
   std::remove(opt_path.c_str());
 }
 
+TEST(LocalRule, ACheckpointRefusedPartWayChangesNothing) {
+  // A one-rank checkpoint, with Adam's moments and a scheduled learning rate...
+  torch::manual_seed(6);
+  auto net = make_net();
+  DASGD saved(std::make_shared<torch::optim::Adam>(net->parameters(), torch::optim::AdamOptions(0.01)));
+  torch::optim::StepLR sched(saved, 5, 0.5);
+  for (int t = 0; t < 12; ++t) {
+    train_step(net, saved, t);
+    sched.step();
+  }
+  const std::string path = ::testing::TempDir() + std::to_string(::getpid()) + "_lr_refused.pt";
+  torch::save(saved, path);
+  // ...is refused by the ranks of a two-rank job only once the wrapper's own state is
+  // read, after the inner optimizer's. Neither may keep anything of it.
+  testing::spawn(2, [&](std::shared_ptr<World> world) {
+    torch::manual_seed(7);
+    auto mine = make_net();
+    DASGD opt(std::make_shared<torch::optim::Adam>(mine->parameters(), torch::optim::AdamOptions(0.02)),
+              DASGDOptions(), world);
+    try {
+      torch::load(opt, path);
+      ADD_FAILURE() << "a checkpoint of one rank was loaded by a rank of two";
+    } catch (const MismatchError& e) {
+      EXPECT_NE(std::string(e.what()).find("written by a rank of 1 ranks, this job has 2"), std::string::npos)
+          << e.what();
+    }
+    EXPECT_TRUE(opt.inner().state().empty()) << "the refused checkpoint's Adam moments were kept";
+    EXPECT_DOUBLE_EQ(opt.param_groups()[0].options().get_lr(), 0.02) << "its learning rate was kept";
+    EXPECT_DOUBLE_EQ(opt.inner().param_groups()[0].options().get_lr(), 0.02);
+    EXPECT_EQ(opt.stats().local_steps, 0);
+  });
+  std::remove(path.c_str());
+}
+
 TEST(LocalRule, RefusesWhatCannotWork) {
   auto net = make_net();
   // LBFGS evaluates a closure several times per step.

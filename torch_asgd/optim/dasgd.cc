@@ -440,13 +440,14 @@ void DASGD::load_state(torch::serialize::InputArchive& archive) {
                                     "job has {}",
                                     c[6], size_));
   }
+  auto versions = detail::read_int64s(archive, "torch_asgd/DASGD/versions", static_cast<size_t>(size_));
   local_steps_ = c[0];
   remote_updates_ = c[1];
   staleness_.count = c[2];
   staleness_.sum = c[3];
   staleness_.max = c[4];
   staleness_.bounded = c[5];
-  versions_ = detail::read_int64s(archive, "torch_asgd/DASGD/versions", static_cast<size_t>(size_));
+  versions_ = std::move(versions);
   // The checkpointed parameters already hold every update made before it, sent or not:
   // from here on only new changes are handed over. (Peers resumed from checkpoints of
   // other moments agree again after resync().)

@@ -1,6 +1,9 @@
 #include "torch_asgd/optim/distributed_optimizer.h"
 
 #include <algorithm>
+#include <memory>
+#include <type_traits>
+#include <vector>
 
 #include <c10/util/Type.h>
 #include <fmt/format.h>
@@ -118,9 +121,23 @@ void DistributedOptimizer::load(torch::serialize::InputArchive& archive) {
   }
   torch::serialize::InputArchive inner_archive;
   archive.read(prefix + "/inner", inner_archive);
-  inner_->load(inner_archive);
-  detail::read_group_lrs(archive, prefix, inner_->param_groups());
-  load_state(archive);
+  // What loading changes is kept, so that a checkpoint refused part way (by a check of
+  // the wrapper's state, or by the inner optimizer's own load) leaves this optimizer as it
+  // was. A state's clone shares its tensors, which a load replaces rather than writes.
+  auto& groups = inner_->param_groups();
+  std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> options;
+  for (const auto& g : groups) options.push_back(g.options().clone());
+  std::remove_reference_t<decltype(inner_->state())> state;
+  for (const auto& [key, s] : inner_->state()) state.emplace(key, s->clone());
+  try {
+    inner_->load(inner_archive);
+    detail::read_group_lrs(archive, prefix, groups);
+    load_state(archive);  // checks everything before it changes anything
+  } catch (...) {
+    inner_->state() = std::move(state);
+    for (size_t i = 0; i < groups.size(); ++i) groups[i].set_options(std::move(options[i]));
+    throw;
+  }
 }
 
 namespace detail {

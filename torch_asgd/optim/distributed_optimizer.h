@@ -47,7 +47,8 @@ class DistributedOptimizer : public torch::optim::Optimizer {
   void add_param_group(const torch::optim::OptimizerParamGroup& group);
 
   void save(torch::serialize::OutputArchive& archive) const override;
-  // Throws MismatchError for a checkpoint of another model, rule or optimizer.
+  // Throws MismatchError for a checkpoint of another model, rule or optimizer; a
+  // checkpoint refused leaves this optimizer, the inner one included, as it was.
   void load(torch::serialize::InputArchive& archive) override;
 
  protected:
@@ -63,7 +64,9 @@ class DistributedOptimizer : public torch::optim::Optimizer {
   // The inner step, after refresh_views().
   torch::Tensor inner_step(const LossClosure& closure);
 
-  // The wrapper's own state beside the inner one's.
+  // The wrapper's own state beside the inner one's. load_state() reads and checks
+  // everything before it changes anything (load() undoes the inner optimizer's load when
+  // it throws).
   virtual void save_state(torch::serialize::OutputArchive& archive) const = 0;
   virtual void load_state(torch::serialize::InputArchive& archive) = 0;
 

@@ -507,10 +507,11 @@ void Gossip::load_state(torch::serialize::InputArchive& archive) {
                                     "this job has {}",
                                     c[3], size_));
   }
+  auto versions = detail::read_int64s(archive, "torch_asgd/Gossip/versions", static_cast<size_t>(size_));
   local_steps_ = c[0];
   round_ = c[1];
   next_id_ = c[2];
-  versions_ = detail::read_int64s(archive, "torch_asgd/Gossip/versions", static_cast<size_t>(size_));
+  versions_ = std::move(versions);
 }
 
 }  // namespace torch_asgd
