@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Tables and plots of benchmarks/slow_links.sh: usage slow_links_report.py DIR SECONDS CIFAR_SECONDS.
+"""Tables and plots of benchmarks/slow_links.sh: usage slow_links_report.py DIR SECONDS CIFAR_SECONDS [EVAL_SECONDS].
 
 Reads DIR/<name>.r<k>.json (the examples' metrics) and DIR/<name>.r<k>.links (bytes each
 emulated host sent on its link), writes DIR/README.md (the tables) and DIR/<net>_n<H>_<rate>.png
@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 out, secs, cifar_secs = sys.argv[1], sys.argv[2], sys.argv[3]
+eval_secs = sys.argv[4] if len(sys.argv) > 4 else "2"
 NAME = re.compile(r"(mnist|cifar)_n(\d+)_(\w+?)_(dasgd|gossip|sync|asgd-shuffle)_([\w.:]+)\.r(\d+)\.json$")
 
 runs = {}
@@ -50,7 +51,7 @@ for net in ("mnist", "cifar"):
     if net == "mnist":
         lines.append(f"**Fashion-MNIST, the MNIST example network (87 KB of parameters), {secs} s budget, "
                      "SGD lr 0.03 momentum 0.7 (gossip lr 0.12: 0.03 x 4), batch 32, rank 0 evaluates "
-                     "2000 test samples every 2 s of training.**")
+                     f"2000 test samples every {eval_secs} s of training.**")
     else:
         lines.append(f"**CIFAR example's ResNet-20 (1.1 MB of parameters) on 2048 synthetic images, "
                      f"{cifar_secs} s budget: throughput and bytes only.**")
@@ -67,7 +68,12 @@ for net in ("mnist", "cifar"):
         sps = med([r["m"]["aggregate_samples_per_second"] for r in rs])
         ttt = [r["m"]["time_to_target_seconds"] for r in rs]
         missed = sum(t is None for t in ttt)
-        t_cell = cell(med(ttt), "{:.1f}") + (f" ({missed} of {len(rs)} missed)" if missed and net == "mnist" else "")
+        t_cell = cell(med(ttt), "{:.1f}")
+        reached = sorted(t for t in ttt if t is not None)
+        if len(rs) > 1 and reached:
+            t_cell += f" ({reached[0]:.1f}-{reached[-1]:.1f})"
+        if missed:
+            t_cell += f" ({missed} of {len(rs)} missed)"
         if net == "cifar":
             t_cell = "-"
         acc = med([r["m"]["test_accuracy"] for r in rs])
