@@ -11,14 +11,18 @@
 #   benchmarks/slow_links.sh [--hosts "4 8"] [--rates "100mbit 1gbit"] [--seconds 60]
 #                            [--codecs "none bf16 int8 topk"] [--cifar-seconds 40]
 #                            [--algos "dasgd gossip sync"] (also: asgd-shuffle)
-#                            [--repeats 1] [--eval-seconds 2] [--out DIR] [--quick]
+#                            [--repeats 1] [--eval-seconds 2] [--eval-deferred]
+#                            [--out DIR] [--quick]
 #
 # DASGD and sync run under every codec (sync reduce-scatters encoded shares), gossip
 # under every codec but topk (its models are not sparse); asgd-shuffle (rank 0 the
 # server, the others workers whose gradients travel encoded, the models not) when asked. --algos picks which run; results
 # already in --out are kept, so a later run of one algorithm adds its rows to the table.
-# --eval-seconds: how often rank 0 evaluates (its clock stops meanwhile, the other ranks'
-# do not), which is the resolution of the time to the target. --cifar-seconds 0 skips
+# --eval-seconds: how often rank 0 evaluates, the resolution of the time to the target.
+# Rank 0's clock stops while it evaluates and the other ranks of an asynchronous
+# algorithm train on, which favours them over sync by up to rank 0's share of time spent
+# evaluating; --eval-deferred (the examples' option) copies the model instead and
+# evaluates the copies after training, so that no rank pauses. --cifar-seconds 0 skips
 # ResNet-20. --quick: 2 and 4 hosts, 100mbit, 15 s: a check of the script, not figures.
 # Needs root (network namespaces), build/bin, gnuplot; exits 77 when namespaces are not
 # allowed.
@@ -26,7 +30,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 BIN=${TORCH_ASGD_BIN:-$ROOT/build/bin}
-HOSTS="4 8" RATES="100mbit 1gbit" SECS=60 CODECS="none bf16 int8 topk" CIFAR_SECS=40 REPEATS=1 EVAL_SECS=2
+HOSTS="4 8" RATES="100mbit 1gbit" SECS=60 CODECS="none bf16 int8 topk" CIFAR_SECS=40 REPEATS=1 EVAL_SECS=2 DEFERRED=()
 ALGOS="dasgd gossip sync"
 OUT=$HERE/results/slow_links
 while (($#)); do
@@ -39,6 +43,7 @@ while (($#)); do
     --cifar-seconds) CIFAR_SECS=$2; shift 2 ;;
     --repeats) REPEATS=$2; shift 2 ;;
     --eval-seconds) EVAL_SECS=$2; shift 2 ;;
+    --eval-deferred) DEFERRED=(--eval-deferred); shift ;;
     --out) OUT=$2; shift 2 ;;
     --quick) HOSTS="2 4" RATES="100mbit" SECS=15 CIFAR_SECS=10; shift ;;
     *) echo "slow_links.sh: unknown option $1 (see the top of the script)" >&2; exit 2 ;;
@@ -73,7 +78,7 @@ run() {
 
 for hosts in $HOSTS; do
   for rate in $RATES; do
-    common=(--budget-seconds "$SECS" --eval-every-seconds "$EVAL_SECS" --eval-samples 2000 --target-accuracy 0.8)
+    common=(--budget-seconds "$SECS" --eval-every-seconds "$EVAL_SECS" --eval-samples 2000 --target-accuracy 0.8 ${DEFERRED[@]+"${DEFERRED[@]}"})
     for algo in $ALGOS; do
       for codec in $CODECS; do
         if [[ $algo == gossip ]]; then

@@ -49,9 +49,14 @@ for net in ("mnist", "cifar"):
     if not keys:
         continue
     if net == "mnist":
+        deferred = all(r["m"].get("eval_seconds", 1) == 0 and r["m"]["eval_curve"]
+                       for k in keys for r in runs[k])
+        how = (f"rank 0 copies its model every {eval_secs} s of training and evaluates the copies "
+               "on 2000 test samples after training (no rank pauses)" if deferred else
+               f"rank 0 evaluates 2000 test samples every {eval_secs} s of training (its clock "
+               "stops meanwhile; the other ranks of DASGD and gossip train on)")
         lines.append(f"**Fashion-MNIST, the MNIST example network (87 KB of parameters), {secs} s budget, "
-                     "SGD lr 0.03 momentum 0.7 (gossip lr 0.12: 0.03 x 4), batch 32, rank 0 evaluates "
-                     f"2000 test samples every {eval_secs} s of training.**")
+                     f"SGD lr 0.03 momentum 0.7 (gossip lr 0.12: 0.03 x 4), batch 32, {how}.**")
     else:
         lines.append(f"**CIFAR example's ResNet-20 (1.1 MB of parameters) on 2048 synthetic images, "
                      f"{cifar_secs} s budget: throughput and bytes only.**")

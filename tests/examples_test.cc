@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <sys/stat.h>
 
+#include <set>
 #include <thread>
 
 #include <torch/torch.h>
@@ -116,6 +117,47 @@ TEST_P(MnistCompressed, Int8RunsFinishAndSyncNamesTheCodec) {
 INSTANTIATE_TEST_SUITE_P(Algos, MnistCompressed, ::testing::Values("dasgd", "sync", "gossip", "asgd-shuffle"),
                          algo_test_name);
 
+// --eval-deferred evaluates, after training, copies of the very models an evaluation
+// during training would have seen: sync's ranks are deterministic, so both runs' curves
+// and final accuracies agree exactly.
+TEST(Mnist, DeferredEvaluationsSeeTheSameModels) {
+  const std::string dir = make_mnist_dir("mnist_deferred", false);
+  nlohmann::json curves[2];
+  double finals[2] = {0, 0};
+  for (int deferred = 0; deferred < 2; ++deferred) {
+    const std::string json_path = dir + "/metrics" + std::to_string(deferred) + ".json";
+    std::vector<std::string> argv = {bin("asgd-launch"), "--nproc", "2", "--master-port", "0", "--",
+                                     bin("asgd-mnist"), "--data", dir, "--algo", "sync", "--epochs", "2",
+                                     "--batch-size", "10", "--lr", "0.05", "--eval-every", "3",
+                                     "--eval-samples", "40", "--metrics-out", json_path};
+    if (deferred) argv.push_back("--eval-deferred");
+    Proc p = testing::run(argv, {}, 240s);
+    ASSERT_FALSE(p.timed_out) << p.out_buf << p.err_buf;
+    ASSERT_EQ(p.exit_code, 0) << p.out_buf << p.err_buf;
+    const auto m = metrics_in(json_path);
+    ASSERT_TRUE(m.is_object()) << slurp(json_path);
+    curves[deferred] = m["eval_curve"];
+    finals[deferred] = m["test_accuracy"].get<double>();
+    if (deferred) {
+      EXPECT_EQ(m["eval_seconds"].get<double>(), 0.0) << "a deferred evaluation paused the clock";
+      for (const auto& point : curves[1]) {  // the time of the copy, not of its evaluation
+        EXPECT_LE(point["seconds"].get<double>(), m["train_seconds"].get<double>()) << point;
+      }
+    }
+  }
+  ASSERT_GE(curves[0].size(), 5u) << curves[0].dump();
+  ASSERT_EQ(curves[1].size(), curves[0].size()) << curves[1].dump();
+  std::set<double> distinct;
+  for (size_t i = 0; i < curves[0].size(); ++i) {
+    EXPECT_EQ(curves[1][i]["samples"], curves[0][i]["samples"]) << i;
+    EXPECT_EQ(curves[1][i]["accuracy"], curves[0][i]["accuracy"]) << "evaluation " << i;
+    distinct.insert(curves[0][i]["accuracy"].get<double>());
+  }
+  EXPECT_GE(distinct.size(), 3u) << "the curve does not move, so it could not show a wrong copy: "
+                                 << curves[0].dump();
+  EXPECT_EQ(finals[1], finals[0]);
+}
+
 // Each bad input: one clear line on every rank that sees it, a non-zero exit, no hang.
 Proc mnist(const std::vector<std::string>& args, int nproc = 2) {
   std::vector<std::string> argv = {bin("asgd-launch"), "--nproc", std::to_string(nproc),
@@ -208,7 +250,8 @@ TEST(Mnist, HelpListsEveryOption) {
                           "--budget-seconds", "--batch-size", "--lr", "--momentum", "--weight-decay",
                           "--step-rule", "--broadcast-every", "--max-lead", "--lead-policy",
                           "--gossip-alpha", "--partition", "--sampling", "--straggler",
-                          "--target-accuracy", "--eval-every", "--eval-every-seconds", "--metrics-out",
+                          "--target-accuracy", "--eval-every", "--eval-every-seconds", "--eval-deferred",
+                          "--metrics-out",
                           "--seed", "--device", "--threads", "--checkpoint-dir",
                           "--checkpoint-every", "--resume", "--overlap"}) {
     EXPECT_NE(p.out_buf.find(opt), std::string::npos) << opt;

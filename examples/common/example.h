@@ -46,6 +46,8 @@ struct ExampleOptions {
   int eval_every = 200;            // steps of rank 0 (server: gradients); 0: off
   double eval_every_seconds = 0;   // 0: off
   int64_t eval_samples = 2000;     // the fixed test subset evaluated during training
+  bool eval_deferred = false;      // rank 0 copies its model at each evaluation point and
+                                   // evaluates the copies after training (no rank pauses)
   std::string metrics_out;
   uint64_t seed = 1;
   std::string device = "cpu";

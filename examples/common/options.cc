@@ -106,6 +106,10 @@ int parse_options(int argc, char** argv, const Task& task, ExampleOptions* out) 
   app.add_option("--eval-samples", o.eval_samples, "test samples evaluated during training")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  app.add_flag("--eval-deferred", o.eval_deferred,
+               "rank 0 keeps a copy of its model at each evaluation point and evaluates the copies "
+               "after training, so that evaluating pauses no rank and the times are training time "
+               "for every algorithm alike (benchmarks; memory: one model per evaluation)");
   app.add_option("--metrics-out", o.metrics_out, "rank 0 writes the run's metrics as JSON");
   app.add_option("--seed", o.seed, "seed of the model, the data order and the sampling")
       ->capture_default_str();

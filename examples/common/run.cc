@@ -219,6 +219,10 @@ class Run {
   int64_t global_samples() const;
   void maybe_evaluate(int64_t done);
   void evaluate_now();
+  void record_evaluation(double at, int64_t samples, double accuracy);
+  void evaluate_deferred();
+  std::vector<at::Tensor> model_state() const;  // copies of the parameters and buffers
+  void set_model_state(const std::vector<at::Tensor>& state);
   void save_checkpoint();
   // The end.
   void gather(const RankReport& mine);
@@ -251,6 +255,13 @@ class Run {
   double eval_pause_ = 0, next_eval_at_ = 0, train_seconds_ = 0, wall_seconds_ = 0;
   double last_acc_ = -1, time_to_target_ = -1;
   json curve_ = json::array();
+  // --eval-deferred: the models to evaluate after training, with their clock and samples.
+  struct Snapshot {
+    double seconds;
+    int64_t samples;
+    std::vector<at::Tensor> state;
+  };
+  std::vector<Snapshot> snapshots_;
   std::string stopped_by_ = "epochs";
 
   RankReport report_;
@@ -433,15 +444,50 @@ int64_t Run::global_samples() const {
 }
 
 void Run::evaluate_now() {
+  if (o_.eval_deferred) {
+    snapshots_.push_back({clock(), global_samples(), model_state()});
+    return;
+  }
   // On rank 0's training thread; the clock stops meanwhile (reported times exclude it).
+  // The other ranks of an asynchronous algorithm train on meanwhile, so its times gain
+  // on sync's by up to the share of rank 0's time spent here (--eval-deferred does not).
   const auto e0 = Clock::now();
-  last_acc_ = evaluate(task_, *model_, test_, o_.eval_samples).overall;
+  const double accuracy = evaluate(task_, *model_, test_, o_.eval_samples).overall;
   eval_pause_ += seconds_since(e0);
-  const double at = clock();  // this evaluation's pause excluded too
-  curve_.push_back({{"seconds", at}, {"samples", global_samples()}, {"accuracy", last_acc_}});
-  if (o_.target_accuracy > 0 && time_to_target_ < 0 && last_acc_ >= o_.target_accuracy) {
+  record_evaluation(clock(), global_samples(), accuracy);  // this evaluation's pause excluded too
+}
+
+void Run::record_evaluation(double at, int64_t samples, double accuracy) {
+  last_acc_ = accuracy;
+  curve_.push_back({{"seconds", at}, {"samples", samples}, {"accuracy", accuracy}});
+  if (o_.target_accuracy > 0 && time_to_target_ < 0 && accuracy >= o_.target_accuracy) {
     time_to_target_ = at;
   }
+}
+
+std::vector<at::Tensor> Run::model_state() const {
+  std::vector<at::Tensor> state;
+  for (const auto& p : model_->parameters()) state.push_back(p.detach().clone());
+  for (const auto& b : model_->buffers()) state.push_back(b.detach().clone());
+  return state;
+}
+
+void Run::set_model_state(const std::vector<at::Tensor>& state) {
+  torch::NoGradGuard no_grad;
+  size_t i = 0;
+  for (auto& p : model_->parameters()) p.copy_(state.at(i++));
+  for (auto& b : model_->buffers()) b.copy_(state.at(i++));
+}
+
+void Run::evaluate_deferred() {
+  if (snapshots_.empty()) return;
+  const auto trained = model_state();
+  for (const auto& s : snapshots_) {
+    set_model_state(s.state);
+    record_evaluation(s.seconds, s.samples, evaluate(task_, *model_, test_, o_.eval_samples).overall);
+  }
+  set_model_state(trained);
+  snapshots_.clear();
 }
 
 void Run::maybe_evaluate(int64_t done) {
@@ -607,6 +653,7 @@ void Run::end() {
   // Every rank evaluates its model on the full test set.
   final_ = evaluate(task_, *model_, test_, test_.labels.size(0));
   report_.accuracy = final_.overall;
+  evaluate_deferred();  // rank 0's copies, if any; the trained model is put back
   if (rank_ == 0 && o_.target_accuracy > 0 && time_to_target_ < 0 && final_.overall >= o_.target_accuracy) {
     time_to_target_ = train_seconds_;  // crossed by the end of training, after the last evaluation
   }
