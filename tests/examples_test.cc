@@ -156,6 +156,28 @@ TEST(Mnist, DeferredEvaluationsSeeTheSameModels) {
   EXPECT_GE(distinct.size(), 3u) << "the curve does not move, so it could not show a wrong copy: "
                                  << curves[0].dump();
   EXPECT_EQ(finals[1], finals[0]);
+
+  // The AsGrad server evaluates its own model, deferred too.
+  const std::string json_path = dir + "/metrics_server.json";
+  Proc p = testing::run({bin("asgd-launch"), "--nproc", "3", "--master-port", "0", "--", bin("asgd-mnist"),
+                         "--data", dir, "--algo", "asgd-shuffle", "--epochs", "2", "--batch-size", "10",
+                         "--lr", "0.05", "--eval-every", "5", "--eval-samples", "40", "--eval-deferred",
+                         "--metrics-out", json_path},
+                        {}, 240s);
+  ASSERT_FALSE(p.timed_out) << p.out_buf << p.err_buf;
+  ASSERT_EQ(p.exit_code, 0) << p.out_buf << p.err_buf;
+  const auto m = metrics_in(json_path);
+  ASSERT_TRUE(m.is_object()) << slurp(json_path);
+  EXPECT_EQ(m["evaluation"]["deferred"], true);
+  EXPECT_EQ(m["eval_seconds"].get<double>(), 0.0);
+  ASSERT_GE(m["eval_curve"].size(), 3u) << m["eval_curve"].dump();
+  EXPECT_NE(p.out_buf.find("rank 0: evaluating the " + std::to_string(m["eval_curve"].size()) +
+                           " models copied during training"),
+            std::string::npos)
+      << p.out_buf;
+  for (const auto& point : m["eval_curve"]) {
+    EXPECT_LE(point["seconds"].get<double>(), m["train_seconds"].get<double>()) << point;
+  }
 }
 
 // Each bad input: one clear line on every rank that sees it, a non-zero exit, no hang.

@@ -7,6 +7,7 @@
 
 #include <cstdio>
 #include <functional>
+#include <map>
 
 #include <torch/torch.h>
 
@@ -243,6 +244,14 @@ TEST(LocalRule, ACheckpointRefusedPartWayChangesNothing) {
     auto mine = make_net();
     DASGD opt(std::make_shared<torch::optim::Adam>(mine->parameters(), torch::optim::AdamOptions(0.02)),
               DASGDOptions(), world);
+    for (int t = 0; t < 3; ++t) train_step(mine, opt, t);
+    // Adam's step counts and first moments before the load (the tensors' values).
+    std::map<std::string, std::pair<int64_t, torch::Tensor>> before;
+    for (const auto& [key, s] : opt.inner().state()) {
+      const auto& adam = static_cast<const torch::optim::AdamParamState&>(*s);
+      before[key] = {adam.step(), adam.exp_avg().clone()};
+    }
+    ASSERT_EQ(before.size(), mine->parameters().size());
     try {
       torch::load(opt, path);
       ADD_FAILURE() << "a checkpoint of one rank was loaded by a rank of two";
@@ -250,10 +259,18 @@ TEST(LocalRule, ACheckpointRefusedPartWayChangesNothing) {
       EXPECT_NE(std::string(e.what()).find("written by a rank of 1 ranks, this job has 2"), std::string::npos)
           << e.what();
     }
-    EXPECT_TRUE(opt.inner().state().empty()) << "the refused checkpoint's Adam moments were kept";
+    ASSERT_EQ(opt.inner().state().size(), before.size());
+    for (const auto& [key, s] : opt.inner().state()) {
+      const auto& adam = static_cast<const torch::optim::AdamParamState&>(*s);
+      ASSERT_EQ(before.count(key), 1u);
+      EXPECT_EQ(adam.step(), before[key].first) << "the refused checkpoint's Adam step count was kept";
+      EXPECT_TRUE(adam.exp_avg().equal(before[key].second)) << "the refused checkpoint's Adam moments were kept";
+    }
     EXPECT_DOUBLE_EQ(opt.param_groups()[0].options().get_lr(), 0.02) << "its learning rate was kept";
     EXPECT_DOUBLE_EQ(opt.inner().param_groups()[0].options().get_lr(), 0.02);
-    EXPECT_EQ(opt.stats().local_steps, 0);
+    EXPECT_EQ(opt.stats().local_steps, 3);
+    train_step(mine, opt, 3);  // and it trains on
+    opt.finish();
   });
   std::remove(path.c_str());
 }

@@ -467,8 +467,9 @@ void Run::record_evaluation(double at, int64_t samples, double accuracy) {
 
 std::vector<at::Tensor> Run::model_state() const {
   std::vector<at::Tensor> state;
-  for (const auto& p : model_->parameters()) state.push_back(p.detach().clone());
-  for (const auto& b : model_->buffers()) state.push_back(b.detach().clone());
+  // In host memory, also for a model on the GPU: one copy per evaluation point.
+  for (const auto& p : model_->parameters()) state.push_back(p.detach().to(torch::kCPU, false, true));
+  for (const auto& b : model_->buffers()) state.push_back(b.detach().to(torch::kCPU, false, true));
   return state;
 }
 
@@ -481,6 +482,9 @@ void Run::set_model_state(const std::vector<at::Tensor>& state) {
 
 void Run::evaluate_deferred() {
   if (snapshots_.empty()) return;
+  std::printf("rank 0: evaluating the %zu models copied during training (--eval-deferred)\n",
+              snapshots_.size());
+  std::fflush(stdout);
   const auto trained = model_state();
   for (const auto& s : snapshots_) {
     set_model_state(s.state);
@@ -732,6 +736,10 @@ json Run::metrics_json() const {
       {"wall_seconds", wall_seconds_},
       {"train_seconds", train_seconds_},
       {"eval_seconds", eval_pause_},
+      {"evaluation", {{"every_steps", o_.eval_every},
+                      {"every_seconds", o_.eval_every_seconds},
+                      {"samples", o_.eval_samples},
+                      {"deferred", o_.eval_deferred}}},
       {"target_accuracy", o_.target_accuracy > 0 ? json(o_.target_accuracy) : json()},
       {"time_to_target_seconds", time_to_target_ < 0 ? json() : json(time_to_target_)},
       {"samples", steps * o_.batch_size},

@@ -1,7 +1,6 @@
 #include "torch_asgd/optim/distributed_optimizer.h"
 
 #include <algorithm>
-#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -123,19 +122,28 @@ void DistributedOptimizer::load(torch::serialize::InputArchive& archive) {
   archive.read(prefix + "/inner", inner_archive);
   // What loading changes is kept, so that a checkpoint refused part way (by a check of
   // the wrapper's state, or by the inner optimizer's own load) leaves this optimizer as it
-  // was. A state's clone shares its tensors, which a load replaces rather than writes.
+  // was: LibTorch's loads replace the per-parameter states (a clone shares the tensors,
+  // which a load does not write), and the learning rates are read here. A state that
+  // cannot be cloned (a rule's own, not derived from OptimizerCloneableParamState) is
+  // loaded as before, without the undo.
   auto& groups = inner_->param_groups();
-  std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> options;
-  for (const auto& g : groups) options.push_back(g.options().clone());
+  std::vector<double> lrs;
+  for (const auto& g : groups) lrs.push_back(g.options().get_lr());
   std::remove_reference_t<decltype(inner_->state())> state;
-  for (const auto& [key, s] : inner_->state()) state.emplace(key, s->clone());
+  bool undoable = true;
+  try {
+    for (const auto& [key, s] : inner_->state()) state.emplace(key, s->clone());
+  } catch (const c10::Error&) {
+    undoable = false;
+    state.clear();
+  }
   try {
     inner_->load(inner_archive);
     detail::read_group_lrs(archive, prefix, groups);
     load_state(archive);  // checks everything before it changes anything
   } catch (...) {
-    inner_->state() = std::move(state);
-    for (size_t i = 0; i < groups.size(); ++i) groups[i].set_options(std::move(options[i]));
+    if (undoable) inner_->state() = std::move(state);
+    for (size_t i = 0; i < groups.size(); ++i) groups[i].options().set_lr(lrs[i]);
     throw;
   }
 }

@@ -48,7 +48,7 @@ class DistributedOptimizer : public torch::optim::Optimizer {
 
   void save(torch::serialize::OutputArchive& archive) const override;
   // Throws MismatchError for a checkpoint of another model, rule or optimizer; a
-  // checkpoint refused leaves this optimizer, the inner one included, as it was.
+  // checkpoint refused leaves this optimizer, a LibTorch inner one included, as it was.
   void load(torch::serialize::InputArchive& archive) override;
 
  protected:
