@@ -39,6 +39,44 @@ def med(values):
     return statistics.median(values) if values else None
 
 
+def med_time(times):
+    """Median time to the target, a run that missed it counting as longer than any."""
+    if not times:
+        return None
+    m = statistics.median([float("inf") if t is None else t for t in times])
+    return None if m == float("inf") else m
+
+
+def budget(key):
+    """The runs' budget in seconds (the command line's where a run does not say)."""
+    values = {r["m"].get("budget", {}).get("seconds") for r in runs[key]}
+    values.discard(None)
+    return "/".join(f"{v:g}" for v in sorted(values)) if values else (secs if key[0] == "mnist" else cifar_secs)
+
+
+def evaluation(keys):
+    """How the runs of `keys` evaluated, from their metrics (older runs do not say)."""
+    settings = set()
+    for k in keys:
+        for r in runs[k]:
+            e = r["m"].get("evaluation")
+            if e is None:  # an older run: the command line's interval, the default 200 steps
+                deferred = r["m"].get("eval_seconds") == 0 and bool(r["m"]["eval_curve"])
+                settings.add((float(eval_secs), 200, deferred))
+            else:
+                settings.add((e["every_seconds"], e["every_steps"], e["deferred"]))
+    if len(settings) > 1:
+        return "**the rows' evaluation settings differ (see each run's JSON): compare with care**"
+    every_s, every_steps, deferred = settings.pop()
+    when = " and ".join(w for w in (f"every {every_s:g} s of training" if every_s else "",
+                                    f"every {every_steps} of its steps" if every_steps else "") if w)
+    if deferred:
+        return (f"rank 0 copies its model {when} and evaluates the copies on 2000 test samples after "
+                "training (--eval-deferred: no rank pauses)")
+    return (f"rank 0 evaluates 2000 test samples {when} (its clock stops meanwhile; the other ranks "
+            "of DASGD and gossip train on)")
+
+
 def cell(v, fmt):
     return "-" if v is None else fmt.format(v)
 
@@ -49,17 +87,12 @@ for net in ("mnist", "cifar"):
     if not keys:
         continue
     if net == "mnist":
-        deferred = all(r["m"].get("eval_seconds", 1) == 0 and r["m"]["eval_curve"]
-                       for k in keys for r in runs[k])
-        how = (f"rank 0 copies its model every {eval_secs} s of training and evaluates the copies "
-               "on 2000 test samples after training (no rank pauses)" if deferred else
-               f"rank 0 evaluates 2000 test samples every {eval_secs} s of training (its clock "
-               "stops meanwhile; the other ranks of DASGD and gossip train on)")
-        lines.append(f"**Fashion-MNIST, the MNIST example network (87 KB of parameters), {secs} s budget, "
-                     f"SGD lr 0.03 momentum 0.7 (gossip lr 0.12: 0.03 x 4), batch 32, {how}.**")
+        lines.append(f"**Fashion-MNIST, the MNIST example network (87 KB of parameters), {budget(keys[0])} s "
+                     f"budget, SGD lr 0.03 momentum 0.7 (gossip lr 0.12: 0.03 x 4), batch 32, "
+                     f"{evaluation(keys)}.**")
     else:
         lines.append(f"**CIFAR example's ResNet-20 (1.1 MB of parameters) on 2048 synthetic images, "
-                     f"{cifar_secs} s budget: throughput and bytes only.**")
+                     f"{budget(keys[0])} s budget: throughput and bytes only.**")
     lines.append("")
     lines.append("| hosts | link | algorithm | codec | bytes on the link per rank and step | vs none | "
                  "aggregate samples/s | time to 80 % s | final accuracy % |")
@@ -73,7 +106,7 @@ for net in ("mnist", "cifar"):
         sps = med([r["m"]["aggregate_samples_per_second"] for r in rs])
         ttt = [r["m"]["time_to_target_seconds"] for r in rs]
         missed = sum(t is None for t in ttt)
-        t_cell = cell(med(ttt), "{:.1f}")
+        t_cell = cell(med_time(ttt), "{:.1f}")
         reached = sorted(t for t in ttt if t is not None)
         if len(rs) > 1 and reached:
             t_cell += f" ({reached[0]:.1f}-{reached[-1]:.1f})"
