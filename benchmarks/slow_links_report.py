@@ -47,11 +47,11 @@ def med_time(times):
     return None if m == float("inf") else m
 
 
-def budget(key):
-    """The runs' budget in seconds (the command line's where a run does not say)."""
-    values = {r["m"].get("budget", {}).get("seconds") for r in runs[key]}
+def budget(keys):
+    """The budget in seconds of the runs of `keys` (the command line's where they do not say)."""
+    values = {r["m"].get("budget", {}).get("seconds") for k in keys for r in runs[k]}
     values.discard(None)
-    return "/".join(f"{v:g}" for v in sorted(values)) if values else (secs if key[0] == "mnist" else cifar_secs)
+    return "/".join(f"{v:g}" for v in sorted(values)) if values else (secs if keys[0][0] == "mnist" else cifar_secs)
 
 
 def evaluation(keys):
@@ -87,12 +87,12 @@ for net in ("mnist", "cifar"):
     if not keys:
         continue
     if net == "mnist":
-        lines.append(f"**Fashion-MNIST, the MNIST example network (87 KB of parameters), {budget(keys[0])} s "
+        lines.append(f"**Fashion-MNIST, the MNIST example network (87 KB of parameters), {budget(keys)} s "
                      f"budget, SGD lr 0.03 momentum 0.7 (gossip lr 0.12: 0.03 x 4), batch 32, "
                      f"{evaluation(keys)}.**")
     else:
         lines.append(f"**CIFAR example's ResNet-20 (1.1 MB of parameters) on 2048 synthetic images, "
-                     f"{budget(keys[0])} s budget: throughput and bytes only.**")
+                     f"{budget(keys)} s budget: throughput and bytes only.**")
     lines.append("")
     lines.append("| hosts | link | algorithm | codec | bytes on the link per rank and step | vs none | "
                  "aggregate samples/s | time to 80 % s | final accuracy % |")

@@ -114,9 +114,7 @@ std::pair<uint32_t, int32_t> read_status(const uint8_t* slot) {
 
 int64_t SyncSGD::share_begin(int j) const { return share_starts_[static_cast<size_t>(j)]; }
 
-int64_t SyncSGD::share_end(int j) const { return share_starts_[static_cast<size_t>(j) + 1]; }
-
-int64_t SyncSGD::share_size(int j) const { return share_end(j) - share_begin(j); }
+int64_t SyncSGD::share_size(int j) const { return share_starts_[static_cast<size_t>(j) + 1] - share_begin(j); }
 
 size_t SyncSGD::slot_bytes(int j) const {
   return 8 + static_cast<size_t>(codec::encoded_bytes(options_.compression(), share_size(j)));

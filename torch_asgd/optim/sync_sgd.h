@@ -100,7 +100,6 @@ class SyncSGD : public DistributedOptimizer {
   void exchange_encoded();
   void set_mean_gradients();
   int64_t share_begin(int rank) const;  // a rank's share of the flat parameters
-  int64_t share_end(int rank) const;
   int64_t share_size(int rank) const;  // elements; a share is a codec payload of its own
   size_t slot_bytes(int rank) const;  // a status word, the rank it names, the share encoded
 
