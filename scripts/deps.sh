@@ -7,7 +7,6 @@ set -euo pipefail
 PACKAGES=(
   build-essential cmake ccache pkg-config zlib1g-dev
   libtorch-dev          # LibTorch 1.13 (CPU), with c10d built against the system Gloo
-  libgloo-dev           # Gloo headers (the library comes with libtorch-dev's dependencies)
   libfmt-dev
   libxxhash-dev         # XXH3: header and payload checksums of the wire format
   libcli11-dev          # the examples' command lines

@@ -4,12 +4,11 @@
 #include <cstring>
 #include <thread>
 
-#include <gloo/context.h>
-#include <gloo/transport/unbound_buffer.h>
 #include <torch/torch.h>
 
 #include "testing.h"
 #include "torch_asgd/comm/detail/channel_core.h"
+#include "torch_asgd/comm/detail/mesh.h"
 #include "torch_asgd/comm/error.h"
 
 namespace torch_asgd {
@@ -773,9 +772,7 @@ TEST(Channel, MismatchedFingerprintsFailOnEveryRank) {
 
 // Sends raw bytes to a peer on a channel's Gloo slot, as a broken or hostile peer would.
 void send_raw(World& world, int peer, uint64_t slot, std::vector<uint8_t> bytes) {
-  auto buf = world.gloo_context()->createUnboundBuffer(bytes.data(), bytes.size());
-  buf->send(peer, slot, 0, bytes.size());
-  buf->waitSend(std::chrono::seconds(20));
+  detail::send_raw(world, peer, slot, bytes.data(), bytes.size(), std::chrono::seconds(20));
 }
 
 // A header frame of protocol version 2, with inline payload.

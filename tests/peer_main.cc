@@ -29,10 +29,9 @@
 
 #include <cstring>
 
-#include <gloo/context.h>
-#include <gloo/transport/unbound_buffer.h>
 #include <torch/torch.h>
 
+#include "torch_asgd/comm/detail/mesh.h"
 #include "torch_asgd/torch_asgd.h"
 
 using namespace torch_asgd;
@@ -159,9 +158,7 @@ int hostile(World& world, int rounds) {
   at::Tensor x = torch::zeros({numel});
   int injected = 0;
   auto inject = [&](int peer, std::vector<uint8_t> bytes) {
-    auto buf = world.gloo_context()->createUnboundBuffer(bytes.data(), bytes.size());
-    buf->send(peer, slot, 0, bytes.size());
-    buf->waitSend(std::chrono::seconds(30));
+    torch_asgd::detail::send_raw(world, peer, slot, bytes.data(), bytes.size(), std::chrono::seconds(30));
     ++injected;
   };
   for (int i = 0; i < rounds; ++i) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "torch_asgd/comm/channel.h"
+#include "torch_asgd/comm/collectives.h"
 #include "torch_asgd/comm/env.h"
 #include "torch_asgd/comm/error.h"
 #include "torch_asgd/comm/fingerprint.h"

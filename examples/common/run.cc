@@ -12,14 +12,13 @@
 #include <thread>
 
 #include <fmt/format.h>
-#include <gloo/allreduce.h>
-#include <gloo/math.h>
 #include <nlohmann/json.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
 #include "common/checkpoint.h"
 #include "common/data.h"
 #include "common/example.h"
+#include "torch_asgd/comm/collectives.h"
 #include "common/stopping.h"
 #include "torch_asgd/torch_asgd.h"
 
@@ -141,18 +140,8 @@ std::pair<int64_t, int64_t> average_models(World& world, torch::nn::Module& mode
   for (auto& p : model.parameters()) params.push_back(p.detach().reshape({-1}).to(torch::kDouble));
   auto flat = torch::cat(params).to(torch::kCPU).contiguous();  // Gloo reduces host memory
   auto steps = torch::tensor({static_cast<double>(step), -static_cast<double>(step)}, torch::kDouble);
-  using Reduce = void (*)(void*, const void*, const void*, size_t);
-  auto allreduce = [&](torch::Tensor& t, Reduce fn, uint32_t tag) {
-    gloo::AllreduceOptions opts(world.gloo_context());
-    opts.setInput(t.data_ptr<double>(), static_cast<size_t>(t.numel()));
-    opts.setOutput(t.data_ptr<double>(), static_cast<size_t>(t.numel()));
-    opts.setReduceFunction(fn);
-    opts.setTag(tag);
-    opts.setTimeout(world.options().timeout);
-    gloo::allreduce(opts);
-  };
-  allreduce(flat, &gloo::sum<double>, 7001);
-  allreduce(steps, &gloo::min<double>, 7002);  // {min, -max}
+  all_reduce(world, flat, ReduceOp::kSum, /*tag=*/7001);
+  all_reduce(world, steps, ReduceOp::kMin, /*tag=*/7002);  // {min, -max}
   flat /= world.size();
   int64_t at = 0;
   for (auto& p : model.parameters()) {

@@ -6,10 +6,9 @@
 #include <string>
 #include <vector>
 
-#include <gloo/allreduce.h>
-#include <gloo/math.h>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
+#include "torch_asgd/comm/collectives.h"
 #include "torch_asgd/comm/world.h"
 
 namespace torch_asgd {
@@ -97,15 +96,9 @@ void SharedStop::stop_all() {
 
 bool agree_to_stop(World* world, bool mine) {
   if (world == nullptr || world->size() < 2) return mine;
-  double flag = mine ? 1 : 0;
-  gloo::AllreduceOptions opts(world->gloo_context());
-  opts.setInput(&flag, 1);
-  opts.setOutput(&flag, 1);
-  opts.setReduceFunction(static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::max<double>));
-  opts.setTag(7301);
-  opts.setTimeout(world->options().timeout);
-  gloo::allreduce(opts);
-  return flag > 0;
+  at::Tensor flag = torch::tensor({mine ? 1.0 : 0.0}, torch::kDouble);
+  all_reduce(*world, flag, ReduceOp::kMax, /*tag=*/7301);
+  return flag.item<double>() > 0;
 }
 
 }  // namespace examples

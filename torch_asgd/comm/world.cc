@@ -13,39 +13,15 @@
 #include <c10/util/Logging.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <gloo/rendezvous/context.h>
-#include <gloo/rendezvous/hash_store.h>
-#include <gloo/rendezvous/store.h>
-#include <gloo/transport/tcp/device.h>
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include "torch_asgd/comm/detail/mesh.h"
 #include "torch_asgd/comm/error.h"
 
 namespace torch_asgd {
 namespace {
-
-// Gloo rendezvous on top of a c10d store.
-class GlooStoreAdapter : public gloo::rendezvous::Store {
- public:
-  explicit GlooStoreAdapter(c10::intrusive_ptr<c10d::Store> store) : store_(std::move(store)) {}
-
-  void set(const std::string& key, const std::vector<char>& data) override {
-    store_->set(key, std::vector<uint8_t>(data.begin(), data.end()));
-  }
-  std::vector<char> get(const std::string& key) override {
-    auto v = store_->get(key);
-    return std::vector<char>(v.begin(), v.end());
-  }
-  void wait(const std::vector<std::string>& keys) override { store_->wait(keys); }
-  void wait(const std::vector<std::string>& keys, const std::chrono::milliseconds& timeout) override {
-    store_->wait(keys, timeout);
-  }
-
- private:
-  c10::intrusive_ptr<c10d::Store> store_;
-};
 
 bool is_loopback(const std::string& addr) {
   return addr.rfind("127.", 0) == 0 || addr == "localhost" || addr == "::1";
@@ -244,8 +220,7 @@ World::World(WorldOptions options, c10::intrusive_ptr<c10d::Store> store)
 
 World::~World() {
   // The connections go first, then the memory they may still have referenced.
-  context_.reset();
-  device_.reset();
+  mesh_.reset();
   std::lock_guard<std::mutex> lock(retired_mu_);
   retired_.clear();
 }
@@ -312,58 +287,30 @@ void World::connect() {
       host = name;
     }
   }
-  gloo::transport::tcp::attr attr;
-  if (!o.iface.empty()) {
-    attr.iface = o.iface;
-  } else {
-    attr.hostname = host;
-  }
-  try {
-    device_ = gloo::transport::tcp::CreateDevice(attr);
-  } catch (const std::exception& e) {
+  mesh_ = std::make_unique<detail::Mesh>(o.rank, o.world_size, host, o.iface, o.timeout);
+  if (o.world_size == 1) return;
+  // Arrival: find out who is missing (and duplicated) before connecting.
+  int64_t joined = store_->add("arrived_count/" + std::to_string(o.rank), 1);
+  if (joined > 1) {
     throw ConfigError(fmt::format(
-        "rank {}: cannot create the Gloo TCP device on {}: {}. Set GLOO_SOCKET_IFNAME to an "
-        "interface that exists and reaches the other hosts",
-        o.rank, o.iface.empty() ? "host '" + host + "'" : "interface '" + o.iface + "'",
-        std::string(e.what()).substr(0, 300)));
+        "rank {}: another process already joined job '{}' as rank {} in the rendezvous {}: "
+        "every process needs its own RANK, and two jobs on one MASTER_ADDR:MASTER_PORT need "
+        "distinct job ids (TORCH_ASGD_JOB_ID) or, better, distinct ports",
+        o.rank, o.job_id, o.rank, store_address(o)));
   }
-
-  auto ctx = std::make_shared<gloo::rendezvous::Context>(o.rank, o.world_size);
-  ctx->setTimeout(o.timeout);
-  if (o.world_size > 1) {
-    // Arrival: find out who is missing (and duplicated) before Gloo's own rendezvous,
-    // whose errors name neither.
-    int64_t joined = store_->add("arrived_count/" + std::to_string(o.rank), 1);
-    if (joined > 1) {
-      throw ConfigError(fmt::format(
-          "rank {}: another process already joined job '{}' as rank {} in the rendezvous {}: "
-          "every process needs its own RANK, and two jobs on one MASTER_ADDR:MASTER_PORT need "
-          "distinct job ids (TORCH_ASGD_JOB_ID) or, better, distinct ports",
-          o.rank, o.job_id, o.rank, store_address(o)));
+  store_->set("arrived/" + std::to_string(o.rank), bytes(std::to_string(o.world_size)));
+  wait_for_all("arrived/", "rendezvous");
+  for (int r = 0; r < o.world_size; ++r) {
+    std::string theirs = str(store_->get("arrived/" + std::to_string(r)));
+    if (theirs != std::to_string(o.world_size)) {
+      throw ConfigError(fmt::format("rank {}: WORLD_SIZE is {} here but {} on rank {}", o.rank,
+                                    o.world_size, theirs, r));
     }
-    store_->set("arrived/" + std::to_string(o.rank), bytes(std::to_string(o.world_size)));
-    wait_for_all("arrived/", "rendezvous");
-    for (int r = 0; r < o.world_size; ++r) {
-      std::string theirs = str(store_->get("arrived/" + std::to_string(r)));
-      if (theirs != std::to_string(o.world_size)) {
-        throw ConfigError(fmt::format("rank {}: WORLD_SIZE is {} here but {} on rank {}", o.rank,
-                                      o.world_size, theirs, r));
-      }
-    }
-    GlooStoreAdapter adapter(c10::make_intrusive<c10d::PrefixStore>("gloo", store_));
-    try {
-      ctx->connectFullMesh(adapter, device_);
-    } catch (const std::exception& e) {
-      throw CommError(fmt::format(
-          "rank {}: connecting to the other ranks failed: {}. Check that the hosts reach each "
-          "other on the interface Gloo uses (GLOO_SOCKET_IFNAME)",
-          o.rank, std::string(e.what()).substr(0, 400)));
-    }
-  } else {
-    gloo::rendezvous::HashStore local;
-    ctx->connectFullMesh(local, device_);
   }
-  context_ = std::move(ctx);
+  // The mesh: every rank's pair addresses through the store, then every pair connected.
+  store_->set("mesh/" + std::to_string(o.rank), mesh_->addresses());
+  wait_for_all("mesh/", "exchange of connection addresses");
+  mesh_->connect([&](int r) { return store_->get("mesh/" + std::to_string(r)); });
 }
 
 void World::check_fingerprint(const std::string& topic, const Fingerprint& fp) {

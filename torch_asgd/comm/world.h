@@ -1,8 +1,8 @@
 // World: the ranks of one job, connected.
 //
 // World::from_env() reads where this rank stands (WorldOptions::from_env), meets the
-// other ranks at the rendezvous store, and connects a Gloo TCP context to every one
-// of them. Optimizers share one World (std::shared_ptr) and open Channels on it.
+// other ranks at the rendezvous store, and connects to every one of them over Gloo's
+// TCP transport (torch_asgd's own Gloo, private to libtorch_asgd.so). Optimizers share one World (std::shared_ptr) and open Channels on it.
 //
 // Blocking: creating a World blocks until every rank has arrived, or throws CommError
 // after options().timeout naming the ranks that did not come. Collective calls
@@ -27,14 +27,10 @@
 namespace c10d {
 class Store;
 }
-namespace gloo {
-class Context;
-namespace transport {
-class Device;
-}
-}  // namespace gloo
-
 namespace torch_asgd {
+namespace detail {
+class Mesh;
+}
 
 class World : public std::enable_shared_from_this<World> {
  public:
@@ -72,8 +68,8 @@ class World : public std::enable_shared_from_this<World> {
 
   // The rendezvous store, keys prefixed with this job's id.
   c10d::Store& store();
-  // The Gloo context connected to every rank (for collectives such as all-reduce).
-  const std::shared_ptr<gloo::Context>& gloo_context() const { return context_; }
+  // The connections to every rank (collectives.h and Channel use them). Internal.
+  detail::Mesh& mesh() const { return *mesh_; }
 
   // Keeps `resource` alive until the Gloo connections are gone (memory that Gloo may
   // still write into after an aborted operation). Internal.
@@ -86,8 +82,7 @@ class World : public std::enable_shared_from_this<World> {
 
   WorldOptions options_;
   c10::intrusive_ptr<c10d::Store> store_;
-  std::shared_ptr<gloo::transport::Device> device_;
-  std::shared_ptr<gloo::Context> context_;
+  std::unique_ptr<detail::Mesh> mesh_;
   int channels_opened_ = 0;
   std::map<std::string, int> topic_uses_;  // check_fingerprint calls per topic
 

@@ -6,12 +6,9 @@
 #include <utility>
 
 #include <fmt/format.h>
-#include <gloo/allreduce.h>
-#include <gloo/allgatherv.h>
-#include <gloo/alltoallv.h>
-#include <gloo/math.h>
 #include <torch/torch.h>
 
+#include "torch_asgd/comm/collectives.h"
 #include "torch_asgd/comm/error.h"
 #include "torch_asgd/optim/detail/checkpoint.h"
 #include "torch_asgd/optim/detail/compression_checks.h"
@@ -123,11 +120,11 @@ size_t SyncSGD::slot_bytes(int j) const {
 void SyncSGD::exchange_encoded() {
   const Compression& c = options_.compression();
   const int n = world_->size(), me = world_->rank();
-  auto fail_collective = [&](const char* what, const std::exception& e) {
+  auto fail_collective = [&](const char* what, const CommError& e) {
     return CommError(fmt::format(
-        "rank {}: SyncSGD's {} of compressed gradients failed: {}. Synchronous SGD waits for "
-        "every rank: is one of them stopped, dead or much slower than the timeout allows?",
-        me, what, std::string(e.what()).substr(0, 300)));
+        "{} (SyncSGD's {} of compressed gradients). Synchronous SGD waits for every rank: is one "
+        "of them stopped, dead or much slower than the timeout allows?",
+        e.what(), what));
   };
   // Every share is a payload of its own (whole codec blocks), encoded and decoded alone.
   // 1. Reduce-scatter. Share j of this rank's gradient plus its residual, encoded, goes
@@ -147,14 +144,10 @@ void SyncSGD::exchange_encoded() {
   const size_t my_slot = slot_bytes(me);
   const auto t0 = std::chrono::steady_clock::now();
   try {
-    gloo::AlltoallvOptions opts(world_->gloo_context());
-    std::vector<int64_t> out_counts, in_counts(static_cast<size_t>(n), static_cast<int64_t>(my_slot));
-    for (int j = 0; j < n; ++j) out_counts.push_back(static_cast<int64_t>(slot_bytes(j)));
-    opts.setInput(send_.data(), out_counts);
-    opts.setOutput(received_.data(), in_counts);
-    opts.setTimeout(world_->options().timeout);
-    gloo::alltoallv(opts);
-  } catch (const std::exception& e) {
+    std::vector<size_t> out_counts, in_counts(static_cast<size_t>(n), my_slot);
+    for (int j = 0; j < n; ++j) out_counts.push_back(slot_bytes(j));
+    all_to_all_bytes(*world_, send_.data(), out_counts, received_.data(), in_counts);
+  } catch (const CommError& e) {
     throw fail_collective("reduce-scatter", e);
   }
   // 2. This rank's share: the sum of every rank's decoded share, in rank order, plus
@@ -186,13 +179,10 @@ void SyncSGD::exchange_encoded() {
   write_status(mine, verdict.first, verdict.second);
   // 3. All-gather of the encoded sums.
   try {
-    gloo::AllgathervOptions opts(world_->gloo_context());
     std::vector<size_t> counts;
     for (int j = 0; j < n; ++j) counts.push_back(slot_bytes(j));
-    opts.setOutput(gathered_.data(), counts);  // no input: in place, from `mine`
-    opts.setTimeout(world_->options().timeout);
-    gloo::allgatherv(opts);
-  } catch (const std::exception& e) {
+    all_gather_bytes(*world_, gathered_.data(), counts);  // in place, from `mine`
+  } catch (const CommError& e) {
     throw fail_collective("all-gather", e);
   }
   stats_.allreduce_seconds +=
@@ -258,25 +248,12 @@ void SyncSGD::allreduce_gradients() {
   if (carry_.defined()) grads_.add_(carry_);  // dropped below once it has been sent
   const auto t0 = std::chrono::steady_clock::now();
   try {
-    gloo::AllreduceOptions opts(world_->gloo_context());
-    if (grads_.scalar_type() == at::kFloat) {
-      opts.setInput(grads_.data_ptr<float>(), grads_.numel());
-      opts.setOutput(grads_.data_ptr<float>(), grads_.numel());
-      opts.setReduceFunction(static_cast<void (*)(void*, const void*, const void*, size_t)>(
-          &gloo::sum<float>));
-    } else {
-      opts.setInput(grads_.data_ptr<double>(), grads_.numel());
-      opts.setOutput(grads_.data_ptr<double>(), grads_.numel());
-      opts.setReduceFunction(static_cast<void (*)(void*, const void*, const void*, size_t)>(
-          &gloo::sum<double>));
-    }
-    opts.setTimeout(world_->options().timeout);
-    gloo::allreduce(opts);
-  } catch (const std::exception& e) {
+    all_reduce(*world_, grads_, ReduceOp::kSum);
+  } catch (const CommError& e) {
     throw CommError(fmt::format(
-        "rank {}: SyncSGD's all-reduce failed: {}. Synchronous SGD waits for every rank: is one "
+        "{} (SyncSGD's all-reduce of gradients). Synchronous SGD waits for every rank: is one "
         "of them stopped, dead or much slower than the timeout allows?",
-        world_->rank(), std::string(e.what()).substr(0, 300)));
+        e.what()));
   }
   stats_.allreduce_seconds +=
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

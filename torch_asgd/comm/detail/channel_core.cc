@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include "torch_asgd/comm/detail/log.h"
+#include "torch_asgd/comm/detail/mesh.h"
 #include "torch_asgd/comm/detail/receiver.h"
 #include "torch_asgd/comm/detail/sender.h"
 #include "torch_asgd/comm/error.h"
@@ -29,7 +30,7 @@ uint64_t pooled_bytes(const ChannelOptions& o) {
 
 ChannelCore::ChannelCore(std::shared_ptr<World> w, ChannelOptions o, uint64_t slot, uint64_t tok)
     : world(std::move(w)),
-      context(world->gloo_context()),
+      context(world->mesh().context()),
       options(std::move(o)),
       rank(world->rank()),
       size(world->size()),
