@@ -396,7 +396,14 @@ TEST(Channel, PeersThatLagInStepShareOneCoalescingBuffer) {
     world->barrier("held");
     auto send = [&](int i) { broadcast_numbered(*ch, numel, i); };
     if (me == 0) {
-      for (int i = 0; i < kSends; ++i) send(i);
+      // The first broadcast is handed to the network before the next is made (else, with
+      // the sender thread descheduled, all of them coalesce into one first message).
+      send(0);
+      ASSERT_TRUE(eventually([&] {
+        return ch->counters(1).sent_messages == 1 && ch->counters(2).sent_messages == 1 &&
+               ch->counters(3).sent_messages == 1;
+      }));
+      for (int i = 1; i < kSends; ++i) send(i);
       EXPECT_TRUE(eventually([&] { return ch->counters(3).queued == 0; }));
       EXPECT_TRUE(eventually([&] { return ch->counters(1).coalesced + 2 >= kSends; }));
       // (the last broadcasts may still wait to be handed out: then it holds them too)
