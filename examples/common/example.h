@@ -57,6 +57,7 @@ struct ExampleOptions {
   int checkpoint_every = 500;  // steps of each rank (gradients of the server)
   bool resume = false;
   bool overlap = false;  // dasgd on cuda: DASGDOptions::overlap
+  int64_t warmup_steps = 0;  // steps of each rank left out of its samples/s
 };
 
 struct Dataset {

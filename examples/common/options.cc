@@ -127,6 +127,9 @@ int parse_options(int argc, char** argv, const Task& task, ExampleOptions* out) 
       ->capture_default_str();
   app.add_flag("--resume", o.resume, "continue from --checkpoint-dir (every rank, same --algo and ranks)");
   app.add_flag("--overlap", o.overlap, "dasgd, --device cuda: copy deltas on a side stream (unverified)");
+  app.add_option("--warmup-steps", o.warmup_steps,
+                 "steps of each rank left out of its samples/s (CUDA's and the allocator's start-up)")
+      ->check(CLI::NonNegativeNumber);
   if (task.extra_options) task.extra_options(app, o);
   try {
     app.parse(argc, argv);

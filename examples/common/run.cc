@@ -18,7 +18,6 @@
 #include "common/checkpoint.h"
 #include "common/data.h"
 #include "common/example.h"
-#include "torch_asgd/comm/collectives.h"
 #include "common/stopping.h"
 #include "torch_asgd/torch_asgd.h"
 
@@ -109,7 +108,7 @@ class SmoothedLoss {
 struct RankReport {
   bool trainer = true;  // the server is not
   int64_t steps = 0;
-  double samples_per_second = 0;
+  double samples_per_second = 0;  // over the steps after --warmup-steps
   double accuracy = 0;
   json stats;  // the optimizer's counters
 
@@ -242,6 +241,7 @@ class Run {
   std::optional<Progress> progress_;
   Clock::time_point t0_;
   double eval_pause_ = 0, next_eval_at_ = 0, train_seconds_ = 0, wall_seconds_ = 0;
+  double warm_at_ = -1;  // clock() when this rank's --warmup-steps were done
   double last_acc_ = -1, time_to_target_ = -1;
   json curve_ = json::array();
   // --eval-deferred: the models to evaluate after training, with their clock and samples.
@@ -563,7 +563,8 @@ void Run::step_once() {
   }
   opt_->step();
   ++step_;
-  loss_.add(loss.item<double>());
+  loss_.add(loss.item<double>());  // waits for the device: the step is done
+  if (step_ - first_step_ == o_.warmup_steps) warm_at_ = clock();
 }
 
 void Run::train_ranks() {
@@ -640,8 +641,9 @@ void Run::end() {
   }
   if (checkpoint_) save_checkpoint();
   if (!is_server_) {
-    report_.samples_per_second =
-        static_cast<double>(report_.steps) * o_.batch_size / std::max(train_seconds_, 1e-9);
+    const int64_t warm = warm_at_ < 0 ? 0 : o_.warmup_steps;
+    report_.samples_per_second = static_cast<double>(report_.steps - warm) * o_.batch_size /
+                                 std::max(train_seconds_ - std::max(warm_at_, 0.0), 1e-9);
   }
   // Every rank evaluates its model on the full test set.
   final_ = evaluate(task_, *model_, test_, test_.labels.size(0));
@@ -733,6 +735,10 @@ json Run::metrics_json() const {
       {"time_to_target_seconds", time_to_target_ < 0 ? json() : json(time_to_target_)},
       {"samples", steps * o_.batch_size},
       {"samples_per_second", rates},
+      {"warmup_steps", o_.warmup_steps},
+      {"device", o_.device},
+      {"overlap", {{"asked", o_.overlap},
+                   {"active", dasgd_ != nullptr && dasgd_->stats().overlap_active}}},
       {"aggregate_samples_per_second", aggregate},
       {"staleness", staleness_json(staleness_, staleness_kind_)},
       {"eval_curve", curve_},

@@ -403,6 +403,7 @@ DASGDStats DASGD::stats() const {
   for (int64_t v : versions_) s.version += v;
   s.remote_updates = remote_updates_;
   s.staleness = staleness_;
+  s.overlap_active = pipeline_ != nullptr;
   s.lead = transport_ ? lead() : 0;
   s.max_lead_seen = max_lead_seen_;
   s.lead_waits = lead_waits_;

@@ -117,6 +117,7 @@ struct DASGDStats {
   uint64_t messages_sent = 0, messages_received = 0, coalesced = 0, rejected = 0, dropped = 0;
   uint64_t max_held_bytes = 0;  // the most payload bytes the channel keeps for one peer now
   std::vector<int> failed_peers;  // ranks whose connection failed
+  bool overlap_active = false;    // deltas leave through detail::DevicePipeline (overlap, GPU)
   std::string str() const;
 };
 
