@@ -9,6 +9,7 @@
 #include "testing.h"
 #include "torch_asgd/comm/detail/channel_core.h"
 #include "torch_asgd/comm/detail/mesh.h"
+#include "torch_asgd/comm/detail/watcher.h"
 #include "torch_asgd/comm/error.h"
 
 namespace torch_asgd {
@@ -20,6 +21,11 @@ struct ChannelTestAccess {
   static void fail_sender_thread(Channel& ch) { ch.core_->fail_sender_thread = true; }
   // The receiver thread throws once its next frame has arrived.
   static void fail_receiver_thread(Channel& ch) { ch.core_->fail_receiver_thread = true; }
+  // The watcher thread throws something that is not a std::exception, at once.
+  static void fail_watcher_thread(Channel& ch) {
+    ch.core_->fail_watcher_thread = true;
+    ch.watcher_->poke();
+  }
   // Idle payload buffers of ordered and replace messages, on either side.
   static size_t idle_send_buffers(Channel& ch) { return ch.core_->send_buffers.idle_count(); }
   static size_t idle_recv_buffers(Channel& ch) { return ch.core_->recv_buffers.idle_count(); }
@@ -186,14 +192,15 @@ float numbered_total(int count) {
   return total;
 }
 
-// An error the sending or receiving thread did not foresee does not end the process
-// (std::terminate) and leaves no wait for the channel's progress running out its
+// An error the sending, receiving or watching thread did not foresee does not end the
+// process (std::terminate) and leaves no wait for the channel's progress running out its
 // timeout: the training thread's next call throws it, named, and so do flush() and
-// close() at once (their timeouts here are far longer than ctest's).
-class ChannelThreadDies : public ::testing::TestWithParam<bool> {};
+// close() at once (their timeouts here are far longer than ctest's). The watcher's throws
+// something that is not a std::exception.
+class ChannelThreadDies : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(ChannelThreadDies, ItsErrorIsThrownOnTheTrainingThreadNotACrash) {
-  const bool sender = GetParam();
+  const std::string which = GetParam();
   spawn(2, [&](std::shared_ptr<World> world) {
     auto ch = world->open_channel(additive_options("dies", 16));
     world->barrier("open");
@@ -202,41 +209,42 @@ TEST_P(ChannelThreadDies, ItsErrorIsThrownOnTheTrainingThreadNotACrash) {
     m.payload = torch::ones({16});
     m.meta = Metadata({1, 0, 0, 0});
     if (world->rank() == 0) {
-      if (sender) {
+      if (which == "sending") {
         ChannelTestAccess::fail_sender_thread(*ch);
-      } else {
+      } else if (which == "receiving") {
         ChannelTestAccess::fail_receiver_thread(*ch);
+      } else {
+        ChannelTestAccess::fail_watcher_thread(*ch);
       }
       world->barrier("armed");
       std::string error;
       eventually([&] {
         try {
-          if (sender) ch->broadcast(m);
+          if (which == "sending") ch->broadcast(m);
           ch->poll();
         } catch (const CommError& e) {
           error = e.what();
         }
         return !error.empty();
       }, 30s);
-      const std::string which = sender ? "sending" : "receiving";
-      EXPECT_NE(error.find("rank 0: channel 'dies': the " + which +
-                           " thread stopped: a test made it throw"),
+      const std::string why = which == "watching" ? "an exception that is not a std::exception"
+                                                  : "a test made it throw";
+      EXPECT_NE(error.find("rank 0: channel 'dies': the " + which + " thread stopped: " + why),
                 std::string::npos)
           << error;
       EXPECT_THROW(ch->flush(1000s), CommError);
       EXPECT_THROW(ch->close(1000s), CommError);
     } else {
       world->barrier("armed");
-      if (!sender) ch->broadcast(m);  // a frame for rank 0's receiver
+      if (which == "receiving") ch->broadcast(m);  // a frame for rank 0's receiver
     }
     world->barrier("checked");
   });
 }
 
-INSTANTIATE_TEST_SUITE_P(Channel, ChannelThreadDies, ::testing::Bool(),
-                         [](const ::testing::TestParamInfo<bool>& i) {
-                           return std::string(i.param ? "Sending" : "Receiving");
-                         });
+INSTANTIATE_TEST_SUITE_P(Channel, ChannelThreadDies,
+                         ::testing::Values("sending", "receiving", "watching"),
+                         [](const ::testing::TestParamInfo<std::string>& i) { return i.param; });
 
 TEST(Channel, AdditiveMessagesCoalesceWithoutLoss) {
   // Two senders each send 300 additive deltas to rank 0, which does not look until
@@ -483,6 +491,50 @@ TEST(Channel, AGroupWaitsForItsSlowestMemberInsteadOfSplitting) {
       EXPECT_TRUE(got.total.equal(torch::full({numel}, numbered_total(kSends)))) << "rank " << me;
       EXPECT_EQ(got.updates, kSends) << "rank " << me;
     }
+  });
+}
+
+// poll() hands ordered and replace messages out in the order they arrived, a replace
+// message where its newest version arrived (channel.h).
+TEST(Channel, PollHandsOutOrderedAndReplaceMessagesInArrivalOrder) {
+  spawn(2, [&](std::shared_ptr<World> world) {
+    ChannelOptions o;
+    o.name = "order";
+    o.capacity_bytes = 64;
+    auto ch = world->open_channel(o);
+    if (world->rank() == 1) {
+      // Each handed to the network before the next, so that they arrive in this order:
+      // ordered 1, replace 2, ordered 3, replace 4 (replaces 2), ordered 5.
+      for (int64_t i = 1; i <= 5; ++i) {
+        Outgoing m;
+        m.delivery = i % 2 == 0 ? Delivery::kReplace : Delivery::kOrdered;
+        m.meta = Metadata({i});
+        ch->send(0, m);
+        ASSERT_TRUE(ch->flush(30s));
+        ASSERT_TRUE(eventually([&] { return ch->counters(0).queued == 0; }));
+      }
+    } else {
+      ASSERT_TRUE(eventually([&] { return ch->counters(1).received_messages >= 5; }));
+      std::vector<int64_t> order;
+      for (const auto& m : ch->poll().messages) order.push_back(m.meta.field(0));
+      EXPECT_EQ(order, (std::vector<int64_t>{1, 3, 4, 5}));
+    }
+    EXPECT_TRUE(ch->close(30s));
+  });
+}
+
+// A channel that ended cleanly leaves almost nothing behind in its World: its receive
+// buffers (recv_depth x chunk_bytes, 16 MiB by default) go with it; only its last
+// acknowledgements (a frame header each, which Gloo may still be sending) stay. (After a
+// peer failed the receive buffers stay as long as the World: Gloo may still write there.)
+TEST(Channel, AChannelClosedCleanlyKeepsNoReceiveBuffersInItsWorld) {
+  spawn(2, [&](std::shared_ptr<World> world) {
+    for (int i = 0; i < 3; ++i) {
+      auto ch = world->open_channel(additive_options("closed" + std::to_string(i), 1000));
+      broadcast_numbered(*ch, 1000, i);
+      EXPECT_TRUE(ch->close(30s));
+    }
+    EXPECT_LT(world->retired_bytes(), 4096u) << "3 channels of 16 MiB of receive buffers each";
   });
 }
 

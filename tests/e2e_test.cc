@@ -93,6 +93,26 @@ TEST(BadEnvironment, UnreachableMaster) {
   EXPECT_EQ(std::count(p.err_buf.begin(), p.err_buf.end(), '\n'), 1) << p.err_buf;
 }
 
+// A rank that waits long says whom it waits for, every few seconds, instead of saying
+// nothing until its timeout: a rank whose MASTER_PORT is wrong (nobody hosts a store
+// there), and a rank 0 whose peer never comes.
+TEST(BadEnvironment, ALongWaitSaysWhomItWaitsFor) {
+  const int port = testing::free_port();  // nobody listens there
+  Proc lost = testing::run({peer()}, rank_env(1, 2, port, "12"), 60s);
+  EXPECT_EQ(lost.exit_code, 1);
+  EXPECT_NE(lost.err_buf.find("[torch_asgd] rank 1: still no rendezvous store at MASTER_ADDR=127.0.0.1 "
+                              "MASTER_PORT=" + std::to_string(port)),
+            std::string::npos)
+      << lost.err_buf;
+  EXPECT_LT(lost.err_buf.find("still no rendezvous store"), lost.err_buf.find("cannot reach"))
+      << "said while waiting, before the error:\n" << lost.err_buf;
+  Proc alone = testing::run({peer()}, rank_env(0, 3, testing::free_port(), "8"), 60s);
+  EXPECT_EQ(alone.exit_code, 1);
+  EXPECT_NE(alone.err_buf.find("[torch_asgd] rank 0: rendezvous: waiting for ranks [1, 2] of WORLD_SIZE=3"),
+            std::string::npos)
+      << alone.err_buf;
+}
+
 TEST(BadEnvironment, UnresolvableMasterAddrIsOneLine) {
   auto env = rank_env(1, 2, testing::free_port(), "300");
   env["MASTER_ADDR"] = "nosuchhost.invalid";

@@ -33,9 +33,10 @@ Channel::Channel(std::shared_ptr<World> world, ChannelOptions options, uint64_t 
 }
 
 Channel::~Channel() {
+  const bool clean = core_->ended_cleanly();
   core_->stopping = true;
-  watcher_->stop_and_join();
-  receiver_->stop_and_join();
+  watcher_->stop_and_join(clean);
+  receiver_->stop_and_join(clean);
   sender_->stop_and_join();
   core_->sender = nullptr;
   core_->receiver = nullptr;
@@ -239,10 +240,15 @@ bool Channel::close(std::chrono::milliseconds timeout) {
       if (p == core_->rank) continue;
       const bool done = core_->cv.wait_until(lock, deadline, [&] {
         const detail::PeerStatus& s = core_->peers[p];
-        return core_->broken || s.failed || (s.bye_received && s.bye_acked);
+        return core_->broken || s.failed || (s.bye_received && s.bye_acked && s.bye_ack_posted);
       });
       if (!done) unfinished.push_back(p);
     }
+  }
+  if (unfinished.empty() && core_->size > 1) {
+    // Our acknowledgement of each peer's goodbye must leave before this returns: the
+    // peer's close() waits for it, and this process may exit at once.
+    unfinished = sender_->await_bye_acks_sent(deadline);
   }
   if (!unfinished.empty()) {
     detail::log_warning(fmt::format(

@@ -175,7 +175,9 @@ struct AdditiveArrival {
 };
 
 struct Arrivals {
-  std::vector<Message> messages;         // ordered and replace, in arrival order
+  // Ordered and replace messages in arrival order (a replace message where its newest
+  // version arrived; older versions are gone).
+  std::vector<Message> messages;
   std::vector<AdditiveArrival> additive;  // streams that received something
   bool empty() const { return messages.empty() && additive.empty(); }
 };

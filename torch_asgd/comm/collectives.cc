@@ -6,6 +6,7 @@
 #include <gloo/allgatherv.h>
 #include <gloo/allreduce.h>
 #include <gloo/alltoallv.h>
+#include <gloo/broadcast.h>
 #include <gloo/math.h>
 
 #include "torch_asgd/comm/detail/mesh.h"
@@ -76,6 +77,22 @@ void all_reduce(World& world, at::Tensor& values, ReduceOp op, uint32_t tag) {
   opts.setTag(tag);
   opts.setTimeout(world.options().timeout);
   run(world, "all-reduce", [&] { gloo::allreduce(opts); });
+}
+
+void broadcast(World& world, at::Tensor& values, int root, uint32_t tag) {
+  if (!values.defined() || !values.device().is_cpu() || !values.is_contiguous()) {
+    throw ConfigError("broadcast: the tensor must be defined, on the CPU and contiguous");
+  }
+  if (root < 0 || root >= world.size()) {
+    throw ConfigError(fmt::format("broadcast: root {} is not a rank of this world of {}", root, world.size()));
+  }
+  if (world.size() < 2 || values.numel() == 0) return;
+  gloo::BroadcastOptions opts(world.mesh().context());
+  opts.setOutput(static_cast<uint8_t*>(values.data_ptr()), values.nbytes());
+  opts.setRoot(root);
+  opts.setTag(tag);
+  opts.setTimeout(world.options().timeout);
+  run(world, "broadcast", [&] { gloo::broadcast(opts); });
 }
 
 void all_to_all_bytes(World& world, const uint8_t* send, const std::vector<size_t>& send_counts,

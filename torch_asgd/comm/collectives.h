@@ -26,6 +26,9 @@ enum class ReduceOp { kSum, kMin, kMax };
 // element-wise reduction over the ranks. Throws ConfigError for another tensor.
 void all_reduce(World& world, at::Tensor& values, ReduceOp op = ReduceOp::kSum, uint32_t tag = 0);
 
+// Every rank's `values` (a contiguous CPU tensor of any dtype) becomes rank `root`'s.
+void broadcast(World& world, at::Tensor& values, int root, uint32_t tag = 0);
+
 // Each rank sends `send_counts[j]` bytes, from `send` in rank order, to rank j, and
 // receives `recv_counts[j]` bytes from rank j into `recv`, in rank order.
 void all_to_all_bytes(World& world, const uint8_t* send, const std::vector<size_t>& send_counts,

@@ -17,6 +17,7 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include "torch_asgd/comm/detail/log.h"
 #include "torch_asgd/comm/detail/mesh.h"
 #include "torch_asgd/comm/error.h"
 
@@ -88,6 +89,9 @@ std::string first_line(const std::exception& e) {
   return why.substr(0, std::min<size_t>(why.find('\n'), 200));
 }
 
+// A rank that waits longer than this says what it waits for, and again every as long.
+constexpr std::chrono::seconds kSayEvery{5};
+
 std::string store_address(const WorldOptions& o) {
   if (!o.store_path.empty()) return fmt::format("file store '{}'", o.store_path);
   if (o.master_addr.empty()) return "store";
@@ -147,26 +151,61 @@ c10::intrusive_ptr<c10d::Store> open_store(const WorldOptions& o) {
   t.port = static_cast<uint16_t>(o.master_port);
   t.isServer = o.rank == 0 && !o.use_agent_store;
   t.waitWorkers = false;
-  t.timeout = o.timeout;
-  try {
-    return c10::make_intrusive<c10d::TCPStore>(o.master_addr, t);
-  } catch (const std::exception& e) {
-    std::string what = e.what();
+  auto failed = [&](const std::string& reason) {
+    std::string what = reason;
     what = what.substr(0, what.find('\n'));
     while (!what.empty() && (what.back() == '.' || what.back() == ' ')) what.pop_back();
     if (t.isServer) {
-      throw CommError(fmt::format(
+      return CommError(fmt::format(
           "rank 0: cannot host the rendezvous store on {}:{}: {}. Is the port in use by another "
           "job? Pick another MASTER_PORT",
           o.master_addr, o.master_port, what));
     }
-    throw CommError(fmt::format(
+    return CommError(fmt::format(
         "rank {}: cannot reach the rendezvous store at MASTER_ADDR={} MASTER_PORT={} within {}: "
         "{}. Is {} running, and are MASTER_ADDR/MASTER_PORT the same on every rank?",
         o.rank, o.master_addr, o.master_port, seconds(o.timeout), what,
         o.use_agent_store ? "the torchelastic agent's store" : "rank 0"));
+  };
+  if (t.isServer) {
+    t.timeout = o.timeout;
+    try {
+      return c10::make_intrusive<c10d::TCPStore>(o.master_addr, t);
+    } catch (const std::exception& e) {
+      throw failed(e.what());
+    }
+  }
+  // A client tries again until the timeout, and says every kSayEvery whom it waits
+  // for, so that a wrong MASTER_PORT does not look like a hang.
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto deadline = t0 + o.timeout;
+  auto next_say = t0 + kSayEvery;
+  std::string first_reason;  // a later, shorter try's is less telling
+  for (;;) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    t.timeout = std::max(std::chrono::milliseconds(1), std::min<std::chrono::milliseconds>(left, kSayEvery));
+    try {
+      auto store = c10::make_intrusive<c10d::TCPStore>(o.master_addr, t);
+      store->setTimeout(o.timeout);
+      return store;
+    } catch (const std::exception& e) {
+      const auto now = std::chrono::steady_clock::now();
+      if (first_reason.empty()) first_reason = e.what();
+      if (now >= deadline) throw failed(first_reason);
+      if (now >= next_say) {
+        detail::log_info(fmt::format(
+            "rank {}: still no rendezvous store at MASTER_ADDR={} MASTER_PORT={} after {:.0f} s "
+            "(of {}); is {} running, with the same MASTER_PORT?",
+            o.rank, o.master_addr, o.master_port, std::chrono::duration<double>(now - t0).count(),
+            seconds(o.timeout), o.use_agent_store ? "the torchelastic agent's store" : "rank 0"));
+        next_say = now + kSayEvery;
+      }
+      std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(
+          std::chrono::milliseconds(200), deadline - now));
+    }
   }
 }
+
 // A write to a connection whose peer has died raises SIGPIPE, whose default action
 // kills the process: one dead rank would then kill its peers, the opposite of what an
 // asynchronous optimizer promises. Like Python, ignore it, so that the write fails with
@@ -186,6 +225,18 @@ void ignore_sigpipe_unless_handled() {
 
 std::shared_ptr<World> World::from_env(const WorldOptions& overrides) {
   return create(WorldOptions::from_env().merged_with(overrides));
+}
+
+std::shared_ptr<World> World::process_default() {
+  static std::mutex mu;
+  // Never destroyed: its connections end with the process, not in static destruction.
+  static auto* made = new std::shared_ptr<World>();
+  std::lock_guard<std::mutex> lock(mu);
+  if (*made) return *made;
+  const WorldOptions o = WorldOptions::from_env();
+  if (o.world_size < 2) return nullptr;
+  *made = create(o);
+  return *made;
 }
 
 std::shared_ptr<World> World::create(const WorldOptions& options) {
@@ -232,9 +283,15 @@ c10d::Store& World::store() {
   return *store_;
 }
 
-void World::retire(std::shared_ptr<void> resource) {
+void World::retire(std::shared_ptr<void> resource, uint64_t bytes) {
   std::lock_guard<std::mutex> lock(retired_mu_);
   retired_.push_back(std::move(resource));
+  retired_bytes_ += bytes;
+}
+
+uint64_t World::retired_bytes() const {
+  std::lock_guard<std::mutex> lock(retired_mu_);
+  return retired_bytes_;
 }
 
 void World::wait_for_all(const std::string& prefix, const std::string& what) {
@@ -244,6 +301,7 @@ void World::wait_for_all(const std::string& prefix, const std::string& what) {
   for (int r = 0; r < size(); ++r) keys.push_back(prefix + std::to_string(r));
   const auto t0 = std::chrono::steady_clock::now();
   const auto deadline = t0 + options_.timeout;
+  auto next_say = t0 + kSayEvery;
   std::vector<bool> arrived(size(), false);
   auto pause = std::chrono::milliseconds(5);
   while (true) {
@@ -269,6 +327,14 @@ void World::wait_for_all(const std::string& prefix, const std::string& what) {
           "rank {}: {} timed out after {}: ranks [{}] of WORLD_SIZE={} did not arrive (job '{}'). "
           "Are they running, with the same MASTER_ADDR, MASTER_PORT, WORLD_SIZE and job id?",
           rank(), what, seconds(options_.timeout), fmt::join(missing, ", "), size(), options_.job_id));
+    }
+    if (now >= next_say) {
+      detail::log_info(fmt::format(
+          "rank {}: {}: waiting for ranks [{}] of WORLD_SIZE={} ({:.0f} s of {}, job '{}', {})",
+          rank(), what, fmt::join(missing, ", "), size(),
+          std::chrono::duration<double>(now - t0).count(), seconds(options_.timeout), options_.job_id,
+          store_address(options_)));
+      next_say = now + kSayEvery;
     }
     std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(pause, deadline - now));
     pause = std::min(pause * 2, std::chrono::milliseconds(100));

@@ -36,6 +36,11 @@ class World : public std::enable_shared_from_this<World> {
  public:
   // Reads the environment, applies `overrides` (fields it sets win), rendezvous.
   static std::shared_ptr<World> from_env(const WorldOptions& overrides = WorldOptions());
+  // The process's default World, for optimizers given none: made once from the
+  // environment (World::from_env()) when a launcher's variables name a job of several
+  // ranks, and kept for the life of the process; nullptr otherwise (one rank). Every
+  // optimizer given no World shares it, so its rendezvous happens once.
+  static std::shared_ptr<World> process_default();
   // Rendezvous with complete options (rank, world_size and a store location).
   static std::shared_ptr<World> create(const WorldOptions& options);
   // Rendezvous through an existing store (e.g. c10d::HashStore for ranks that are
@@ -73,7 +78,10 @@ class World : public std::enable_shared_from_this<World> {
 
   // Keeps `resource` alive until the Gloo connections are gone (memory that Gloo may
   // still write into after an aborted operation). Internal.
-  void retire(std::shared_ptr<void> resource);
+  void retire(std::shared_ptr<void> resource, uint64_t bytes);
+  // The bytes kept so: after a channel ended cleanly, only its last acknowledgements (a
+  // frame header each), which Gloo may still be sending. Internal.
+  uint64_t retired_bytes() const;
 
  private:
   World(WorldOptions options, c10::intrusive_ptr<c10d::Store> store);
@@ -86,8 +94,9 @@ class World : public std::enable_shared_from_this<World> {
   int channels_opened_ = 0;
   std::map<std::string, int> topic_uses_;  // check_fingerprint calls per topic
 
-  std::mutex retired_mu_;  // guards retired_
+  mutable std::mutex retired_mu_;  // guards retired_
   std::vector<std::shared_ptr<void>> retired_;
+  uint64_t retired_bytes_ = 0;
 };
 
 }  // namespace torch_asgd

@@ -144,6 +144,17 @@ void ChannelCore::fail(std::exception_ptr e) {
   if (receiver != nullptr) receiver->notify();
 }
 
+bool ChannelCore::ended_cleanly() const {
+  if (broken) return false;
+  std::lock_guard<std::mutex> lock(mu);
+  for (int p = 0; p < size; ++p) {
+    if (p == rank) continue;
+    const PeerStatus& s = peers[p];
+    if (s.failed || !s.bye_received || !s.bye_acked || !s.bye_ack_posted) return false;
+  }
+  return true;
+}
+
 void ChannelCore::thread_died(const std::string& thread, const std::string& what) {
   fail(std::make_exception_ptr(CommError(fmt::format(
       "{}: the {} thread stopped: {}. Nothing more moves on this channel; restart from the last "
@@ -162,7 +173,9 @@ void ChannelCore::rethrow_if_failed() {
   if (error) std::rethrow_exception(error);
 }
 
-void ChannelCore::retire(std::shared_ptr<void> resource) { world->retire(std::move(resource)); }
+void ChannelCore::retire(std::shared_ptr<void> resource, uint64_t bytes) {
+  world->retire(std::move(resource), bytes);
+}
 
 }  // namespace detail
 }  // namespace torch_asgd

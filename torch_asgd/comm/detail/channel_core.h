@@ -43,7 +43,11 @@ struct PeerStatus {
   bool failing = false;  // peer_failed() has claimed it; `failed` is set once it is settled
   bool failed = false;
   bool bye_received = false;  // the peer sends nothing more but acknowledgements
+  uint64_t bye_seq = 0;       // the sequence number of its goodbye
   bool bye_acked = false;     // the peer has everything this rank sent, goodbye included
+  // The acknowledgement of its goodbye is handed to Gloo (the peer's close() waits for
+  // it: a channel destroyed before would leave the peer waiting out its timeout).
+  bool bye_ack_posted = false;
   std::string last_reject;
   uint64_t rejected = 0;
   bool rejects_logged[static_cast<int>(Reject::kCount_)] = {};
@@ -85,6 +89,8 @@ struct ChannelCore {
   std::atomic<bool> fail_sender_thread{false};
   // Tests: the receiver thread throws once its next frame has arrived.
   std::atomic<bool> fail_receiver_thread{false};
+  // Tests: the watcher thread throws (an int) when its wait next ends.
+  std::atomic<bool> fail_watcher_thread{false};
 
   std::mutex error_mu;  // guards error; taken after mu where both are held
   std::exception_ptr error;
@@ -96,6 +102,9 @@ struct ChannelCore {
   bool critical(int peer) const;
   bool failed(int peer) const;
   std::vector<int> live_peers() const;  // not failing or failed (goodbyes included)
+  // Every peer said goodbye and acknowledged ours, ours of theirs is posted, none failed,
+  // no thread died: nothing more arrives on this channel's slots.
+  bool ended_cleanly() const;
   // A peer's connection failed, as seen by any thread: log or store the error (not if
   // the peer had said goodbye: then it is the normal end), and tell sender and receiver.
   void peer_failed(int peer, const std::string& what);
@@ -109,7 +118,7 @@ struct ChannelCore {
   void thread_died(const std::string& thread, const std::string& what);
   void rethrow_if_failed();
   // Keeps `resource` alive as long as the Gloo connections (memory Gloo may still touch).
-  void retire(std::shared_ptr<void> resource);
+  void retire(std::shared_ptr<void> resource, uint64_t bytes);
   std::string prefix() const;  // "rank R: channel 'name'"
 };
 

@@ -16,6 +16,7 @@ void write_line(const std::string& line) {
 }  // namespace
 
 void log_warning(const std::string& message) { write_line("[torch_asgd] WARNING: " + message); }
+void log_info(const std::string& message) { write_line("[torch_asgd] " + message); }
 
 }  // namespace detail
 }  // namespace torch_asgd

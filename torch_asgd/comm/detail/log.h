@@ -8,6 +8,8 @@ namespace torch_asgd {
 namespace detail {
 
 void log_warning(const std::string& message);
+// What a long wait is waiting for ("[torch_asgd] rank 1: waiting ...").
+void log_info(const std::string& message);
 
 }  // namespace detail
 }  // namespace torch_asgd

@@ -92,7 +92,7 @@ Receiver::Receiver(ChannelCore& core) : core_(core) {
   }
 }
 
-Receiver::~Receiver() { stop_and_join(); }
+Receiver::~Receiver() { stop_and_join(/*clean=*/false); }
 
 void Receiver::start() {
   if (core_.size < 2) return;
@@ -106,16 +106,23 @@ void Receiver::start() {
   thread_ = std::thread([this] { run(); });
 }
 
-void Receiver::stop_and_join() {
+void Receiver::stop_and_join(bool clean) {
   {
     std::lock_guard<std::mutex> lock(fifo_mu_);
     for (auto& p : fifo_) p.buf->abortWaitRecv();
   }
   if (thread_.joinable()) thread_.join();
-  // Posted receives may still be filled by Gloo: their memory lives as long as the
-  // connections do.
+  // After a peer failed, a posted receive may still be filled by Gloo: its memory lives
+  // as long as the connections do. After every peer's goodbye nothing more arrives on
+  // the channel's slot: destroying a buffer withdraws its receive (Gloo keeps only weak
+  // references to it), and then its memory goes.
   std::lock_guard<std::mutex> lock(fifo_mu_);
-  for (auto& p : fifo_) core_.retire(std::make_shared<Posted>(std::move(p)));
+  if (!clean) {
+    for (auto& p : fifo_) {
+      const uint64_t bytes = static_cast<uint64_t>(p.frame.nbytes());
+      core_.retire(std::make_shared<Posted>(std::move(p)), bytes);
+    }
+  }
   fifo_.clear();
   notify();
 }
@@ -142,6 +149,8 @@ void Receiver::run() {
     loop();
   } catch (const std::exception& e) {
     core_.thread_died("receiving", e.what());
+  } catch (...) {
+    core_.thread_died("receiving", "an exception that is not a std::exception");
   }
 }
 
@@ -166,7 +175,8 @@ void Receiver::loop() {
       // it). Gloo is done with the buffer: replace it.
       std::lock_guard<std::mutex> lock(fifo_mu_);
       if (core_.stopping) return;
-      core_.retire(std::make_shared<Posted>(std::move(fifo_.front())));
+      core_.retire(std::make_shared<Posted>(std::move(fifo_.front())),
+                   static_cast<uint64_t>(core_.options.chunk_bytes));
       fifo_.pop_front();
       fifo_.push_back(make_buffer());
       try {
@@ -264,12 +274,15 @@ void Receiver::on_frame(int src, const uint8_t* data) {
     p.bye = true;
     p.received_messages++;
     p.received_bytes += h.frame_bytes();
-    whole(p, h.sequence, ack_requested);
     {
+      // Before the acknowledgement is asked for, so that the sender sees which frame
+      // carries it.
       std::lock_guard<std::mutex> lock(core_.mu);
       core_.peers[src].bye_received = true;
+      core_.peers[src].bye_seq = h.sequence;
       core_.cv.notify_all();
     }
+    whole(p, h.sequence, ack_requested);
     notify();
     return;
   }
@@ -399,12 +412,12 @@ void Receiver::finish_message(PeerIn& p) {
             core_.options.max_ordered);
       } else {
         ++inbox_count_[p.rank];
-        inbox_.push_back(std::move(m));
+        inbox_.emplace_back(arrivals_++, std::move(m));
       }
     } else {
       auto& slot = replace_[static_cast<size_t>(p.rank) * kMaxStreams + h.stream];
       if (slot) ++p.coalesced;
-      slot = std::move(m);
+      slot = std::make_pair(arrivals_++, std::move(m));
     }
   }
   // Counted once handled (summed or queued, so whoever sees the count can poll it; or
@@ -470,15 +483,19 @@ Arrivals Receiver::poll() {
   {
     std::lock_guard<std::mutex> lock(arr_mu_);
     arrived_ = false;
-    out.messages.assign(std::make_move_iterator(inbox_.begin()), std::make_move_iterator(inbox_.end()));
+    std::vector<std::pair<uint64_t, Message>> all(std::make_move_iterator(inbox_.begin()),
+                                                  std::make_move_iterator(inbox_.end()));
     inbox_.clear();
     std::fill(inbox_count_.begin(), inbox_count_.end(), 0);
     for (auto& slot : replace_) {
       if (slot) {
-        out.messages.push_back(std::move(*slot));
+        all.push_back(std::move(*slot));
         slot.reset();
       }
     }
+    std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    out.messages.reserve(all.size());
+    for (auto& [order, m] : all) out.messages.push_back(std::move(m));
   }
   for (auto& a : acc_) {
     if (!a) continue;

@@ -32,7 +32,9 @@ class Receiver {
   Receiver& operator=(const Receiver&) = delete;
 
   void start();
-  void stop_and_join();  // after core.stopping
+  // After core.stopping. `clean`: every peer said goodbye and nothing more can arrive, so
+  // the posted receives are released at once (else they live as long as the World).
+  void stop_and_join(bool clean);
 
   // Training thread.
   Arrivals poll();
@@ -84,9 +86,12 @@ class Receiver {
   std::mutex arr_mu_;
   std::condition_variable arr_cv_;
   bool arrived_ = false;  // something is there for poll()
-  std::deque<Message> inbox_;
+  // Ordered and replace messages with their arrival number, so that poll() hands them
+  // out in arrival order (a replace message where its newest version arrived).
+  std::deque<std::pair<uint64_t, Message>> inbox_;
   std::vector<size_t> inbox_count_;                // by peer
-  std::vector<std::optional<Message>> replace_;    // by peer * kMaxStreams + stream
+  std::vector<std::optional<std::pair<uint64_t, Message>>> replace_;  // by peer * kMaxStreams + stream
+  uint64_t arrivals_ = 0;
   std::array<std::shared_ptr<Accumulator>, kMaxStreams> acc_{};
 };
 

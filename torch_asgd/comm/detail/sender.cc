@@ -33,7 +33,9 @@ struct Sender::Posted {
   FrameType type = FrameType::kOrdered;
   uint8_t stream = 0;
   at::Tensor header;  // the header frame's bytes
-  std::unique_ptr<gloo::transport::UnboundBuffer> header_buf, payload_buf;
+  // (Shared: the frame that acknowledges a peer's goodbye is waited for by close().)
+  std::shared_ptr<gloo::transport::UnboundBuffer> header_buf;
+  std::unique_ptr<gloo::transport::UnboundBuffer> payload_buf;
 };
 
 struct Sender::PeerOut {
@@ -55,6 +57,8 @@ struct Sender::PeerOut {
   bool ack_due = false;     // the peer asked for an acknowledgement
   bool bye_wanted = false;  // close() asked for a goodbye
   bool bye_posted = false;
+  bool bye_ack_posted = false;  // a frame acknowledging its goodbye is posted
+  std::shared_ptr<gloo::transport::UnboundBuffer> bye_ack_buf;  // that frame's
   bool lagging = false;
   bool failed = false;
   Sender::Counts counts;
@@ -673,7 +677,8 @@ void Sender::post_locked(PeerOut& p, OutRef msg, FrameType type, bool ack_reques
   } catch (const std::exception& e) {
     p.failed = true;
     failures_.emplace_back(p.rank, e.what());
-    core_.retire(std::make_shared<Posted>(std::move(f)));
+    const uint64_t held = static_cast<uint64_t>(f.header.nbytes()) + bytes;
+    core_.retire(std::make_shared<Posted>(std::move(f)), held);
     return;
   }
   if (msg) {
@@ -684,7 +689,70 @@ void Sender::post_locked(PeerOut& p, OutRef msg, FrameType type, bool ack_reques
     p.counts.sent_bytes += h.frame_bytes();
   }
   f.msg = std::move(msg);
+  std::shared_ptr<gloo::transport::UnboundBuffer> header_buf = f.header_buf;
   p.unacked.push_back(std::move(f));
+  if (h.ack > 0 && !p.bye_ack_posted) {
+    std::lock_guard<std::mutex> lock(core_.mu);
+    PeerStatus& s = core_.peers[p.rank];
+    if (s.bye_received && h.ack >= s.bye_seq) {
+      s.bye_ack_posted = p.bye_ack_posted = true;
+      p.bye_ack_buf = std::move(header_buf);
+      core_.cv.notify_all();
+    }
+  }
+}
+
+std::vector<int> Sender::await_bye_acks_sent(std::chrono::steady_clock::time_point deadline) {
+  // The frames that acknowledge the peers' goodbyes, each sent once.
+  std::vector<std::pair<int, std::shared_ptr<gloo::transport::UnboundBuffer>>> todo;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& p : peers_) {
+      if (p && !p->failed && p->bye_ack_buf) todo.emplace_back(p->rank, p->bye_ack_buf);
+    }
+  }
+  // A Gloo wait that times out poisons the whole context: wait without a timeout, and
+  // let a timer abort the wait at the deadline instead (the send itself goes on).
+  std::mutex m;
+  std::condition_variable cv;
+  bool over = false, aborted = false;
+  gloo::transport::UnboundBuffer* current = nullptr;
+  std::thread timer([&] {
+    std::unique_lock<std::mutex> lock(m);
+    if (!cv.wait_until(lock, deadline, [&] { return over; })) {
+      aborted = true;
+      if (current != nullptr) current->abortWaitSend();
+    }
+  });
+  std::vector<int> unsent;
+  for (auto& [peer, buf] : todo) {
+    {
+      std::lock_guard<std::mutex> lock(m);
+      if (aborted) {
+        unsent.push_back(peer);
+        continue;
+      }
+      current = buf.get();
+    }
+    bool sent = false;
+    try {
+      sent = buf->waitSend(kForever);
+    } catch (const std::exception&) {
+      // The connection failed: the watcher names it.
+    }
+    {
+      std::lock_guard<std::mutex> lock(m);
+      current = nullptr;
+    }
+    if (!sent) unsent.push_back(peer);
+  }
+  {
+    std::lock_guard<std::mutex> lock(m);
+    over = true;
+  }
+  cv.notify_all();
+  timer.join();
+  return unsent;
 }
 
 void Sender::release_locked(PeerOut& p, uint64_t ack) {
@@ -707,11 +775,13 @@ void Sender::release_locked(PeerOut& p, uint64_t ack) {
 }
 
 void Sender::drop_locked(PeerOut& p) {
-  // Gloo may still hold the posted sends of a failed connection: their memory lives as
-  // long as the connections do.
+  // Gloo may still hold the posted sends: their memory lives as long as the connections
+  // do. (At a clean end that is the last acknowledgements, a header each, which the peer
+  // may not have received yet: destroying them would withdraw their sends.)
   for (auto& f : p.unacked) {
     if (f.msg) ++p.counts.lost;
-    core_.retire(std::make_shared<Posted>(std::move(f)));
+    const uint64_t bytes = static_cast<uint64_t>(f.header.nbytes()) + (f.msg ? f.msg->bytes() : 0);
+    core_.retire(std::make_shared<Posted>(std::move(f)), bytes);
   }
   p.unacked.clear();
   p.counts.dropped += p.ordered.size();
@@ -734,6 +804,8 @@ void Sender::run() {
     // Nothing is sent any more: the training thread learns it at its next call, and
     // whoever waits for the channel's progress stops waiting. (loop()'s lock is released.)
     core_.thread_died("sending", e.what());
+  } catch (...) {
+    core_.thread_died("sending", "an exception that is not a std::exception");
   }
 }
 

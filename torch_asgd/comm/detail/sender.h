@@ -79,6 +79,10 @@ class Sender {
                           const std::function<void(at::Tensor&, bool)>& fill);
   // Goodbyes to every live peer once what was sent before is posted.
   void request_close();
+  // After close(): waits, at most until `deadline`, until the frames that acknowledge
+  // the peers' goodbyes have left (a peer's close() waits for them, and this process may
+  // end right after). Returns the peers whose acknowledgement had not left.
+  std::vector<int> await_bye_acks_sent(std::chrono::steady_clock::time_point deadline);
 
   // Receiver thread: the peer has processed our frames up to `ack` (false: we never sent
   // that frame, and the acknowledgement is ignored); it asked for an acknowledgement of

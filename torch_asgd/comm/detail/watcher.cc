@@ -10,14 +10,15 @@ namespace detail {
 
 Watcher::Watcher(ChannelCore& core) : core_(core) {}
 
-Watcher::~Watcher() { stop_and_join(); }
+Watcher::~Watcher() { stop_and_join(/*clean=*/false); }
 
 void Watcher::start() {
   if (core_.size < 2) return;
   thread_ = std::thread([this] { run(); });
 }
 
-void Watcher::stop_and_join() {
+void Watcher::stop_and_join(bool clean) {
+  clean_ = clean;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (current_ != nullptr) current_->abortWaitRecv();
@@ -29,7 +30,23 @@ void Watcher::stop_and_join() {
   if (thread_.joinable()) thread_.join();
 }
 
+void Watcher::poke() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (current_ != nullptr) current_->abortWaitRecv();
+}
+
 void Watcher::run() {
+  // Whatever it throws is the channel's end, never the process's.
+  try {
+    watch();
+  } catch (const std::exception& e) {
+    core_.thread_died("watching", e.what());
+  } catch (...) {
+    core_.thread_died("watching", "an exception that is not a std::exception");
+  }
+}
+
+void Watcher::watch() {
   while (!core_.stopping) {
     // A fresh buffer each round: one whose receive failed keeps that exception. The
     // old one's receives on the other connections stay posted (Gloo only holds weak
@@ -38,6 +55,15 @@ void Watcher::run() {
     auto memory = std::make_shared<uint64_t>(0);
     std::shared_ptr<gloo::transport::UnboundBuffer> buf =
         core_.context->createUnboundBuffer(memory.get(), sizeof(uint64_t));
+    // However this round ends (an exception included), stop_and_join() must not see a
+    // buffer that is gone.
+    struct Forget {
+      Watcher* w;
+      ~Forget() {
+        std::lock_guard<std::mutex> lock(w->mu_);
+        w->current_ = nullptr;
+      }
+    } forget{this};
     int watched = 0;
     for (int p : core_.live_peers()) {
       try {
@@ -64,12 +90,17 @@ void Watcher::run() {
     } catch (const std::exception&) {
       // A connection failed: the next round's receives find which.
     }
+    if (core_.fail_watcher_thread.exchange(false)) throw 42;  // tests: not a std::exception
     {
       std::lock_guard<std::mutex> lock(mu_);
       current_ = nullptr;
     }
-    core_.retire(buf);
-    core_.retire(memory);
+    // A receive that failed may be touched by Gloo as long as the connections live; one
+    // aborted at a clean end was never matched (nobody sends on this slot).
+    if (!(stopped && clean_)) {
+      core_.retire(buf, 0);
+      core_.retire(memory, sizeof(uint64_t));
+    }
     if (stopped) break;
   }
 }

@@ -5,6 +5,7 @@
 // which connection it was and reports it (ChannelCore::peer_failed). Internal.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -22,15 +23,20 @@ class Watcher {
   Watcher& operator=(const Watcher&) = delete;
 
   void start();
-  void stop_and_join();  // after core.stopping
+  // After core.stopping. `clean`: the last watch's buffer is released at once.
+  void stop_and_join(bool clean);
+  // Tests: ends the current wait, as a failed connection would.
+  void poke();
 
  private:
-  void run();
+  void run();  // watch(), and what to do if it throws
+  void watch();
 
   ChannelCore& core_;
   std::thread thread_;
   std::mutex mu_;  // guards current_
   gloo::transport::UnboundBuffer* current_ = nullptr;
+  std::atomic<bool> clean_{false};
 };
 
 }  // namespace detail
