@@ -476,14 +476,16 @@ TEST(AsGrad, OneWorkerPureWithAdamIsAdam) {
       ParameterServer server(std::make_shared<torch::optim::Adam>(net->parameters(), torch::optim::AdamOptions(0.01)),
                              ServerOptions().policy(AssignPolicy::kPure).max_gradients(steps), world,
                              net->named_parameters().keys());
-      EXPECT_THROW(server.step(), ConfigError) << "a server steps when gradients arrive";
-      server.run();
+      // A server's step() serves what arrives: the loop of any DistributedOptimizer.
+      DistributedOptimizer& opt = server;
+      while (!opt.done()) EXPECT_FALSE(opt.step().defined());
       auto mine = net->parameters(), theirs = ref->parameters();
       for (size_t i = 0; i < mine.size(); ++i) EXPECT_TRUE(torch::equal(mine[i], theirs[i])) << i;
     } else {
       AsGradWorker opt(net->named_parameters(), WorkerOptions(), world);
       // A worker has no learning rate of its own: a scheduler on it is refused.
-      EXPECT_THROW(opt.param_groups()[0].options().get_lr(), ConfigError);
+      EXPECT_THROW(opt.param_groups()[0].options().set_lr(0.1), ConfigError);
+      EXPECT_THROW(opt.inner(), ConfigError);
       while (!opt.done()) {
         auto [x, y] = batch(1, opt.stats().gradients);
         opt.zero_grad();
@@ -586,6 +588,33 @@ TEST(AsGrad, AGradientOfAWorkerAlreadyGivenUpIsAppliedWithoutANewJob) {
   ASSERT_TRUE(server.serve(std::chrono::milliseconds(0)));
   EXPECT_EQ(server.stats().version, 1) << "the gradient is real work";
   EXPECT_EQ(server.jobs_in_flight(), 1) << "only worker 1 is left, with its one job";
+}
+
+// A gradient the server's channel refused (corrupt, or values not finite) never reaches
+// the server, and its worker waits for its next job: the server counts the refusal and
+// gives that worker a new job instead of losing it.
+TEST(AsGrad, ARefusedGradientGivesItsWorkerANewJob) {
+  testing::ScriptedNetwork net(2);
+  auto w = torch::zeros({2}, torch::TensorOptions().dtype(torch::kDouble).requires_grad(true));
+  ParameterServer server(std::make_shared<torch::optim::SGD>(std::vector<torch::Tensor>{w},
+                                                             torch::optim::SGDOptions(0.1)),
+                         ServerOptions().policy(AssignPolicy::kPure).max_gradients(100),
+                         net.endpoint(0));
+  auto worker = net.endpoint(1);
+  auto jobs = [&] {
+    net.deliver_all();
+    int n = 0;
+    for (auto& m : worker->poll().messages) n += detail::asgrad_kind(m) == detail::kJob ? 1 : 0;
+    return n;
+  };
+  ASSERT_TRUE(server.serve(std::chrono::milliseconds(0)));
+  ASSERT_EQ(jobs(), 1);
+  net.mark_rejected(0, 1);  // the worker's gradient, refused
+  ASSERT_TRUE(server.serve(std::chrono::milliseconds(0)));
+  EXPECT_EQ(jobs(), 1) << "the worker waits for a job that never comes";
+  EXPECT_EQ(server.jobs_in_flight(), 1);
+  EXPECT_EQ(server.stats().workers[0].rejected, 1);
+  EXPECT_EQ(server.stats().gradients, 0);
 }
 
 // ---- compressed gradients -------------------------------------------------------------

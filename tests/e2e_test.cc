@@ -80,6 +80,22 @@ TEST(BadEnvironment, MissingMasterAddr) {
   EXPECT_NE(p.err_buf.find("rank 1: MASTER_ADDR is not set"), std::string::npos) << p.err_buf;
 }
 
+// A program run under a launcher that gives its optimizer no World takes the
+// launcher's, not a world of one: the ranks train together, from rank 0's parameters.
+TEST(DefaultWorld, AnOptimizerGivenNoWorldTakesTheLaunchersFromRankZerosStart) {
+  Proc p = testing::run({testing::bin_dir() + "/asgd-launch", "--nproc", "3", "--master-port", "0", "--",
+                         peer(), "default-world", "40"},
+                        {}, 120s);
+  ASSERT_FALSE(p.timed_out) << p.out_buf << p.err_buf;
+  EXPECT_EQ(p.exit_code, 0) << p.out_buf << p.err_buf;
+  for (int r = 0; r < 3; ++r) {
+    EXPECT_NE(p.out_buf.find("[" + std::to_string(r) + "]: default world 3"), std::string::npos) << p.out_buf;
+    EXPECT_NE(p.out_buf.find("[" + std::to_string(r) + "]: final rank " + std::to_string(r) + " max_diff 0 exact"),
+              std::string::npos)
+        << p.out_buf;
+  }
+}
+
 TEST(BadEnvironment, UnreachableMaster) {
   const int port = testing::free_port();  // nobody listens there
   Proc p = testing::run({peer()}, rank_env(1, 2, port, "3"), 60s);

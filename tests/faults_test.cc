@@ -298,7 +298,7 @@ TEST(DeadWorker, TheServerStopsAssigningToItAndTrainingEndsNormally) {
   EXPECT_NE(server.find("worker 3:"), std::string::npos) << server;
   EXPECT_NE(server.find("(failed)"), std::string::npos) << server;
   // The budget, exactly: 4 epochs of 6000 samples / 10, with the two others.
-  EXPECT_NE(server.find("server: 2400 gradients"), std::string::npos) << server;
+  EXPECT_NE(server.find("ParameterServer rank 0/4: 2400 gradients"), std::string::npos) << server;
   // Every survivor ends above what a healthy run reaches on this data (chance: 0.1).
   const auto acc = rank_accuracies_in(json);
   ASSERT_EQ(acc.size(), 4u) << slurp(json);

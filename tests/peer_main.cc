@@ -18,6 +18,11 @@
 //                        "tick <steady ms> <step> <rss kb> <held bytes>" line every 25 steps
 //                        (held: the most payload bytes the channel keeps for one peer), then
 //                        "final ... exact" or "... WRONG"
+//   default-world STEPS  DASGD given no World, as a program that forgets to pass one: it
+//                        must take the launcher's (World::process_default()) and start
+//                        every rank from rank 0's parameters (each rank builds its own
+//                        value, r + 1): after finish() every replica must equal
+//                        1 - lr/1024 * STEPS * (1 + ... + size). Prints "default world N"
 // Exit code 0 when the mode's checks pass; errors print one line and exit 1.
 #include <unistd.h>
 
@@ -200,6 +205,23 @@ int hostile(World& world, int rounds) {
   return clean && exact ? 0 : 1;
 }
 
+int default_world(int64_t steps) {
+  torch::NoGradGuard no_grad;
+  const int rank = std::stoi(std::getenv("RANK"));
+  auto x = torch::full({64}, static_cast<float>(rank + 1));
+  const double lr = 0.125;
+  DASGD opt(std::vector<torch::Tensor>{x}, torch::optim::SGDOptions(lr));
+  const int n = opt.stats().world_size;
+  std::printf("default world %d\n", n);
+  x.mutable_grad() = torch::full({64}, (rank + 1) / 1024.0);
+  for (int64_t s = 1; s <= steps; ++s) opt.step();
+  const bool finished = opt.finish(120s);
+  const double expected = 1 - lr / 1024.0 * static_cast<double>(steps) * n * (n + 1) / 2;
+  const double max_diff = (x - expected).abs().max().item<double>();
+  std::printf("final rank %d max_diff %g %s\n", rank, max_diff, finished && max_diff == 0 ? "exact" : "WRONG");
+  return finished && max_diff == 0 ? 0 : 1;
+}
+
 int train(const std::shared_ptr<World>& world, int64_t steps, int64_t numel) {
   torch::NoGradGuard no_grad;
   auto x = torch::zeros({numel});
@@ -234,6 +256,7 @@ int train(const std::shared_ptr<World>& world, int64_t steps, int64_t numel) {
 int main(int argc, char** argv) {
   std::string mode = argc > 1 ? argv[1] : "connect";
   try {
+    if (mode == "default-world") return default_world(std::stoll(argv[2]));
     auto world = World::from_env();
     if (mode == "connect") {
       auto ch = world->open_channel(ChannelOptions());

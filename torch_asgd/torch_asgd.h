@@ -18,4 +18,5 @@
 #include "torch_asgd/optim/job_policy.h"
 #include "torch_asgd/optim/parameter_server.h"
 #include "torch_asgd/optim/staleness.h"
+#include "torch_asgd/optim/stats.h"
 #include "torch_asgd/optim/sync_sgd.h"

@@ -4,41 +4,41 @@
 #include <torch/torch.h>
 
 #include "torch_asgd/comm/detail/log.h"
+#include "torch_asgd/comm/detail/numeric.h"
 #include "torch_asgd/comm/error.h"
 #include "torch_asgd/optim/detail/asgrad_protocol.h"
 #include "torch_asgd/optim/detail/checkpoint.h"
 #include "torch_asgd/optim/detail/flat_params.h"
+#include "torch_asgd/optim/detail/json.h"
 
 namespace torch_asgd {
-namespace {
-
-// A worker's parameter groups have no learning rate: the server's rule steps.
-struct NoRuleOptions : public torch::optim::OptimizerCloneableOptions<NoRuleOptions> {
-  double get_lr() const override { throw refused(); }
-  void set_lr(const double) override { throw refused(); }
-  static ConfigError refused() {
-    return ConfigError("AsGradWorker has no learning rate: the parameter server's rule takes the "
-                       "steps; attach the LR scheduler to the ParameterServer");
-  }
-};
-
-}  // namespace
 
 std::string AsGradWorkerStats::str() const {
-  return fmt::format("worker {}: {} gradients returned, {} jobs, {:.2f} s waiting for jobs", rank,
+  return fmt::format("{}: {} gradients returned, {} jobs, {:.2f} s waiting for jobs", who(),
                      gradients, jobs, wait_seconds);
 }
 
-AsGradWorker::AsGradWorker(std::vector<torch::Tensor> params, WorkerOptions options,
-                           std::shared_ptr<World> world)
-    : AsGradWorker(detail::default_names(params), std::move(options), std::move(world)) {}
+std::string AsGradWorkerStats::to_json() const {
+  return detail::JsonObject()
+      .add("optimizer", optimizer)
+      .add("rank", rank)
+      .add("world_size", world_size)
+      .add("gradients", gradients)
+      .add("jobs", jobs)
+      .add("job_version", job_version)
+      .add("wait_seconds", wait_seconds)
+      .str();
+}
 
 AsGradWorker::AsGradWorker(const torch::OrderedDict<std::string, torch::Tensor>& named,
                            WorkerOptions options, std::shared_ptr<World> world)
-    : Optimizer({torch::optim::OptimizerParamGroup(named.values())},
-                std::make_unique<NoRuleOptions>()),
+    : AsGradWorker(named.values(), std::move(options), std::move(world), Model(named.keys())) {}
+
+AsGradWorker::AsGradWorker(std::vector<torch::Tensor> params, WorkerOptions options,
+                           std::shared_ptr<World> world, Model model)
+    : DistributedOptimizer(std::move(params), "AsGradWorker", std::move(model)),
       options_(std::move(options)),
-      world_(std::move(world)) {
+      world_(world_or_default(std::move(world))) {
   if (!world_ || world_->size() < 2) {
     throw ConfigError("an AsGrad worker needs a parameter server: start at least 2 ranks");
   }
@@ -48,27 +48,25 @@ AsGradWorker::AsGradWorker(const torch::OrderedDict<std::string, torch::Tensor>&
                                   world_->rank(), server, world_->size()));
   }
   stats_.rank = world_->rank();
-  flat_ = std::make_unique<detail::FlatParams>(param_groups_, named.keys());
+  stats_.world_size = world_->size();
   const Compression& c = options_.compression();
-  detail::check_asgrad_compression(c, flat_->dtype(), fmt::format("rank {}: AsGradWorker", world_->rank()));
+  detail::check_asgrad_compression(c, flat().dtype(), fmt::format("rank {}: AsGradWorker", world_->rank()));
   // A dead fellow worker is no concern of this one; a dead server ends its work.
-  ChannelOptions channel_options = detail::asgrad_channel_options(*flat_, PeerFailure::kContinue, c);
+  ChannelOptions channel_options = detail::asgrad_channel_options(flat(), PeerFailure::kContinue, c);
   channel_options.critical_peers = {server};
-  channel_ = world_->open_channel(channel_options, detail::asgrad_fingerprint(*flat_, server, c));
-  grads_ = torch::zeros({flat_->numel()}, torch::TensorOptions().dtype(flat_->dtype()));
+  channel_ = world_->open_channel(channel_options,
+                                  detail::asgrad_fingerprint(exchange_fingerprint(), server, c));
+  start_equal(*world_, server);
+  grads_ = torch::zeros({flat().numel()}, torch::TensorOptions().dtype(flat().dtype()));
   if (c.lossy()) {
     residual_ = torch::zeros_like(grads_);
-    encoded_ = torch::empty({codec::encoded_bytes(c, flat_->numel())}, torch::kByte);
+    encoded_ = torch::empty({codec::encoded_bytes(c, flat().numel())}, torch::kByte);
   }
   wait_for_job();
 }
 
 AsGradWorker::~AsGradWorker() {
-  try {
-    finish(std::chrono::seconds(10));
-  } catch (const std::exception& e) {
-    detail::log_warning(std::string("AsGradWorker: finish() in the destructor failed: ") + e.what());
-  }
+  if (channel_) finish_in_destructor(world_->rank());
 }
 
 void AsGradWorker::wait_for_job() {
@@ -92,13 +90,13 @@ void AsGradWorker::wait_for_job() {
     }
     for (auto it = arrivals_.begin(); it != arrivals_.end(); ++it) {
       if (detail::asgrad_kind(*it) != detail::kJob) continue;
-      if (it->payload.numel() != flat_->numel()) {
+      if (it->payload.numel() != flat().numel()) {
         throw CommError(fmt::format("rank {}: a job of {} elements from the server; the model has {}",
-                                    world_->rank(), it->payload.numel(), flat_->numel()));
+                                    world_->rank(), it->payload.numel(), flat().numel()));
       }
       torch::NoGradGuard no_grad;
-      flat_->ensure_views(flat_->params().size());
-      flat_->flat().copy_(it->payload);
+      refresh_views();
+      flat().flat().copy_(it->payload);
       stats_.job_version = detail::asgrad_version(*it);
       ++stats_.jobs;
       arrivals_.erase(it);
@@ -121,9 +119,19 @@ torch::Tensor AsGradWorker::step(LossClosure closure) {
     at::AutoGradMode enable_grad(true);
     loss = closure();
   }
+  throw_if_finished();
   if (done_) return loss;
   torch::NoGradGuard no_grad;
-  flat_->gather_grads(grads_);
+  flat().gather_grads(grads_);
+  // The server's channel would refuse it, and this worker would wait for a job that
+  // never comes: stop here, where it can be explained.
+  if (!detail::all_finite(grads_)) {
+    throw DivergedError(fmt::format(
+        "rank {}: AsGradWorker: the gradient at job version {} holds NaN or Inf and is not sent. "
+        "Training diverged: lower the learning rate, clip the gradients, or check the data "
+        "(finish() hands this worker's job to another)",
+        world_->rank(), stats_.job_version));
+  }
   at::Tensor payload = grads_;
   if (residual_.defined()) {
     // Error feedback: what earlier encodings lost rides along. The residual becomes what
@@ -157,24 +165,22 @@ bool AsGradWorker::finish(std::chrono::milliseconds timeout) {
   return channel_->close(timeout);
 }
 
-void AsGradWorker::save(torch::serialize::OutputArchive& archive) const {
-  detail::write_fingerprint(archive, "torch_asgd/worker", flat_->fingerprint());
+void AsGradWorker::save_state(torch::serialize::OutputArchive& archive) const {
   detail::write_int64s(archive, "torch_asgd/worker/counters", {stats_.gradients, stats_.jobs});
   if (residual_.defined()) archive.write("torch_asgd/worker/residual", residual_);
 }
 
-void AsGradWorker::load(torch::serialize::InputArchive& archive) {
-  detail::check_fingerprint(archive, "torch_asgd/worker", flat_->fingerprint(), "AsGradWorker");
+void AsGradWorker::load_state(torch::serialize::InputArchive& archive) {
   auto c = detail::read_int64s(archive, "torch_asgd/worker/counters", 2);
   // What the encodings owed when it was saved goes with the next gradient, compressed
   // or not (a checkpoint without one owes nothing). Read and checked before anything
   // changes: a bad checkpoint leaves this worker as it was.
   at::Tensor saved;
   const bool has_residual = archive.try_read("torch_asgd/worker/residual", saved);
-  if (has_residual && (saved.numel() != flat_->numel() || saved.scalar_type() != flat_->dtype())) {
+  if (has_residual && (saved.numel() != flat().numel() || saved.scalar_type() != flat().dtype())) {
     throw MismatchError(fmt::format(
         "AsGradWorker: the checkpoint's error-feedback residual has {} {} values, this model has {} {}",
-        saved.numel(), c10::toString(saved.scalar_type()), flat_->numel(), c10::toString(flat_->dtype())));
+        saved.numel(), c10::toString(saved.scalar_type()), flat().numel(), c10::toString(flat().dtype())));
   }
   stats_.gradients = c[0];
   stats_.jobs = c[1];

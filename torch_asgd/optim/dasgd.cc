@@ -11,9 +11,9 @@
 #include "torch_asgd/comm/detail/numeric.h"
 #include "torch_asgd/comm/error.h"
 #include "torch_asgd/optim/detail/checkpoint.h"
-#include "torch_asgd/optim/detail/collectives.h"
 #include "torch_asgd/optim/detail/device_pipeline.h"
 #include "torch_asgd/optim/detail/flat_params.h"
+#include "torch_asgd/optim/detail/json.h"
 #include "torch_asgd/optim/detail/update_meta.h"
 
 namespace torch_asgd {
@@ -32,17 +32,45 @@ std::string DASGDStats::str() const {
     if (!left_behind.empty()) lead_text += fmt::format(", left behind {}", fmt::join(left_behind, ", "));
   }
   return fmt::format(
-      "rank {}/{}: {} local steps, model version {}, {} peer updates applied; {}; messages sent {}, "
+      "{}: {} local steps, model version {}, {} peer updates applied; {}; messages sent {}, "
       "received {}, coalesced {}, rejected {}{}{}",
-      rank, world_size, local_steps, version, remote_updates, staleness.str(), messages_sent,
+      who(), local_steps, version, remote_updates, staleness.str(), messages_sent,
       messages_received, coalesced, rejected, lead_text, failed);
 }
 
+std::string DASGDStats::to_json() const {
+  return detail::JsonObject()
+      .add("optimizer", optimizer)
+      .add("rank", rank)
+      .add("world_size", world_size)
+      .add("local_steps", local_steps)
+      .add("version", version)
+      .add("remote_updates", remote_updates)
+      .add("versions", versions)
+      .add("staleness", staleness)
+      .add("lead", lead)
+      .add("max_lead_seen", max_lead_seen)
+      .add("lead_waits", lead_waits)
+      .add("lead_timeouts", lead_timeouts)
+      .add("damped_steps", damped_steps)
+      .add("lead_wait_seconds", lead_wait_seconds)
+      .add("left_behind", left_behind)
+      .add("messages_sent", messages_sent)
+      .add("messages_received", messages_received)
+      .add("coalesced", coalesced)
+      .add("rejected", rejected)
+      .add("dropped", dropped)
+      .add("max_held_bytes", max_held_bytes)
+      .add("failed_peers", failed_peers)
+      .add("overlap_active", overlap_active)
+      .str();
+}
+
 DASGD::DASGD(std::shared_ptr<torch::optim::Optimizer> inner, DASGDOptions options,
-             std::shared_ptr<World> world, std::vector<std::string> names)
-    : DistributedOptimizer(std::move(inner), "DASGD", std::move(names)),
+             std::shared_ptr<World> world, Model model)
+    : DistributedOptimizer(std::move(inner), "DASGD", std::move(model)),
       options_(std::move(options)),
-      world_(std::move(world)) {
+      world_(world_or_default(std::move(world))) {
   if (world_ && world_->size() > 1) {
     ChannelOptions co;
     co.name = "dasgd";
@@ -50,17 +78,19 @@ DASGD::DASGD(std::shared_ptr<torch::optim::Optimizer> inner, DASGDOptions option
     co.additive = {AdditiveStream{0, flat().dtype(), flat().numel(),
                                   detail::update_schema(world_->size()), options_.compression()}};
     co.on_peer_failure = options_.on_peer_failure();
-    Fingerprint fp = flat().fingerprint();
+    Fingerprint fp = exchange_fingerprint();
     fp.set("algorithm", "dasgd").set("local rule", rule_name());
+    fp.set("average", options_.average() ? "1" : "0");
     transport_ = world_->open_channel(co, fp);
+    start_equal(*world_, 0);
   }
   init();
 }
 
 DASGD::DASGD(std::vector<torch::Tensor> params, const torch::optim::SGDOptions& sgd,
-             DASGDOptions options, std::shared_ptr<World> world)
+             DASGDOptions options, std::shared_ptr<World> world, Model model)
     : DASGD(detail::make_sgd({torch::optim::OptimizerParamGroup(std::move(params))}, sgd),
-            std::move(options), std::move(world)) {}
+            std::move(options), std::move(world), std::move(model)) {}
 
 DASGD::DASGD(const torch::OrderedDict<std::string, torch::Tensor>& named,
              const torch::optim::SGDOptions& sgd, DASGDOptions options,
@@ -70,13 +100,13 @@ DASGD::DASGD(const torch::OrderedDict<std::string, torch::Tensor>& named,
 
 DASGD::DASGD(std::vector<torch::optim::OptimizerParamGroup> groups,
              const torch::optim::SGDOptions& defaults, DASGDOptions options,
-             std::shared_ptr<World> world, std::vector<std::string> names)
+             std::shared_ptr<World> world, Model model)
     : DASGD(detail::make_sgd(std::move(groups), defaults), std::move(options), std::move(world),
-            std::move(names)) {}
+            std::move(model)) {}
 
 DASGD::DASGD(std::shared_ptr<torch::optim::Optimizer> inner, DASGDOptions options,
-             std::unique_ptr<Transport> transport, std::vector<std::string> names)
-    : DistributedOptimizer(std::move(inner), "DASGD", std::move(names)),
+             std::unique_ptr<Transport> transport, Model model)
+    : DistributedOptimizer(std::move(inner), "DASGD", std::move(model)),
       options_(std::move(options)),
       transport_(std::move(transport)) {
   if (transport_ && transport_->size() < 2) transport_.reset();
@@ -84,12 +114,18 @@ DASGD::DASGD(std::shared_ptr<torch::optim::Optimizer> inner, DASGDOptions option
 }
 
 void DASGD::init() {
-  TORCH_CHECK(options_.broadcast_every() >= 1, "Invalid broadcast_every: ",
-              options_.broadcast_every(), " (must be >= 1)");
-  TORCH_CHECK(options_.max_lead() >= 0, "Invalid max_lead: ", options_.max_lead(),
-              " (0 turns the bound off)");
-  TORCH_CHECK(options_.lead_timeout().count() > 0, "Invalid lead_timeout: ",
-              options_.lead_timeout().count(), " ms");
+  if (options_.broadcast_every() < 1) {
+    throw ConfigError(fmt::format("DASGD: broadcast_every is {}; it must be >= 1 (local steps per "
+                                  "hand-over)", options_.broadcast_every()));
+  }
+  if (options_.max_lead() < 0) {
+    throw ConfigError(fmt::format("DASGD: max_lead is {}; it must be >= 0 (0 turns the bound off)",
+                                  options_.max_lead()));
+  }
+  if (options_.lead_timeout().count() <= 0) {
+    throw ConfigError(fmt::format("DASGD: lead_timeout is {} ms; it must be > 0",
+                                  options_.lead_timeout().count()));
+  }
   rank_ = transport_ ? transport_->rank() : 0;
   size_ = transport_ ? transport_->size() : 1;
   versions_.assign(size_, 0);
@@ -109,17 +145,7 @@ void DASGD::init() {
 }
 
 DASGD::~DASGD() {
-  if (finished_ || !transport_) return;
-  detail::log_warning(fmt::format(
-      "rank {}: DASGD destroyed without finish(): finishing now (bounded by 10 s) so that the "
-      "peers get this rank's last updates; call finish() yourself to choose the bound and see "
-      "whether every peer finished",
-      rank_));
-  try {
-    finish(std::chrono::seconds(10));
-  } catch (const std::exception& e) {
-    detail::log_warning(std::string("DASGD: finish() in the destructor failed: ") + e.what());
-  }
+  if (transport_) finish_in_destructor(rank_);
 }
 
 std::vector<int> DASGD::live_peers() const {
@@ -177,7 +203,7 @@ void DASGD::rebase() {
 }
 
 torch::Tensor DASGD::step(LossClosure closure) {
-  if (finished_) throw ConfigError("DASGD: step() after finish()");
+  throw_if_finished();
   if (!transport_) {
     torch::Tensor loss = inner_step(closure);
     ++local_steps_;
@@ -189,17 +215,19 @@ torch::Tensor DASGD::step(LossClosure closure) {
   // A module loaded into the parameters (torch::load) is not a change to send.
   if (refresh_views() || rebase_pending_) rebase();
   const int64_t lead_now = options_.max_lead() > 0 ? lead() : 0;
-  at::Tensor before;
+  // The step is scaled: by 1/n under average(), and by min(1, L / lead) while this rank
+  // leads under LeadPolicy::kDamp: x <- before + f (x - before).
+  double f = options_.average() ? 1.0 / static_cast<double>(size_) : 1.0;
   const bool damp = options_.lead_policy() == LeadPolicy::kDamp && lead_now > options_.max_lead();
-  if (damp) before = flat().flat().clone();
+  if (damp) f *= static_cast<double>(options_.max_lead()) / static_cast<double>(lead_now);
+  at::Tensor before;
+  if (f != 1.0) before = flat().flat().clone();
   torch::Tensor loss = inner_step(closure);
-  if (damp) {
-    // x <- before + min(1, L / lead) (x - before): the step shrinks while this rank leads.
-    const double f = static_cast<double>(options_.max_lead()) / static_cast<double>(lead_now);
+  if (f != 1.0) {
     at::Tensor x = flat().flat();
     x.sub_(before).mul_(f).add_(before);
-    ++damped_steps_;
   }
+  if (damp) ++damped_steps_;
   ++local_steps_;
   pending_->add(versions_);  // the vector of the model this update was computed at
   ++versions_[rank_];
@@ -385,7 +413,7 @@ void DASGD::resync() {
   if (!world_) throw ConfigError("DASGD: resync() needs a World (the transport here is not one)");
   torch::NoGradGuard no_grad;
   refresh_views();
-  detail::average_over_ranks(*world_, flat().flat(), "DASGD::resync");
+  average_model(*world_);
   std::fill(versions_.begin(), versions_.end(), 0);
   std::fill(seen_by_.begin(), seen_by_.end(), 0);
   std::fill(progress_.begin(), progress_.end(), 0);

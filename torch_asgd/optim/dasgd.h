@@ -4,7 +4,7 @@
 //   auto world = torch_asgd::World::from_env();
 //   torch_asgd::DASGD opt(
 //       std::make_shared<torch::optim::AdamW>(model->parameters(), torch::optim::AdamWOptions(1e-3)),
-//       torch_asgd::DASGDOptions().broadcast_every(1), world, model->named_parameters().keys());
+//       torch_asgd::DASGDOptions().average(true), world, model);
 //   for (...) { opt.zero_grad(); loss.backward(); opt.step(); }
 //   opt.finish();
 //
@@ -18,6 +18,15 @@
 // applies whatever its peers' changes have arrived by addition. step() never waits for
 // another rank (unless max_lead asks it to). Staleness is set-based and exact
 // (staleness.h): every delta carries the version vectors of the updates in it.
+//
+// The step's meaning: every rank's change is added at full weight to every replica, so
+// with n ranks a replica moves about n times as far per unit of time as one rank alone
+// (asynchronous SGD's semantics: n steps of one rank's batch). A loop tuned for DDP,
+// whose step is the mean of the ranks' gradients, wants average(true): each rank's
+// change is scaled by 1/n, so that the n ranks' changes add up to their mean.
+//
+// Buffers (Model): equal at start (rank 0's); then each rank keeps its own (they are not
+// deltas); resync() averages them.
 //
 // Construction is collective: every rank builds its DASGD at the same point, with the
 // same parameters (names, shapes, dtypes) and the same local rule, or every rank throws
@@ -94,14 +103,18 @@ struct DASGDOptions {
   TORCH_ARG(Compression, compression) = Compression();
   // Parameters on a GPU: copy outgoing deltas on a side stream and hand them over from a
   // background thread (detail::DevicePipeline). Written without a GPU and never run
-  // (README, "GPU"); ignored for parameters on the CPU.
+  // (docs/gpu.md); ignored for parameters on the CPU.
   TORCH_ARG(bool, overlap) = false;
+  // DDP's averaged step: each rank's change (its inner step) is scaled by 1/n (n: the
+  // world size) before it is applied and sent, so that the n ranks' changes together
+  // move every replica by their mean. Off: the change is applied at full weight
+  // everywhere (the DASGD paper's algorithm). Every rank must use the same.
+  TORCH_ARG(bool, average) = false;
 };
 
 // What a rank has done and seen; cheap to read at any time.
-struct DASGDStats {
-  int rank = 0;
-  int world_size = 1;
+struct DASGDStats : OptimizerStats {
+  DASGDStats() : OptimizerStats("DASGD") {}
   int64_t local_steps = 0;     // step() calls
   int64_t version = 0;         // updates, from any rank, the local model holds
   int64_t remote_updates = 0;  // peer updates applied here
@@ -118,26 +131,29 @@ struct DASGDStats {
   uint64_t max_held_bytes = 0;  // the most payload bytes the channel keeps for one peer now
   std::vector<int> failed_peers;  // ranks whose connection failed
   bool overlap_active = false;    // deltas leave through detail::DevicePipeline (overlap, GPU)
-  std::string str() const;
+  std::string str() const override;
+  std::string to_json() const override;
 };
 
 class DASGD : public DistributedOptimizer {
  public:
-  // `names`: the parameters' names, for error messages (e.g. module->named_parameters().keys()).
+  // `model`: the module (its parameters' names and its buffers), or the names alone.
+  // `world`: nullptr takes the process's default (distributed_optimizer.h).
   DASGD(std::shared_ptr<torch::optim::Optimizer> inner, DASGDOptions options = DASGDOptions(),
-        std::shared_ptr<World> world = nullptr, std::vector<std::string> names = {});
+        std::shared_ptr<World> world = nullptr, Model model = {});
   // Shorthand: an inner torch::optim::SGD with these options.
   DASGD(std::vector<torch::Tensor> params, const torch::optim::SGDOptions& sgd,
-        DASGDOptions options = DASGDOptions(), std::shared_ptr<World> world = nullptr);
+        DASGDOptions options = DASGDOptions(), std::shared_ptr<World> world = nullptr,
+        Model model = {});
   DASGD(const torch::OrderedDict<std::string, torch::Tensor>& named_params,
         const torch::optim::SGDOptions& sgd, DASGDOptions options = DASGDOptions(),
         std::shared_ptr<World> world = nullptr);
   DASGD(std::vector<torch::optim::OptimizerParamGroup> param_groups,
         const torch::optim::SGDOptions& defaults, DASGDOptions options = DASGDOptions(),
-        std::shared_ptr<World> world = nullptr, std::vector<std::string> names = {});
+        std::shared_ptr<World> world = nullptr, Model model = {});
   // Over a transport of the caller's (tests script one; Channel is the real one).
   DASGD(std::shared_ptr<torch::optim::Optimizer> inner, DASGDOptions options,
-        std::unique_ptr<Transport> transport, std::vector<std::string> names = {});
+        std::unique_ptr<Transport> transport, Model model = {});
   // If finish() was not called: warns, then finishes with a 10 s bound.
   ~DASGD() override;
 
@@ -151,13 +167,14 @@ class DASGD : public DistributedOptimizer {
   // peer's last updates and applies them. After every rank's clean finish the replicas
   // are equal (up to floating-point summation order). Returns false if some peer did not
   // finish in time. step() after finish() throws.
-  bool finish(std::chrono::milliseconds timeout = std::chrono::seconds(60));
+  bool finish(std::chrono::milliseconds timeout = std::chrono::seconds(60)) override;
 
-  // Collective: every rank's model becomes the mean of all ranks' models, and the
-  // version vectors start again from there. For resuming from checkpoints written at
-  // different moments; call it on every rank after load(), before the first step, when
-  // nothing is in flight (under a lossy codec nothing kept either: a fresh process).
-  void resync();
+  // Collective: every rank's model (and floating-point buffers) becomes the mean of all
+  // ranks', and the version vectors start again from there. For resuming from
+  // checkpoints written at different moments; call it on every rank after load(),
+  // before the first step, when nothing is in flight (under a lossy codec nothing kept
+  // either: a fresh process).
+  void resync() override;
 
   DASGDStats stats() const;
   const DASGDOptions& options() const { return options_; }
@@ -165,6 +182,9 @@ class DASGD : public DistributedOptimizer {
  protected:
   void save_state(torch::serialize::OutputArchive& archive) const override;
   void load_state(torch::serialize::InputArchive& archive) override;
+  std::unique_ptr<OptimizerStats> stats_snapshot() const override {
+    return std::make_unique<DASGDStats>(stats());
+  }
 
  private:
   friend struct DASGDTestAccess;  // scripted delivery in tests
@@ -207,7 +227,6 @@ class DASGD : public DistributedOptimizer {
   uint64_t rejected_seen_ = 0;
   int last_sender_ = -1;
   int64_t last_sender_update_ = 0;
-  bool finished_ = false;
   bool rebase_pending_ = false;
   bool hold_arrivals_ = false;       // tests: step() leaves arrivals for DASGDTestAccess
   std::vector<int64_t>* tau_log_ = nullptr;  // tests: every recorded tau, in order

@@ -1,62 +1,89 @@
 #include "torch_asgd/optim/distributed_optimizer.h"
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #include <c10/util/Type.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <torch/optim/adagrad.h>
+#include <torch/optim/adam.h>
+#include <torch/optim/adamw.h>
 #include <torch/optim/lbfgs.h>
+#include <torch/optim/rmsprop.h>
 #include <torch/torch.h>
 
+#include "torch_asgd/comm/collectives.h"
+#include "torch_asgd/comm/detail/log.h"
 #include "torch_asgd/comm/error.h"
+#include "torch_asgd/comm/world.h"
 #include "torch_asgd/optim/detail/checkpoint.h"
 #include "torch_asgd/optim/detail/flat_params.h"
 
 namespace torch_asgd {
 namespace {
 
-// The options of a wrapper's parameter group: its learning rate is the inner group's.
-struct InnerGroupOptions : public torch::optim::OptimizerCloneableOptions<InnerGroupOptions> {
-  InnerGroupOptions(torch::optim::Optimizer* inner, size_t index) : inner_(inner), index_(index) {}
-
-  torch::optim::OptimizerOptions& target() const {
-    auto& groups = inner_->param_groups();
-    if (index_ >= groups.size()) {
-      throw ConfigError(fmt::format("parameter group {} of the wrapper has no group of the inner "
-                                    "optimizer any more",
-                                    index_));
-    }
-    return groups[index_].options();
+// The options of an AsGrad worker's groups: it has no learning rate of its own.
+struct NoRuleOptions : public torch::optim::OptimizerCloneableOptions<NoRuleOptions> {
+  double get_lr() const override { return 0; }
+  void set_lr(const double) override {
+    throw ConfigError("an AsGrad worker has no learning rate: the server's rule steps its "
+                      "parameters; attach the LR scheduler to the ParameterServer");
   }
-  double get_lr() const override { return target().get_lr(); }
-  void set_lr(const double lr) override { target().set_lr(lr); }
-
- private:
-  torch::optim::Optimizer* inner_;
-  size_t index_;
 };
 
+// Copies `from` into `to` in place when both are one of LibTorch's option types (so that
+// a reference to `to`, its type's own, stays valid); else only the learning rate.
+template <typename T>
+bool assign_as(const torch::optim::OptimizerOptions& from, torch::optim::OptimizerOptions& to) {
+  const auto* f = dynamic_cast<const T*>(&from);
+  auto* t = dynamic_cast<T*>(&to);
+  if (f == nullptr || t == nullptr) return false;
+  *t = *f;
+  return true;
+}
+void assign_options(const torch::optim::OptimizerOptions& from, torch::optim::OptimizerOptions& to) {
+  if (&from == &to) return;
+  if (assign_as<torch::optim::SGDOptions>(from, to) || assign_as<torch::optim::AdamOptions>(from, to) ||
+      assign_as<torch::optim::AdamWOptions>(from, to) ||
+      assign_as<torch::optim::RMSpropOptions>(from, to) ||
+      assign_as<torch::optim::AdagradOptions>(from, to)) {
+    return;
+  }
+  to.set_lr(from.get_lr());
+}
+
+// The wrapper's groups: the inner groups' parameters, with options of the inner's own
+// type (so that static_cast<torch::optim::SGDOptions&>(group.options()) is valid).
 std::vector<torch::optim::OptimizerParamGroup> groups_of(torch::optim::Optimizer* inner) {
   if (inner == nullptr) throw ConfigError("the inner optimizer is null");
   std::vector<torch::optim::OptimizerParamGroup> out;
-  const auto& groups = inner->param_groups();
-  for (size_t i = 0; i < groups.size(); ++i) {
-    out.emplace_back(groups[i].params(), std::make_unique<InnerGroupOptions>(inner, i));
+  for (const auto& g : inner->param_groups()) {
+    out.emplace_back(g.params(), g.options().clone());
   }
   return out;
 }
 
-std::string type_name(const torch::optim::Optimizer& o) {
-  std::string n = c10::demangle(typeid(o).name());
-  return n;
+std::string type_name(const torch::optim::Optimizer& o) { return c10::demangle(typeid(o).name()); }
+
+// A tensor's bytes, on the CPU (a copy).
+at::Tensor bytes_of(const at::Tensor& t) {
+  return t.detach().to(torch::kCPU, /*non_blocking=*/false, /*copy=*/true).contiguous().reshape({-1}).view(torch::kUInt8);
 }
 
 }  // namespace
 
+Model::Model(const torch::nn::Module& module)
+    : parameters_(module.named_parameters(/*recurse=*/true)), buffers_(module.named_buffers(/*recurse=*/true)) {
+  names_ = parameters_.keys();
+}
+
 DistributedOptimizer::DistributedOptimizer(std::shared_ptr<torch::optim::Optimizer> inner,
-                                           std::string algorithm, std::vector<std::string> names)
-    : Optimizer(groups_of(inner.get()), std::make_unique<InnerGroupOptions>(inner.get(), 0)),
+                                           std::string algorithm, Model model)
+    : Optimizer(groups_of(inner.get()), inner->defaults().clone()),
       inner_(std::move(inner)),
       algorithm_(std::move(algorithm)),
       rule_name_(type_name(*inner_)) {
@@ -70,10 +97,56 @@ DistributedOptimizer::DistributedOptimizer(std::shared_ptr<torch::optim::Optimiz
   if (inner_->param_groups().empty()) {
     throw ConfigError(algorithm_ + ": the inner optimizer has no parameters");
   }
-  flat_ = std::make_unique<detail::FlatParams>(inner_->param_groups(), std::move(names));
+  init_model(model);
+}
+
+DistributedOptimizer::DistributedOptimizer(std::vector<torch::Tensor> params, std::string algorithm,
+                                           Model model)
+    : Optimizer({torch::optim::OptimizerParamGroup(std::move(params), std::make_unique<NoRuleOptions>())},
+                std::make_unique<NoRuleOptions>()),
+      algorithm_(std::move(algorithm)),
+      rule_name_("none") {
+  init_model(model);
+}
+
+void DistributedOptimizer::init_model(const Model& model) {
+  std::vector<std::string> names = model.names();
+  if (!model.named_parameters().is_empty()) {
+    // A module: each parameter named by identity (the inner optimizer may hold a subset,
+    // or another order).
+    std::unordered_map<const void*, std::string> by_impl;
+    for (const auto& item : model.named_parameters()) by_impl[item.value().unsafeGetTensorImpl()] = item.key();
+    names.clear();
+    for (const auto& g : param_groups_) {
+      for (const auto& p : g.params()) {
+        auto it = by_impl.find(p.unsafeGetTensorImpl());
+        names.push_back(it != by_impl.end() ? it->second : fmt::format("param[{}]", names.size()));
+      }
+    }
+  }
+  flat_ = std::make_unique<detail::FlatParams>(param_groups_, std::move(names));
+  start_ = model.start();
+  for (const auto& item : model.buffers()) {
+    if (!item.value().defined()) continue;
+    buffers_.push_back(item.value());
+    buffer_names_.push_back(item.key());
+  }
 }
 
 DistributedOptimizer::~DistributedOptimizer() = default;
+
+torch::optim::Optimizer& DistributedOptimizer::inner() {
+  if (!inner_) throw ConfigError(algorithm_ + " has no local rule: its parameters are stepped elsewhere");
+  return *inner_;
+}
+const torch::optim::Optimizer& DistributedOptimizer::inner() const {
+  return const_cast<DistributedOptimizer*>(this)->inner();
+}
+
+std::shared_ptr<World> DistributedOptimizer::world_or_default(std::shared_ptr<World> world) {
+  if (world) return world;
+  return World::process_default();
+}
 
 void DistributedOptimizer::add_param_group(const torch::optim::OptimizerParamGroup&) {
   throw ConfigError(fmt::format(
@@ -82,29 +155,177 @@ void DistributedOptimizer::add_param_group(const torch::optim::OptimizerParamGro
       algorithm_));
 }
 
+void DistributedOptimizer::throw_if_finished() const {
+  if (finished_) {
+    throw ConfigError(fmt::format("{}: step() after finish(): this rank's training has ended",
+                                  algorithm_));
+  }
+}
+
+void DistributedOptimizer::finish_in_destructor(int rank) noexcept {
+  if (finished_) return;
+  try {
+    detail::log_warning(fmt::format(
+        "rank {}: {} destroyed without finish(): finishing now (bounded by 10 s) so that the "
+        "peers get this rank's last updates; call finish() yourself to choose the bound and see "
+        "whether every peer finished",
+        rank, algorithm_));
+    finish(std::chrono::seconds(10));
+  } catch (const std::exception& e) {
+    detail::log_warning(fmt::format("{}: finish() in the destructor failed: {}", algorithm_, e.what()));
+  } catch (...) {
+    detail::log_warning(algorithm_ + ": finish() in the destructor failed");
+  }
+}
+
 bool DistributedOptimizer::refresh_views() {
   // Groups added to the inner optimizer, or to this one through the base class, show as
   // parameters the flat buffer does not hold.
   size_t count = 0;
-  for (const auto& g : inner_->param_groups()) count += g.params().size();
+  if (inner_) {
+    for (const auto& g : inner_->param_groups()) count += g.params().size();
+  }
   size_t mine = 0;
   for (const auto& g : param_groups_) mine += g.params().size();
   return flat_->ensure_views(std::max(count, mine));
 }
 
+void DistributedOptimizer::sync_group_options() const {
+  // The wrapper's group options are what the user and the schedulers set; a learning
+  // rate set on the inner optimizer's group since the last step is taken over first.
+  auto& inner_groups = inner_->param_groups();
+  pushed_lrs_.resize(inner_groups.size(), -1);
+  for (size_t i = 0; i < param_groups_.size() && i < inner_groups.size(); ++i) {
+    auto& mine = const_cast<torch::optim::OptimizerOptions&>(param_groups_[i].options());
+    auto& theirs = inner_groups[i].options();
+    if (pushed_lrs_[i] >= 0 && theirs.get_lr() != pushed_lrs_[i]) assign_options(theirs, mine);
+    assign_options(mine, theirs);
+    pushed_lrs_[i] = theirs.get_lr();
+  }
+}
+
 torch::Tensor DistributedOptimizer::inner_step(const LossClosure& closure) {
   refresh_views();
+  sync_group_options();
   return inner_->step(closure);
+}
+
+Fingerprint DistributedOptimizer::exchange_fingerprint() const {
+  Fingerprint fp = flat_->fingerprint();
+  for (size_t i = 0; i < buffers_.size(); ++i) {
+    fp.add("buffer " + buffer_names_[i], buffers_[i].sizes(), buffers_[i].scalar_type());
+  }
+  return fp;
+}
+
+void DistributedOptimizer::start_equal(World& world, int root) {
+  if (world.size() < 2) return;
+  torch::NoGradGuard no_grad;
+  refresh_views();
+  // One byte vector: the parameters, then every buffer.
+  std::vector<at::Tensor> parts{bytes_of(flat_->flat())};
+  for (const auto& b : buffers_) parts.push_back(bytes_of(b));
+  at::Tensor mine = torch::cat(parts);
+  at::Tensor theirs = start_ == Start::kCheck ? mine.clone() : mine;
+  broadcast(world, theirs, root, /*tag=*/7201);
+  if (start_ == Start::kBroadcast) {
+    int64_t at = 0;
+    auto take = [&](const at::Tensor& into) {
+      const int64_t n = into.numel() * static_cast<int64_t>(into.element_size());
+      into.copy_(theirs.narrow(0, at, n).view(into.scalar_type()).view(into.sizes()));
+      at += n;
+    };
+    take(flat_->flat());
+    for (auto& b : buffers_) take(b);
+    return;
+  }
+  // Start::kCheck: the first tensor (parameters in order, then buffers) that differs on
+  // some rank, and which ranks differ.
+  const int64_t none = std::numeric_limits<int64_t>::max();
+  int64_t first = none;
+  {
+    int64_t at = 0, index = 0;
+    auto compare = [&](const at::Tensor& t) {
+      const int64_t n = t.numel() * static_cast<int64_t>(t.element_size());
+      if (first == none && !torch::equal(mine.narrow(0, at, n), theirs.narrow(0, at, n))) first = index;
+      at += n;
+      ++index;
+    };
+    for (size_t i = 0; i < flat_->params().size(); ++i) compare(flat_->params()[i]);
+    for (const auto& b : buffers_) compare(b);
+  }
+  at::Tensor first_t = torch::full({1}, first, torch::kLong);
+  all_reduce(world, first_t, ReduceOp::kMin, /*tag=*/7202);
+  at::Tensor differ = torch::zeros({world.size()}, torch::kLong);
+  if (first != none) differ[world.rank()] = 1;
+  all_reduce(world, differ, ReduceOp::kSum, /*tag=*/7203);
+  const int64_t worst = first_t.item<int64_t>();
+  if (worst == none) return;
+  std::vector<int> ranks;
+  for (int r = 0; r < world.size(); ++r) {
+    if (differ[r].item<int64_t>() != 0) ranks.push_back(r);
+  }
+  const size_t np = flat_->params().size();
+  const std::string what = static_cast<size_t>(worst) < np
+                               ? fmt::format("parameter '{}'", flat_->names()[static_cast<size_t>(worst)])
+                               : fmt::format("buffer '{}'", buffer_names_[static_cast<size_t>(worst) - np]);
+  throw MismatchError(fmt::format(
+      "rank {}: {}: the ranks' models differ: {} on rank{} {} is not rank {}'s (Start::kCheck asks "
+      "for equal models). Seed every rank alike, load the same checkpoint everywhere, or leave "
+      "Model::start at Start::kBroadcast to take rank {}'s",
+      world.rank(), algorithm_, what, ranks.size() > 1 ? "s" : "", fmt::join(ranks, ", "), root, root));
+}
+
+void DistributedOptimizer::average_model(World& world) {
+  if (world.size() < 2) return;
+  torch::NoGradGuard no_grad;
+  refresh_views();
+  // Parameters and floating-point buffers: their mean, reduced in double precision.
+  std::vector<at::Tensor> floats{flat_->flat().to(torch::kCPU, torch::kDouble).reshape({-1})};
+  std::vector<at::Tensor> ints;
+  for (const auto& b : buffers_) {
+    if (at::isFloatingType(b.scalar_type())) {
+      floats.push_back(b.to(torch::kCPU, torch::kDouble).reshape({-1}));
+    } else {
+      ints.push_back(bytes_of(b));
+    }
+  }
+  at::Tensor mean = torch::cat(floats);
+  all_reduce(world, mean, ReduceOp::kSum, /*tag=*/7101);
+  mean.div_(world.size());
+  int64_t at = 0;
+  auto take = [&](const at::Tensor& into) {
+    into.copy_(mean.narrow(0, at, into.numel()).view(into.sizes()));
+    at += into.numel();
+  };
+  take(flat_->flat());
+  for (auto& b : buffers_) {
+    if (at::isFloatingType(b.scalar_type())) take(b);
+  }
+  if (ints.empty()) return;
+  // Integer buffers (BatchNorm's batch count): rank 0's.
+  at::Tensor bytes = torch::cat(ints);
+  broadcast(world, bytes, 0, /*tag=*/7102);
+  at = 0;
+  for (auto& b : buffers_) {
+    if (at::isFloatingType(b.scalar_type())) continue;
+    const int64_t n = b.numel() * static_cast<int64_t>(b.element_size());
+    b.copy_(bytes.narrow(0, at, n).view(b.scalar_type()).view(b.sizes()));
+    at += n;
+  }
 }
 
 void DistributedOptimizer::save(torch::serialize::OutputArchive& archive) const {
   const std::string prefix = "torch_asgd/" + algorithm_;
   detail::write_fingerprint(archive, prefix, flat_->fingerprint());
   detail::write_string(archive, prefix + "/rule", rule_name_);
-  torch::serialize::OutputArchive inner_archive;
-  inner_->save(inner_archive);
-  archive.write(prefix + "/inner", inner_archive);
-  detail::write_group_lrs(archive, prefix, inner_->param_groups());
+  if (inner_) {
+    sync_group_options();
+    torch::serialize::OutputArchive inner_archive;
+    inner_->save(inner_archive);
+    archive.write(prefix + "/inner", inner_archive);
+    detail::write_group_lrs(archive, prefix, inner_->param_groups());
+  }
   save_state(archive);
 }
 
@@ -117,6 +338,10 @@ void DistributedOptimizer::load(torch::serialize::InputArchive& archive) {
         "{}: the checkpoint was written with {} as the local rule, but this optimizer's is {}; "
         "resume with the same inner optimizer",
         algorithm_, rule, rule_name_));
+  }
+  if (!inner_) {
+    load_state(archive);
+    return;
   }
   torch::serialize::InputArchive inner_archive;
   archive.read(prefix + "/inner", inner_archive);
@@ -146,6 +371,11 @@ void DistributedOptimizer::load(torch::serialize::InputArchive& archive) {
     for (size_t i = 0; i < groups.size(); ++i) groups[i].options().set_lr(lrs[i]);
     throw;
   }
+  // What was loaded is what the wrapper's groups say now.
+  for (size_t i = 0; i < param_groups_.size() && i < groups.size(); ++i) {
+    assign_options(groups[i].options(), param_groups_[i].options());
+  }
+  pushed_lrs_.clear();
 }
 
 namespace detail {

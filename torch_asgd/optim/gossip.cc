@@ -12,8 +12,8 @@
 #include "torch_asgd/comm/error.h"
 #include "torch_asgd/optim/detail/compression_checks.h"
 #include "torch_asgd/optim/detail/checkpoint.h"
-#include "torch_asgd/optim/detail/collectives.h"
 #include "torch_asgd/optim/detail/flat_params.h"
+#include "torch_asgd/optim/detail/json.h"
 
 namespace torch_asgd {
 namespace {
@@ -30,38 +30,70 @@ std::string GossipStats::str() const {
   std::string failed =
       failed_peers.empty() ? "" : fmt::format("; failed peers {}", fmt::join(failed_peers, ", "));
   return fmt::format(
-      "rank {}/{}: {} local steps; exchanges opened {}, completed {}, declined {}, given up {}, "
+      "{}: {} local steps; exchanges opened {}, completed {}, declined {}, given up {}, "
       "undone {}; answered {}, refused {}, undos applied {}, broken {}; {}; messages sent {}, "
       "received {}, rejected {}{}{}",
-      rank, world_size, local_steps, opened, completed, declined, given_up, undone, answered,
+      who(), local_steps, opened, completed, declined, given_up, undone, answered,
       refused, undos_applied, broken, lag.str("lag"), messages_sent, messages_received, rejected,
       codec.empty() ? "" : "; models sent as " + codec, failed);
 }
 
+std::string GossipStats::to_json() const {
+  return detail::JsonObject()
+      .add("optimizer", optimizer)
+      .add("rank", rank)
+      .add("world_size", world_size)
+      .add("local_steps", local_steps)
+      .add("versions", versions)
+      .add("opened", opened)
+      .add("completed", completed)
+      .add("declined", declined)
+      .add("given_up", given_up)
+      .add("undone", undone)
+      .add("answered", answered)
+      .add("refused", refused)
+      .add("undos_applied", undos_applied)
+      .add("broken", broken)
+      .add("lag", lag)
+      .add("messages_sent", messages_sent)
+      .add("messages_received", messages_received)
+      .add("rejected", rejected)
+      .add("dropped", dropped)
+      .add("codec", codec)
+      .add("failed_peers", failed_peers)
+      .str();
+}
+
 Gossip::Gossip(std::shared_ptr<torch::optim::Optimizer> inner, GossipOptions options,
-               std::shared_ptr<World> world, std::vector<std::string> names)
-    : DistributedOptimizer(std::move(inner), "Gossip", std::move(names)),
+               std::shared_ptr<World> world, Model model)
+    : DistributedOptimizer(std::move(inner), "Gossip", std::move(model)),
       options_(std::move(options)),
-      world_(std::move(world)) {
+      world_(world_or_default(std::move(world))) {
+  for (const auto& b : buffers()) {
+    if (at::isFloatingType(b.scalar_type())) mixed_buffers_.push_back(b);
+  }
   if (world_ && world_->size() > 1) {
     ChannelOptions co;
     co.name = "gossip";
     // Models (or their encodings: int8 takes more than float32 for a model of one value).
-    co.capacity_bytes = std::max(flat().bytes(), codec::encoded_bytes(options_.compression(), flat().numel()));
+    const int64_t numel = model_numel();
+    co.capacity_bytes = std::max(numel * static_cast<int64_t>(c10::elementSize(flat().dtype())),
+                                 codec::encoded_bytes(options_.compression(), numel));
     co.on_peer_failure = options_.on_peer_failure();
-    Fingerprint fp = flat().fingerprint();
+    Fingerprint fp = exchange_fingerprint();
     fp.set("algorithm", "gossip")
         .set("local rule", rule_name())
         .set("compression", options_.compression().describe());
     transport_ = world_->open_channel(co, fp);
+    start_equal(*world_, 0);
   }
   init();
 }
 
 Gossip::Gossip(std::vector<torch::Tensor> params, const torch::optim::SGDOptions& sgd,
-               GossipOptions options, std::shared_ptr<World> world)
+               GossipOptions options, std::shared_ptr<World> world, Model model)
     : Gossip(detail::make_sgd({torch::optim::OptimizerParamGroup(std::move(params))}, sgd),
-             std::move(options), std::move(world)) {}
+             std::move(options), std::move(world), std::move(model)) {}
 
 Gossip::Gossip(const torch::OrderedDict<std::string, torch::Tensor>& named,
                const torch::optim::SGDOptions& sgd, GossipOptions options,
@@ -71,13 +103,13 @@ Gossip::Gossip(const torch::OrderedDict<std::string, torch::Tensor>& named,
 
 Gossip::Gossip(std::vector<torch::optim::OptimizerParamGroup> groups,
                const torch::optim::SGDOptions& defaults, GossipOptions options,
-               std::shared_ptr<World> world, std::vector<std::string> names)
+               std::shared_ptr<World> world, Model model)
     : Gossip(detail::make_sgd(std::move(groups), defaults), std::move(options), std::move(world),
-             std::move(names)) {}
+             std::move(model)) {}
 
 Gossip::Gossip(std::shared_ptr<torch::optim::Optimizer> inner, GossipOptions options,
-               std::unique_ptr<Transport> transport, std::vector<std::string> names)
-    : DistributedOptimizer(std::move(inner), "Gossip", std::move(names)),
+               std::unique_ptr<Transport> transport, Model model)
+    : DistributedOptimizer(std::move(inner), "Gossip", std::move(model)),
       options_(std::move(options)),
       transport_(std::move(transport)) {
   if (transport_ && transport_->size() < 2) transport_.reset();
@@ -85,12 +117,18 @@ Gossip::Gossip(std::shared_ptr<torch::optim::Optimizer> inner, GossipOptions opt
 }
 
 void Gossip::init() {
-  TORCH_CHECK(options_.exchange_every() >= 1, "Invalid exchange_every: ", options_.exchange_every(),
-              " (must be >= 1)");
-  TORCH_CHECK(options_.alpha() > 0 && options_.alpha() <= 1, "Invalid alpha: ", options_.alpha(),
-              " (must be in (0, 1])");
-  TORCH_CHECK(options_.exchange_timeout().count() > 0, "Invalid exchange_timeout: ",
-              options_.exchange_timeout().count(), " ms");
+  if (options_.exchange_every() < 1) {
+    throw ConfigError(fmt::format("Gossip: exchange_every is {}; it must be >= 1 (local steps "
+                                  "between exchanges)", options_.exchange_every()));
+  }
+  if (!(options_.alpha() > 0 && options_.alpha() <= 1)) {
+    throw ConfigError(fmt::format("Gossip: alpha is {}; it must be in (0, 1] (0.5 averages the two "
+                                  "models)", options_.alpha()));
+  }
+  if (options_.exchange_timeout().count() <= 0) {
+    throw ConfigError(fmt::format("Gossip: exchange_timeout is {} ms; it must be > 0",
+                                  options_.exchange_timeout().count()));
+  }
   const Compression& c = options_.compression();
   if (c.codec == Codec::kTopK) {
     throw ConfigError(fmt::format(
@@ -112,15 +150,37 @@ void Gossip::init() {
 }
 
 Gossip::~Gossip() {
-  if (finished_ || !transport_) return;
-  detail::log_warning(fmt::format(
-      "rank {}: Gossip destroyed without finish(): finishing now (bounded by 10 s); call "
-      "finish() yourself to choose the bound and see whether every exchange settled",
-      rank_));
-  try {
-    finish(std::chrono::seconds(10));
-  } catch (const std::exception& e) {
-    detail::log_warning(std::string("Gossip: finish() in the destructor failed: ") + e.what());
+  if (transport_) finish_in_destructor(rank_);
+}
+
+int64_t Gossip::model_numel() const {
+  int64_t n = flat().numel();
+  for (const auto& b : mixed_buffers_) n += b.numel();
+  return n;
+}
+
+at::Tensor Gossip::model_vector(bool copy) const {
+  if (mixed_buffers_.empty()) {
+    return copy ? flat().flat().to(torch::kCPU, /*non_blocking=*/false, /*copy=*/true) : flat().flat();
+  }
+  std::vector<at::Tensor> parts{flat().flat().to(torch::kCPU)};
+  for (const auto& b : mixed_buffers_) parts.push_back(b.reshape({-1}).to(torch::kCPU, flat().dtype()));
+  return torch::cat(parts);
+}
+
+void Gossip::update_model(double keep, const std::vector<std::pair<at::Tensor, double>>& terms) {
+  torch::NoGradGuard no_grad;
+  const int64_t np = flat().numel();
+  at::Tensor x = flat().flat();
+  if (keep != 1) x.mul_(keep);
+  for (const auto& [v, c] : terms) x.add_(flat().on_device(v.numel() == np ? v : v.narrow(0, 0, np)), c);
+  int64_t at = np;
+  for (auto& b : mixed_buffers_) {
+    at::Tensor y = b.reshape({-1});  // a view of a contiguous buffer
+    if (keep != 1) y.mul_(keep);
+    for (const auto& [v, c] : terms) y.add_(v.narrow(0, at, b.numel()).to(b.device(), b.scalar_type()), c);
+    if (!b.is_contiguous()) b.copy_(y.view(b.sizes()));
+    at += b.numel();
   }
 }
 
@@ -179,7 +239,7 @@ at::Tensor Gossip::encode_model(const at::Tensor& model, at::Tensor& decoded) co
 
 at::Tensor Gossip::model_in(const Message& m, const char* what) const {
   const Compression& c = options_.compression();
-  const int64_t numel = flat().numel();
+  const int64_t numel = model_numel();
   auto malformed = [&](const std::string& why) {
     return CommError(fmt::format("rank {}: Gossip: malformed {} from rank {}: {}", rank_, what,
                                  m.sender, why));
@@ -215,7 +275,7 @@ void Gossip::record_lag(const Message& m) {
 }
 
 torch::Tensor Gossip::step(LossClosure closure) {
-  if (finished_) throw ConfigError("Gossip: step() after finish()");
+  throw_if_finished();
   torch::Tensor loss = inner_step(closure);
   ++local_steps_;
   ++versions_[rank_];
@@ -252,7 +312,7 @@ void Gossip::handle(const Message& m) {
   const int64_t kind = m.meta.fields[0];
   const int64_t id = m.meta.fields[1];
   auto payload_ok = [&] {
-    return m.payload.defined() && m.payload.numel() == flat().numel() &&
+    return m.payload.defined() && m.payload.numel() == model_numel() &&
            m.payload.scalar_type() == flat().dtype();
   };
   const bool lossy = options_.compression().lossy();
@@ -275,12 +335,12 @@ void Gossip::handle(const Message& m) {
         open_.reset();
         ++counts_.declined;
       }
-      at::Tensor x = flat().flat();
+      const double alpha = options_.alpha();
       if (lossy) {
         // x_j += alpha (s^ - y^): what the requester will subtract, exactly.
         at::Tensor y_hat, bytes;
         try {
-          bytes = encode_model(x.to(torch::kCPU), y_hat);
+          bytes = encode_model(model_vector(/*copy=*/false).to(torch::kCPU), y_hat);
         } catch (const DivergedError&) {
           send(peer, kDecline, id, at::Tensor());  // the requester must not wait for us
           ++counts_.refused;
@@ -288,12 +348,12 @@ void Gossip::handle(const Message& m) {
         }
         send(peer, kReply, id, bytes);
         record_lag(m);
-        x.add_(flat().on_device(s), options_.alpha()).sub_(flat().on_device(y_hat), options_.alpha());
+        update_model(1, {{s, alpha}, {y_hat, -alpha}});
       } else {
-        send(peer, kReply, id, x);  // our model before mixing (the channel copies it)
+        send(peer, kReply, id, model_vector(/*copy=*/false));  // before mixing (the channel copies it)
         record_lag(m);
         // x_j += alpha (s - x_j), in place.
-        x.mul_(1 - options_.alpha()).add_(flat().on_device(s), options_.alpha());
+        update_model(1 - alpha, {{s, alpha}});
       }
       ++counts_.answered;
       return;
@@ -303,9 +363,7 @@ void Gossip::handle(const Message& m) {
       if (open_ && open_->peer == peer && open_->id == id) {
         // x_i += alpha (y - s): progress made meanwhile is kept.
         record_lag(m);
-        at::Tensor x = flat().flat();
-        x.add_(flat().on_device(y), options_.alpha())
-            .sub_(flat().on_device(open_->snapshot), options_.alpha());
+        update_model(1, {{y, options_.alpha()}, {open_->snapshot, -options_.alpha()}});
         open_.reset();
         ++counts_.completed;
         return;
@@ -338,7 +396,7 @@ void Gossip::handle(const Message& m) {
       return;
     case kUndo: {
       if (!payload_ok()) throw CommError(fmt::format("rank {}: Gossip: malformed undo from rank {}", rank_, peer));
-      flat().flat().sub_(flat().on_device(m.payload));
+      update_model(1, {{m.payload, -1.0}});
       ++counts_.undos_applied;
       return;
     }
@@ -364,7 +422,7 @@ void Gossip::open_exchange() {
     Exchange x;
     x.peer = peer;
     x.id = next_id_++;
-    x.snapshot = flat().flat().to(torch::kCPU, /*non_blocking=*/false, /*copy=*/true);
+    x.snapshot = model_vector(/*copy=*/true);
     x.opened = std::chrono::steady_clock::now();
     if (options_.compression().lossy()) {
       // s^: what the peer decodes, and what the reply's mix subtracts.
@@ -473,8 +531,7 @@ bool Gossip::finish(std::chrono::milliseconds timeout) {
 void Gossip::resync() {
   if (!transport_) return;
   if (!world_) throw ConfigError("Gossip: resync() needs a World (the transport here is not one)");
-  refresh_views();
-  detail::average_over_ranks(*world_, flat().flat(), "Gossip::resync");
+  average_model(*world_);
   std::fill(versions_.begin(), versions_.end(), 0);
 }
 

@@ -25,6 +25,11 @@
 // on alpha times the codecs' rounding, which no later message corrects (models, unlike
 // deltas, are not summed, so there is no residual to carry).
 //
+// Buffers (Model): equal at start (rank 0's); the floating-point ones travel and mix with
+// the parameters in every exchange (the same alpha: they are averaged where the models
+// are); integer buffers (BatchNorm's batch count) stay each rank's own; resync()
+// averages the floating-point ones.
+//
 // Construction is collective, as DASGD's. Thread safety: one training thread.
 #pragma once
 
@@ -64,9 +69,8 @@ struct GossipOptions {
   TORCH_ARG(Compression, compression) = Compression();
 };
 
-struct GossipStats {
-  int rank = 0;
-  int world_size = 1;
+struct GossipStats : OptimizerStats {
+  GossipStats() : OptimizerStats("Gossip") {}
   int64_t local_steps = 0;
   std::vector<int64_t> versions;  // the largest count of each rank's updates mixed in
   // Exchanges this rank opened: completed (mixed), declined by the peer (or crossed),
@@ -82,23 +86,25 @@ struct GossipStats {
   uint64_t messages_sent = 0, messages_received = 0, rejected = 0, dropped = 0;
   std::vector<int> failed_peers;
   std::string codec;  // the compression of requests and replies, when lossy
-  std::string str() const;
+  std::string str() const override;
+  std::string to_json() const override;
 };
 
 class Gossip : public DistributedOptimizer {
  public:
   Gossip(std::shared_ptr<torch::optim::Optimizer> inner, GossipOptions options = GossipOptions(),
-         std::shared_ptr<World> world = nullptr, std::vector<std::string> names = {});
+         std::shared_ptr<World> world = nullptr, Model model = {});
   Gossip(std::vector<torch::Tensor> params, const torch::optim::SGDOptions& sgd,
-         GossipOptions options = GossipOptions(), std::shared_ptr<World> world = nullptr);
+         GossipOptions options = GossipOptions(), std::shared_ptr<World> world = nullptr,
+         Model model = {});
   Gossip(const torch::OrderedDict<std::string, torch::Tensor>& named_params,
          const torch::optim::SGDOptions& sgd, GossipOptions options = GossipOptions(),
          std::shared_ptr<World> world = nullptr);
   Gossip(std::vector<torch::optim::OptimizerParamGroup> param_groups,
          const torch::optim::SGDOptions& defaults, GossipOptions options = GossipOptions(),
-         std::shared_ptr<World> world = nullptr, std::vector<std::string> names = {});
+         std::shared_ptr<World> world = nullptr, Model model = {});
   Gossip(std::shared_ptr<torch::optim::Optimizer> inner, GossipOptions options,
-         std::unique_ptr<Transport> transport, std::vector<std::string> names = {});
+         std::unique_ptr<Transport> transport, Model model = {});
   // If finish() was not called: warns, then finishes with a 10 s bound.
   ~Gossip() override;
 
@@ -110,12 +116,12 @@ class Gossip : public DistributedOptimizer {
   // the work its slower peers do after that still mixes into its model); then says
   // goodbye. Returns false if something was left unsettled or some peer did not finish in
   // time.
-  bool finish(std::chrono::milliseconds timeout = std::chrono::seconds(60));
+  bool finish(std::chrono::milliseconds timeout = std::chrono::seconds(60)) override;
 
-  // Collective: every rank's model becomes the mean of all ranks' models (resuming
-  // from checkpoints of different moments). Call it on every rank after load(), before
-  // the first step.
-  void resync();
+  // Collective: every rank's model (and floating-point buffers) becomes the mean of all
+  // ranks' (resuming from checkpoints of different moments). Call it on every rank after
+  // load(), before the first step.
+  void resync() override;
 
   GossipStats stats() const;
   const GossipOptions& options() const { return options_; }
@@ -123,6 +129,9 @@ class Gossip : public DistributedOptimizer {
  protected:
   void save_state(torch::serialize::OutputArchive& archive) const override;
   void load_state(torch::serialize::InputArchive& archive) override;
+  std::unique_ptr<OptimizerStats> stats_snapshot() const override {
+    return std::make_unique<GossipStats>(stats());
+  }
 
  private:
   friend struct GossipTestAccess;
@@ -150,6 +159,12 @@ class Gossip : public DistributedOptimizer {
   // `what` if it is malformed.
   at::Tensor model_in(const Message& m, const char* what) const;
   void record_lag(const Message& m);
+  // What an exchange mixes: the parameters, then the floating-point buffers. The vector
+  // now (the flat parameters themselves when there are no such buffers, else a CPU copy).
+  at::Tensor model_vector(bool copy) const;
+  int64_t model_numel() const;
+  // model <- keep * model + sum of c * v over `terms` (full-length vectors).
+  void update_model(double keep, const std::vector<std::pair<at::Tensor, double>>& terms);
   std::vector<int> gone_peers() const;  // failed or said goodbye
   bool every_peer_done_or_gone() const;
 
@@ -174,7 +189,7 @@ class Gossip : public DistributedOptimizer {
   bool finishing_ = false;  // opens no more exchanges
   std::vector<bool> peer_done_;  // by peer: it said it takes no more steps (kDone)
   bool closed_ = false;     // our goodbye is out: answers nothing
-  bool finished_ = false;
+  std::vector<at::Tensor> mixed_buffers_;  // the floating-point buffers
   bool held_ = false;  // tests: step() leaves arrivals for GossipTestAccess
 };
 

@@ -10,6 +10,7 @@
 #include "torch_asgd/optim/detail/asgrad_protocol.h"
 #include "torch_asgd/optim/detail/checkpoint.h"
 #include "torch_asgd/optim/detail/flat_params.h"
+#include "torch_asgd/optim/detail/json.h"
 
 namespace torch_asgd {
 
@@ -24,25 +25,56 @@ StepRule parse_step_rule(const std::string& name) {
 }
 
 std::string ServerStats::str() const {
-  std::string out = fmt::format("server: {} gradients, {} applied, {} dropped{}{}; {}", gradients,
+  std::string out = fmt::format("{}: {} gradients, {} applied, {} dropped{}{}; {}", who(), gradients,
                                 version, dropped,
                                 late > 0 ? fmt::format(", {} after the budget", late) : "",
                                 codec.empty() ? "" : fmt::format(", {} received as {}", encoded, codec),
                                 staleness.str());
   for (const auto& w : workers) {
-    out += fmt::format("\n  worker {}: {} jobs, {} gradients, {} dropped, {}{}", w.rank, w.jobs,
+    out += fmt::format("\n  worker {}: {} jobs, {} gradients, {} dropped, {}{}{}", w.rank, w.jobs,
                        w.gradients, w.dropped, w.staleness.str(),
+                       w.rejected > 0 ? fmt::format(", {} refused", w.rejected) : "",
                        w.failed ? " (failed)" : w.done ? " (done)" : "");
   }
   return out;
 }
 
+std::string ServerStats::to_json() const {
+  std::string list;
+  for (const auto& w : workers) {
+    if (!list.empty()) list += ", ";
+    list += detail::JsonObject()
+                .add("rank", w.rank)
+                .add("jobs", w.jobs)
+                .add("gradients", w.gradients)
+                .add("applied", w.applied)
+                .add("dropped", w.dropped)
+                .add("rejected", w.rejected)
+                .add("staleness", w.staleness)
+                .add("done", w.done)
+                .add("failed", w.failed)
+                .str();
+  }
+  return detail::JsonObject()
+      .add("optimizer", optimizer)
+      .add("rank", rank)
+      .add("world_size", world_size)
+      .add("version", version)
+      .add("gradients", gradients)
+      .add("dropped", dropped)
+      .add("late", late)
+      .add("codec", codec)
+      .add("encoded", encoded)
+      .add("staleness", staleness)
+      .add_raw("workers", "[" + list + "]")
+      .str();
+}
+
 ParameterServer::ParameterServer(std::shared_ptr<torch::optim::Optimizer> inner,
-                                 ServerOptions options, std::shared_ptr<World> world,
-                                 std::vector<std::string> names)
-    : DistributedOptimizer(std::move(inner), "ParameterServer", std::move(names)),
+                                 ServerOptions options, std::shared_ptr<World> world, Model model)
+    : DistributedOptimizer(std::move(inner), "ParameterServer", std::move(model)),
       options_(std::move(options)),
-      world_(std::move(world)) {
+      world_(world_or_default(std::move(world))) {
   if (!world_ || world_->size() < 2) {
     throw ConfigError("a parameter server needs at least 2 ranks (itself and a worker); start "
                       "the job with more processes");
@@ -53,16 +85,17 @@ ParameterServer::ParameterServer(std::shared_ptr<torch::optim::Optimizer> inner,
   }
   const Compression& c = options_.compression();
   detail::check_asgrad_compression(c, flat().dtype(), fmt::format("rank {}: ParameterServer", world_->rank()));
-  Fingerprint fp = detail::asgrad_fingerprint(flat(), options_.server_rank(), c);
+  Fingerprint fp = detail::asgrad_fingerprint(exchange_fingerprint(), options_.server_rank(), c);
   transport_ = world_->open_channel(detail::asgrad_channel_options(flat(), options_.on_worker_failure(), c), fp);
   timeout_ = world_->options().timeout;
+  start_equal(*world_, options_.server_rank());
   init();
 }
 
 ParameterServer::ParameterServer(std::shared_ptr<torch::optim::Optimizer> inner,
                                  ServerOptions options, std::unique_ptr<Transport> transport,
                                  std::chrono::milliseconds timeout)
-    : DistributedOptimizer(std::move(inner), "ParameterServer", {}),
+    : DistributedOptimizer(std::move(inner), "ParameterServer", Model()),
       options_(std::move(options)),
       transport_(std::move(transport)),
       timeout_(timeout) {
@@ -74,9 +107,17 @@ ParameterServer::ParameterServer(std::shared_ptr<torch::optim::Optimizer> inner,
 }
 
 void ParameterServer::init() {
-  TORCH_CHECK(options_.staleness_cap() >= 0, "Invalid staleness_cap: ", options_.staleness_cap());
-  TORCH_CHECK(options_.max_gradients() >= 0, "Invalid max_gradients: ", options_.max_gradients());
+  if (options_.staleness_cap() < 0) {
+    throw ConfigError(fmt::format("ParameterServer: staleness_cap is {}; it must be >= 0 (0 keeps "
+                                  "every gradient)", options_.staleness_cap()));
+  }
+  if (options_.max_gradients() < 0) {
+    throw ConfigError(fmt::format("ParameterServer: max_gradients is {}; it must be >= 0 (0: until "
+                                  "every worker is done)", options_.max_gradients()));
+  }
   rank_ = transport_->rank();
+  totals_.rank = rank_;
+  totals_.world_size = transport_->size();
   const int n = transport_->size();
   workers_.resize(n);
   busy_.assign(n, false);
@@ -96,9 +137,9 @@ void ParameterServer::init() {
 
 ParameterServer::ParameterServer(std::vector<torch::Tensor> params,
                                  const torch::optim::SGDOptions& sgd, ServerOptions options,
-                                 std::shared_ptr<World> world)
+                                 std::shared_ptr<World> world, Model model)
     : ParameterServer(detail::make_sgd({torch::optim::OptimizerParamGroup(std::move(params))}, sgd),
-                      std::move(options), std::move(world)) {}
+                      std::move(options), std::move(world), std::move(model)) {}
 
 ParameterServer::ParameterServer(const torch::OrderedDict<std::string, torch::Tensor>& named,
                                  const torch::optim::SGDOptions& sgd, ServerOptions options,
@@ -107,19 +148,25 @@ ParameterServer::ParameterServer(const torch::OrderedDict<std::string, torch::Te
                       std::move(options), std::move(world), named.keys()) {}
 
 ParameterServer::~ParameterServer() {
-  if (!stopped_ && transport_) {
-    try {
-      stop();
-    } catch (const std::exception& e) {
-      detail::log_warning(std::string("ParameterServer: stopping in the destructor failed: ") +
-                          e.what());
-    }
-  }
+  if (transport_ && !stopped_) finish_in_destructor(rank_);
 }
 
 torch::Tensor ParameterServer::step(LossClosure) {
-  throw ConfigError("ParameterServer: step() is not how a server trains: it applies gradients as "
-                    "the workers return them; call serve() in a loop, or run()");
+  throw_if_finished();
+  serve(std::chrono::milliseconds(100));
+  return {};
+}
+
+bool ParameterServer::finish(std::chrono::milliseconds timeout) {
+  if (finished_) return close_clean_;
+  finished_ = true;
+  if (!stopped_) {
+    const auto saved = timeout_;
+    timeout_ = timeout;
+    stop();
+    timeout_ = saved;
+  }
+  return close_clean_;
 }
 
 WorkerStats& ParameterServer::worker(int rank) { return workers_.at(static_cast<size_t>(rank)); }
@@ -251,6 +298,9 @@ void ParameterServer::handle_gradient(const Message& m) {
     }
     flat().set_grads(grad_);
     inner_step(nullptr);
+    // The gradients were views of grad_: gone again, so that zero_grad() (which detaches
+    // gradients in place, as views cannot be) finds none.
+    for (const auto& p : flat().params()) const_cast<at::Tensor&>(p).mutable_grad() = at::Tensor();
     ws.staleness.add(tau);
     totals_.staleness.add(tau);
     ++ws.applied;
@@ -273,6 +323,26 @@ void ParameterServer::note_failures() {
     if (!workers_[w].failed) {
       workers_[w].failed = true;
       reissue_jobs_of(w);
+    }
+  }
+  // A message the channel refused (corrupt, or values not finite) was a gradient: its
+  // job would never come back, and the worker waits for the next. It gets a new one.
+  for (const auto& c : transport_->counters()) {
+    WorkerStats& ws = worker(c.peer);
+    if (c.rejected <= static_cast<uint64_t>(ws.rejected)) continue;
+    ws.rejected = static_cast<int64_t>(c.rejected);
+    detail::log_warning(fmt::format(
+        "rank {}: the parameter server refused a message of worker {} ({}); it gets a new job",
+        rank_, c.peer, c.last_reject));
+    if (busy_[c.peer] && available(c.peer)) {
+      busy_[c.peer] = false;
+      if (!queues_[c.peer].empty()) {
+        Job next = std::move(queues_[c.peer].front());
+        queues_[c.peer].pop_front();
+        send_job(c.peer, std::move(next));
+      } else {
+        issue_job_to(c.peer);
+      }
     }
   }
 }
@@ -316,13 +386,20 @@ void ParameterServer::stop() {
   for (int r : worker_ranks_) {
     if (!workers_[r].failed) transport_->send(r, detail::asgrad_message(detail::kStop, totals_.version));
   }
-  transport_->close(timeout_);
+  close_clean_ = transport_->close(timeout_);
 }
 
 ServerStats ParameterServer::run() {
   while (serve()) {
   }
   return stats();
+}
+
+void ParameterServer::issue_job_to(int rank) {
+  if (budget_spent()) return;
+  ++worker(rank).jobs;
+  if (options_.keep_log()) job_log_.push_back(rank);
+  send_job(rank, Job{flat().flat().to(torch::kCPU, false, true), totals_.version});
 }
 
 ServerStats ParameterServer::stats() const {

@@ -75,11 +75,13 @@ struct WorkerStats {
   int64_t applied = 0;
   int64_t dropped = 0;    // tau >= staleness_cap
   StalenessStats staleness;
+  int64_t rejected = 0;  // its messages the channel refused (a job reissued to it each time)
   bool done = false;    // said it takes no more jobs
   bool failed = false;  // its connection failed
 };
 
-struct ServerStats {
+struct ServerStats : OptimizerStats {
+  ServerStats() : OptimizerStats("ParameterServer") {}
   int64_t version = 0;  // gradients applied
   int64_t gradients = 0;  // gradients taken (applied or dropped), at most max_gradients
   int64_t dropped = 0;
@@ -88,16 +90,18 @@ struct ServerStats {
   int64_t encoded = 0;   // gradients that came encoded (the others: values no codec takes)
   StalenessStats staleness;
   std::vector<WorkerStats> workers;
-  std::string str() const;
+  std::string str() const override;  // one line, then one per worker
+  std::string to_json() const override;
 };
 
 class ParameterServer : public DistributedOptimizer {
  public:
+  // `world`: nullptr takes the process's default (distributed_optimizer.h).
   ParameterServer(std::shared_ptr<torch::optim::Optimizer> inner, ServerOptions options,
-                  std::shared_ptr<World> world, std::vector<std::string> names = {});
+                  std::shared_ptr<World> world = nullptr, Model model = {});
   // Shorthand: an inner torch::optim::SGD with these options.
   ParameterServer(std::vector<torch::Tensor> params, const torch::optim::SGDOptions& sgd,
-                  ServerOptions options, std::shared_ptr<World> world);
+                  ServerOptions options, std::shared_ptr<World> world = nullptr, Model model = {});
   ParameterServer(const torch::OrderedDict<std::string, torch::Tensor>& named_params,
                   const torch::optim::SGDOptions& sgd, ServerOptions options,
                   std::shared_ptr<World> world);
@@ -106,10 +110,14 @@ class ParameterServer : public DistributedOptimizer {
   ParameterServer(std::shared_ptr<torch::optim::Optimizer> inner, ServerOptions options,
                   std::unique_ptr<Transport> transport,
                   std::chrono::milliseconds timeout = std::chrono::seconds(300));
+  // If finish() was not called: warns and finishes with a 10 s bound.
   ~ParameterServer() override;
 
-  // Refused: the server takes its steps as gradients arrive (serve()).
+  // The server takes its steps as gradients arrive: step() is serve() for up to 100 ms
+  // (the closure, if any, is not called) and returns an undefined tensor. done() says
+  // when training has ended. The server's loop: while (!server.done()) server.step();
   torch::Tensor step(LossClosure closure = nullptr) override;
+  bool done() const override { return stopped_; }
 
   // Handles what arrives within `timeout`. Returns false once training has ended
   // (max_gradients reached or every worker done) and the workers were told to stop.
@@ -121,6 +129,10 @@ class ParameterServer : public DistributedOptimizer {
   // Ends training now (a time budget, a signal): the workers are told to stop, and the
   // channel closes (bounded by the World's timeout). serve() returns false from then on.
   void stop();
+  // stop(), its close bounded by `timeout`; false if some worker did not finish in time.
+  bool finish(std::chrono::milliseconds timeout = std::chrono::seconds(60)) override;
+  // Nothing to average: the server's model is the model, and every job carries it.
+  void resync() override {}
 
   ServerStats stats() const;
   // Jobs handed out (or queued for their worker) whose gradient has not come back.
@@ -133,6 +145,9 @@ class ParameterServer : public DistributedOptimizer {
  protected:
   void save_state(torch::serialize::OutputArchive& archive) const override;
   void load_state(torch::serialize::InputArchive& archive) override;
+  std::unique_ptr<OptimizerStats> stats_snapshot() const override {
+    return std::make_unique<ServerStats>(stats());
+  }
 
  private:
   struct Job {
@@ -148,6 +163,7 @@ class ParameterServer : public DistributedOptimizer {
   void note_failures();
   int64_t live_workers() const;
   void issue_job(int returning);
+  void issue_job_to(int rank);  // a job of the current model, whatever the policy says
   void send_job(int rank, Job job);
   void init();
 
@@ -169,6 +185,7 @@ class ParameterServer : public DistributedOptimizer {
   std::chrono::steady_clock::time_point last_gradient_;
   bool started_ = false;
   bool stopped_ = false;
+  bool close_clean_ = true;
 };
 
 }  // namespace torch_asgd

@@ -13,20 +13,34 @@
 #include "torch_asgd/optim/detail/checkpoint.h"
 #include "torch_asgd/optim/detail/compression_checks.h"
 #include "torch_asgd/optim/detail/flat_params.h"
+#include "torch_asgd/optim/detail/json.h"
 
 namespace torch_asgd {
 
 std::string SyncSGDStats::str() const {
-  return fmt::format("rank {}/{}: {} synchronous steps, {:.2f} s in all-reduce, {} bytes reduced{}",
-                     rank, world_size, steps, allreduce_seconds, bytes_reduced,
+  return fmt::format("{}: {} synchronous steps, {:.2f} s in all-reduce, {} bytes reduced{}",
+                     who(), steps, allreduce_seconds, bytes_reduced,
                      codec.empty() ? "" : " (" + codec + ")");
 }
 
+std::string SyncSGDStats::to_json() const {
+  return detail::JsonObject()
+      .add("optimizer", optimizer)
+      .add("rank", rank)
+      .add("world_size", world_size)
+      .add("steps", steps)
+      .add("allreduce_seconds", allreduce_seconds)
+      .add("bytes_reduced", bytes_reduced)
+      .add("codec", codec)
+      .add("staleness", staleness)
+      .str();
+}
+
 SyncSGD::SyncSGD(std::shared_ptr<torch::optim::Optimizer> inner, SyncSGDOptions options,
-                 std::shared_ptr<World> world, std::vector<std::string> names)
-    : DistributedOptimizer(std::move(inner), "SyncSGD", std::move(names)),
+                 std::shared_ptr<World> world, Model model)
+    : DistributedOptimizer(std::move(inner), "SyncSGD", std::move(model)),
       options_(std::move(options)),
-      world_(std::move(world)) {
+      world_(world_or_default(std::move(world))) {
   stats_.rank = world_ ? world_->rank() : 0;
   stats_.world_size = world_ ? world_->size() : 1;
   const Compression& c = options_.compression();
@@ -38,10 +52,12 @@ SyncSGD::SyncSGD(std::shared_ptr<torch::optim::Optimizer> inner, SyncSGDOptions 
                                     c10::toString(flat().dtype())));
     }
     detail::check_codec_dtype(c, flat().dtype(), "SyncSGD");
-    Fingerprint fp = flat().fingerprint();
+    Fingerprint fp = exchange_fingerprint();
     fp.set("algorithm", "sync").set("local rule", rule_name()).set("compression", c.describe());
     if (c.lossy()) fp.set("compressed exchange", "reduce-scatter, all-gather");
+    fp.set("broadcast_buffers", options_.broadcast_buffers() ? "1" : "0");
     world_->check_fingerprint("syncsgd", fp);
+    start_equal(*world_, 0);
     grads_ = torch::zeros({flat().numel()}, torch::TensorOptions().dtype(flat().dtype()));
     if (c.lossy()) {
       stats_.codec = c.describe();
@@ -66,9 +82,9 @@ SyncSGD::SyncSGD(std::shared_ptr<torch::optim::Optimizer> inner, SyncSGDOptions 
 }
 
 SyncSGD::SyncSGD(std::vector<torch::Tensor> params, const torch::optim::SGDOptions& sgd,
-                 SyncSGDOptions options, std::shared_ptr<World> world)
+                 SyncSGDOptions options, std::shared_ptr<World> world, Model model)
     : SyncSGD(detail::make_sgd({torch::optim::OptimizerParamGroup(std::move(params))}, sgd),
-              std::move(options), std::move(world)) {}
+              std::move(options), std::move(world), std::move(model)) {}
 
 SyncSGD::SyncSGD(const torch::OrderedDict<std::string, torch::Tensor>& named,
                  const torch::optim::SGDOptions& sgd, SyncSGDOptions options,
@@ -78,9 +94,9 @@ SyncSGD::SyncSGD(const torch::OrderedDict<std::string, torch::Tensor>& named,
 
 SyncSGD::SyncSGD(std::vector<torch::optim::OptimizerParamGroup> groups,
                  const torch::optim::SGDOptions& defaults, SyncSGDOptions options,
-                 std::shared_ptr<World> world, std::vector<std::string> names)
+                 std::shared_ptr<World> world, Model model)
     : SyncSGD(detail::make_sgd(std::move(groups), defaults), std::move(options), std::move(world),
-              std::move(names)) {}
+              std::move(model)) {}
 
 namespace {
 
@@ -278,6 +294,7 @@ void SyncSGD::set_mean_gradients() {
 }
 
 torch::Tensor SyncSGD::step(LossClosure closure) {
+  throw_if_finished();
   if (grads_.defined()) {
     // The closure (if any) must run before the gradients are averaged.
     torch::Tensor loss;
@@ -288,6 +305,7 @@ torch::Tensor SyncSGD::step(LossClosure closure) {
     refresh_views();
     allreduce_gradients();
     inner_step(nullptr);
+    if (options_.broadcast_buffers() && !buffers().empty()) broadcast_buffers();
     stats_.staleness.add(0);
     ++stats_.steps;
     return loss;
@@ -296,6 +314,35 @@ torch::Tensor SyncSGD::step(LossClosure closure) {
   stats_.staleness.add(0);
   ++stats_.steps;
   return loss;
+}
+
+void SyncSGD::broadcast_buffers() {
+  torch::NoGradGuard no_grad;
+  std::vector<at::Tensor> parts;
+  for (const auto& b : buffers()) {
+    parts.push_back(b.detach().to(torch::kCPU).contiguous().reshape({-1}).view(torch::kUInt8));
+  }
+  at::Tensor bytes = torch::cat(parts);
+  try {
+    broadcast(*world_, bytes, 0, /*tag=*/7401);
+  } catch (const CommError& e) {
+    throw CommError(fmt::format("{} (SyncSGD's broadcast of rank 0's buffers)", e.what()));
+  }
+  int64_t at = 0;
+  for (const auto& b : buffers()) {
+    const int64_t n = b.numel() * static_cast<int64_t>(b.element_size());
+    const_cast<at::Tensor&>(b).copy_(bytes.narrow(0, at, n).view(b.scalar_type()).view(b.sizes()));
+    at += n;
+  }
+}
+
+bool SyncSGD::finish(std::chrono::milliseconds) {
+  finished_ = true;
+  return true;
+}
+
+void SyncSGD::resync() {
+  if (world_ && world_->size() > 1 && !options_.local()) average_model(*world_);
 }
 
 void SyncSGD::save_state(torch::serialize::OutputArchive& archive) const {

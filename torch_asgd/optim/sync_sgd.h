@@ -25,6 +25,11 @@
 // (a sum that arrives undecodable fails the rank that received it). Construction is
 // collective and checks that ranks agree on the parameters and the rule (MismatchError
 // otherwise).
+//
+// Buffers (Model): equal at start (rank 0's), and with broadcast_buffers (the default, as
+// DDP's) rank 0's again after every step, so that every rank's forward pass sees rank 0's
+// running statistics; otherwise each rank keeps its own. finish() has nothing to deliver
+// and returns true; resync() averages parameters and buffers.
 #pragma once
 
 #include <memory>
@@ -52,11 +57,13 @@ struct SyncSGDOptions {
   // residual kept per rank and saved in checkpoints. Every rank must use the same.
   // Ignored (nothing is sent) with one rank or local().
   TORCH_ARG(Compression, compression) = Compression();
+  // After every step every rank takes rank 0's buffers (DDP's broadcast_buffers). Off:
+  // each rank keeps its own. Ignored without buffers, with one rank, or local().
+  TORCH_ARG(bool, broadcast_buffers) = true;
 };
 
-struct SyncSGDStats {
-  int rank = 0;
-  int world_size = 1;
+struct SyncSGDStats : OptimizerStats {
+  SyncSGDStats() : OptimizerStats("SyncSGD") {}
   int64_t steps = 0;
   // Time spent in the all-reduce (waiting included; under compression the whole
   // exchange, the decoding and encoding of this rank's share included).
@@ -64,23 +71,28 @@ struct SyncSGDStats {
   uint64_t bytes_reduced = 0;  // gradient bytes this rank contributed (encoded, if compressed)
   std::string codec;  // the compression, when lossy
   StalenessStats staleness;  // always 0: every update is applied to the model it was computed at
-  std::string str() const;
+  std::string str() const override;
+  std::string to_json() const override;
 };
 
 class SyncSGD : public DistributedOptimizer {
  public:
   SyncSGD(std::shared_ptr<torch::optim::Optimizer> inner, SyncSGDOptions options = SyncSGDOptions(),
-          std::shared_ptr<World> world = nullptr, std::vector<std::string> names = {});
+          std::shared_ptr<World> world = nullptr, Model model = {});
   SyncSGD(std::vector<torch::Tensor> params, const torch::optim::SGDOptions& sgd,
-          SyncSGDOptions options = SyncSGDOptions(), std::shared_ptr<World> world = nullptr);
+          SyncSGDOptions options = SyncSGDOptions(), std::shared_ptr<World> world = nullptr,
+          Model model = {});
   SyncSGD(const torch::OrderedDict<std::string, torch::Tensor>& named_params,
           const torch::optim::SGDOptions& sgd, SyncSGDOptions options = SyncSGDOptions(),
           std::shared_ptr<World> world = nullptr);
   SyncSGD(std::vector<torch::optim::OptimizerParamGroup> param_groups,
           const torch::optim::SGDOptions& defaults, SyncSGDOptions options = SyncSGDOptions(),
-          std::shared_ptr<World> world = nullptr, std::vector<std::string> names = {});
+          std::shared_ptr<World> world = nullptr, Model model = {});
 
   torch::Tensor step(LossClosure closure = nullptr) override;
+  // Nothing to deliver: every step was completed by every rank. Returns true.
+  bool finish(std::chrono::milliseconds timeout = std::chrono::seconds(60)) override;
+  void resync() override;
   SyncSGDStats stats() const { return stats_; }
   const SyncSGDOptions& options() const { return options_; }
   // Under a lossy codec: what this rank holds that no step has applied yet (float32,
@@ -92,6 +104,9 @@ class SyncSGD : public DistributedOptimizer {
  protected:
   void save_state(torch::serialize::OutputArchive& archive) const override;
   void load_state(torch::serialize::InputArchive& archive) override;
+  std::unique_ptr<OptimizerStats> stats_snapshot() const override {
+    return std::make_unique<SyncSGDStats>(stats_);
+  }
 
  private:
   void allreduce_gradients();
@@ -99,6 +114,7 @@ class SyncSGD : public DistributedOptimizer {
   // sums, decoded into grads_.
   void exchange_encoded();
   void set_mean_gradients();
+  void broadcast_buffers();
   int64_t share_begin(int rank) const;  // a rank's share of the flat parameters
   int64_t share_size(int rank) const;  // elements; a share is a codec payload of its own
   size_t slot_bytes(int rank) const;  // a status word, the rank it names, the share encoded

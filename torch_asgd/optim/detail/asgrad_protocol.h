@@ -47,9 +47,8 @@ inline ChannelOptions asgrad_channel_options(const FlatParams& flat, PeerFailure
 }
 
 // Server and workers must compress alike: the codec is part of what they compare.
-inline Fingerprint asgrad_fingerprint(const FlatParams& flat, int server_rank,
+inline Fingerprint asgrad_fingerprint(Fingerprint fp, int server_rank,
                                       const Compression& compression) {
-  Fingerprint fp = flat.fingerprint();
   fp.set("algorithm", "asgrad")
       .set("server_rank", std::to_string(server_rank))
       .set("compression", compression.describe());
