@@ -58,6 +58,7 @@ struct ExampleOptions {
   bool resume = false;
   bool overlap = false;  // dasgd on cuda: DASGDOptions::overlap
   int64_t warmup_steps = 0;  // steps of each rank left out of its samples/s
+  bool average = false;      // dasgd: DASGDOptions::average (DDP's averaged step)
 };
 
 struct Dataset {

@@ -127,6 +127,9 @@ int parse_options(int argc, char** argv, const Task& task, ExampleOptions* out) 
       ->capture_default_str();
   app.add_flag("--resume", o.resume, "continue from --checkpoint-dir (every rank, same --algo and ranks)");
   app.add_flag("--overlap", o.overlap, "dasgd, --device cuda: copy deltas on a side stream (unverified)");
+  app.add_flag("--average", o.average,
+               "dasgd: scale each rank's step by 1/ranks, so that the ranks' steps add up to their "
+               "mean (DDP's averaged step; keep DDP's learning rate)");
   app.add_option("--warmup-steps", o.warmup_steps,
                  "steps of each rank left out of its samples/s (CUDA's and the allocator's start-up)")
       ->check(CLI::NonNegativeNumber);

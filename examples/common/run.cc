@@ -275,6 +275,10 @@ void Run::check_options() const {
     throw ConfigError("--straggler 0: rank 0 is the parameter server, which computes no "
                       "gradients; pick a worker rank 1.." + std::to_string(n_ - 1));
   }
+  if (o_.average && o_.algo != "dasgd") {
+    throw ConfigError(fmt::format("--average is DASGD's (its step is otherwise the sum of the ranks'); "
+                                  "--algo {} takes no --average", o_.algo));
+  }
 }
 
 void Run::setup() {
@@ -322,7 +326,7 @@ void Run::setup() {
             .max_gradients(budget)
             .seed(o_.seed)
             .compression(Compression::parse(o_.compress)),
-        world_, model_->named_parameters().keys());
+        world_, *model_);
     if (o_.resume) {
       const int64_t at = load_rank(*checkpoint_, meta_, "server", *server_, *model_);
       std::printf("rank 0: resumed from %s at gradient %ld (model fingerprint %.17g)\n",
@@ -342,7 +346,8 @@ void Run::build_trainer() {
   const int shard = server_algo_ ? rank_ - 1 : rank_;
   sampler_.emplace(rank_indices(train_, shard, trainers_, o_), o_.sampling,
                    o_.seed * 1000 + static_cast<uint64_t>(rank_));
-  auto names = model_->named_parameters().keys();
+  // The module: its parameters' names and its buffers (BatchNorm's), kept equal at start.
+  const Model model(*model_);
   if (o_.algo == "dasgd") {
     auto d = std::make_unique<DASGD>(
         make_rule(o_, model_->parameters()),
@@ -352,8 +357,9 @@ void Run::build_trainer() {
             .lead_policy(o_.lead_policy == "damp" ? LeadPolicy::kDamp : LeadPolicy::kWait)
             .lead_measure(o_.lead_measure == "progress" ? LeadMeasure::kProgress : LeadMeasure::kApplied)
             .compression(Compression::parse(o_.compress))
-            .overlap(o_.overlap),
-        world_, names);
+            .overlap(o_.overlap)
+            .average(o_.average),
+        world_, model);
     dasgd_ = d.get();
     opt_ = std::move(d);
   } else if (o_.algo == "gossip") {
@@ -363,7 +369,7 @@ void Run::build_trainer() {
             .exchange_every(o_.broadcast_every)
             .alpha(o_.gossip_alpha)
             .compression(Compression::parse(o_.compress)),
-        world_, names);
+        world_, model);
     gossip_ = g.get();
     opt_ = std::move(g);
     staleness_kind_ = "lag";
@@ -372,12 +378,13 @@ void Run::build_trainer() {
                                        SyncSGDOptions()
                                            .local(o_.algo == "local")
                                            .compression(Compression::parse(o_.compress)),
-                                       world_, names);
+                                       world_, model);
     sync_ = s.get();
     opt_ = std::move(s);
   } else {
-    auto w = std::make_unique<AsGradWorker>(model_->named_parameters(),
-                                            WorkerOptions().compression(Compression::parse(o_.compress)), world_);
+    auto w = std::make_unique<AsGradWorker>(model_->parameters(),
+                                            WorkerOptions().compression(Compression::parse(o_.compress)), world_,
+                                            model);
     worker_ = w.get();
     opt_ = std::move(w);
   }
