@@ -12,7 +12,7 @@ is not used:
     asgd-launch --nproc 2 --master-port 0 -- /usr/bin/python3 benchmarks/ddp_mnist.py \\
         --budget-seconds 30 --straggler 1:2 --metrics-out ddp.json
 
-What matches asgd-mnist (examples/common): the network (examples/mnist/net.h), the data
+What matches asgd-mnist (benchmarks/harness/common): the network (benchmarks/harness/mnist/net.h), the data
 (IDX files, scaled to [-1, 1]), the shards (--partition iid: a seeded permutation cut in
 WORLD_SIZE parts; full: every rank the whole set in its own order), reshuffled each pass,
 SGD with momentum (lr 0.03, momentum 0.7) or AdamW (lr 1e-3, weight decay 0.01), batch 32
@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 class MnistNet(nn.Module):
-    """examples/mnist/net.h: LibTorch's MNIST example network, 21,840 parameters."""
+    """benchmarks/harness/mnist/net.h: LibTorch's MNIST example network, 21,840 parameters."""
 
     def __init__(self):
         super().__init__()

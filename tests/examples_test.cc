@@ -73,6 +73,29 @@ TEST_P(MnistEveryAlgo, TrainsAndWritesMetrics) {
   for (const auto& r : m["ranks"]) EXPECT_FALSE(r.is_null()) << "a rank sent no report";
 }
 
+// The short example (examples/mnist/train.cc) as the README runs it, on the real
+// Fashion-MNIST: both ranks end with the same model (the same test accuracy) that has
+// learned; bad data is one line.
+TEST(ShortExample, TwoRanksTrainOneModelAndBadDataIsOneLine) {
+  const std::string dir = make_fashion_dir("example", 60000, 10000);
+  Proc p = testing::run({bin("asgd-launch"), "--nproc", "2", "--master-port", "0", "--",
+                         bin("asgd-example-mnist"), dir, "1"},
+                        {}, 240s);
+  ASSERT_FALSE(p.timed_out) << p.out_buf << p.err_buf;
+  ASSERT_EQ(p.exit_code, 0) << p.out_buf << p.err_buf;
+  std::smatch m0, m1;
+  ASSERT_TRUE(std::regex_search(p.out_buf, m0, std::regex(R"(\[0\]: rank 0: test accuracy ([0-9.]+); DASGD rank 0/2: )")))
+      << p.out_buf;
+  ASSERT_TRUE(std::regex_search(p.out_buf, m1, std::regex(R"(\[1\]: rank 1: test accuracy ([0-9.]+); DASGD rank 1/2: )")))
+      << p.out_buf;
+  EXPECT_EQ(m0[1], m1[1]) << "the replicas differ after finish()";
+  EXPECT_GT(std::stod(m0[1]), 0.75) << p.out_buf;
+  Proc bad = testing::run({bin("asgd-example-mnist"), dir + "/nothing-here"}, {}, 60s);
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_EQ(std::count(bad.err_buf.begin(), bad.err_buf.end(), '\n'), 1) << bad.err_buf;
+  EXPECT_NE(bad.err_buf.find("asgd-example-mnist: "), std::string::npos) << bad.err_buf;
+}
+
 INSTANTIATE_TEST_SUITE_P(Algos, MnistEveryAlgo,
                          ::testing::Values("dasgd", "gossip", "asgd-pure", "asgd-random",
                                            "asgd-shuffle", "sync", "local"),
