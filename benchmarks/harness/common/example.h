@@ -1,7 +1,9 @@
-// The benchmark harness (asgd-mnist, asgd-cifar): what the MNIST and CIFAR programs share: their command line, the data a rank trains
-// on (ALGORITHMS.md section 4), the training loop of every algorithm with budgets and
-// evaluation on a clock, checkpoints, the end-of-run summary and the metrics JSON. An
-// example provides a Task (its data and its network) and calls run().
+// The benchmark harness (asgd-mnist, asgd-cifar): what the MNIST and CIFAR programs
+// share: their command line, the data a rank trains on (docs/algorithms.md, "Data
+// order"), the training loop of every algorithm with budgets and evaluation on a clock,
+// checkpoints, the end-of-run summary and the metrics JSON. A program provides a Task
+// (its data and its network) and calls run(). (A short example a user copies is
+// examples/mnist/train.cc.)
 #pragma once
 
 #include <functional>
