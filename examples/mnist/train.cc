@@ -40,11 +40,12 @@ int main(int argc, char** argv) try {
 
   auto normalize = torch::data::transforms::Normalize<>(0.5, 0.5);
   auto train = torch::data::datasets::MNIST(data).map(normalize).map(torch::data::transforms::Stack<>());
-  // Each rank its own share of the training set, reshuffled every epoch.
-  torch::data::samplers::DistributedRandomSampler sampler(*train.size(), world->size(), world->rank());
-  auto loader = torch::data::make_data_loader(std::move(train), sampler, 64);
   for (int epoch = 1; epoch <= epochs; ++epoch) {
+    // Each rank its own share of the training set, reshuffled every epoch. (The loader
+    // keeps a copy of the sampler: a new one each epoch.)
+    torch::data::samplers::DistributedRandomSampler sampler(*train.size(), world->size(), world->rank());
     sampler.set_epoch(epoch);
+    auto loader = torch::data::make_data_loader(train, sampler, 64);
     for (auto& batch : *loader) {
       opt.zero_grad();
       auto loss = torch::nll_loss(net->forward(batch.data), batch.target);
