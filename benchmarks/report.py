@@ -279,7 +279,7 @@ def suite_scaling(runs, plots):
 
 
 def predicted(algo, n, every, factor, slow_rank):
-    """The job-count argument for ALGORITHMS.md's set-based staleness, in units of a fast
+    """The job-count argument for docs/algorithms.md's set-based staleness, in units of a fast
     rank's step (delivery at once, no jitter). Trainers k of speeds v_k (1, or 1/factor
     for the straggler) and step times T_k = 1/v_k.
 

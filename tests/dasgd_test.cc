@@ -1,4 +1,4 @@
-// DASGD (ALGORITHMS.md section 1): lock-step replicas against a reference computed
+// DASGD (docs/algorithms.md, "DASGD"): lock-step replicas against a reference computed
 // another way, set-based staleness against ground-truth update sets under scripted
 // delivery, the bounded lead, convergence with a straggler over real channels,
 // checkpoints and the failures it must not hide.

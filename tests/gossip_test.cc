@@ -1,4 +1,4 @@
-// Gossip (ALGORITHMS.md section 1b): the sum of the models changes only by the ranks'
+// Gossip (docs/algorithms.md, "Gossip"): the sum of the models changes only by the ranks'
 // own local steps, whatever the delivery order (delays, crossed requests, stalls and
 // late replies); with an optimum of its own per rank it reaches the average objective's;
 // a dead requester's lost reply is counted as a broken pair.

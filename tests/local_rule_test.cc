@@ -1,4 +1,4 @@
-// Any torch::optim optimizer as the local rule (ALGORITHMS.md section 3b): with one rank
+// Any torch::optim optimizer as the local rule (docs/algorithms.md, "The local rule"): with one rank
 // every algorithm is its inner optimizer, bit for bit, LR scheduler included; the
 // wrapper is a drop-in torch::optim::Optimizer (groups, schedulers, zero_grad, save and
 // load with the inner state, refusals).

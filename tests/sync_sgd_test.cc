@@ -6,6 +6,7 @@
 #include "testing.h"
 #include "torch_asgd/comm/codec.h"
 #include "torch_asgd/comm/error.h"
+#include "torch_asgd/optim/local.h"
 #include "torch_asgd/optim/sync_sgd.h"
 
 namespace torch_asgd {
@@ -139,6 +140,7 @@ TEST(SyncSGD, OneRankIsBitIdenticalToSGD) {
   for (size_t i = 0; i < pa.size(); ++i) EXPECT_TRUE(torch::equal(pa[i], pb[i]));
 }
 
+// Local (local.h): each rank its own model, exactly its inner optimizer alone.
 TEST(SyncSGD, LocalCommunicatesNothing) {
   const auto x0 = initial_params();
   testing::spawn(2, [&](std::shared_ptr<World> world) {
@@ -146,7 +148,7 @@ TEST(SyncSGD, LocalCommunicatesNothing) {
     auto alone = make_net();
     load(*net, x0);
     load(*alone, x0);
-    SyncSGD opt(net->parameters(), torch::optim::SGDOptions(0.1), SyncSGDOptions().local(true), world);
+    Local opt(net->parameters(), torch::optim::SGDOptions(0.1), world);
     torch::optim::SGD sgd(alone->parameters(), torch::optim::SGDOptions(0.1));
     for (int t = 0; t < 20; ++t) {
       auto [x, y] = batch(world->rank(), t);
@@ -159,7 +161,9 @@ TEST(SyncSGD, LocalCommunicatesNothing) {
     }
     auto pa = net->parameters(), pb = alone->parameters();
     for (size_t i = 0; i < pa.size(); ++i) EXPECT_TRUE(torch::equal(pa[i], pb[i]));
-    EXPECT_EQ(opt.stats().bytes_reduced, 0u);
+    EXPECT_EQ(opt.stats().steps, 20);
+    EXPECT_EQ(opt.stats().str().rfind(fmt::format("Local rank {}/2: 20 local steps", world->rank()), 0), 0u)
+        << opt.stats().str();
   });
 }
 

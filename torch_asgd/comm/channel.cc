@@ -9,12 +9,12 @@
 #include <fmt/ranges.h>
 
 #include "torch_asgd/comm/detail/channel_core.h"
-#include "torch_asgd/comm/detail/log.h"
 #include "torch_asgd/comm/detail/receiver.h"
 #include "torch_asgd/comm/detail/sender.h"
 #include "torch_asgd/comm/detail/watcher.h"
 #include "torch_asgd/comm/error.h"
 #include "torch_asgd/comm/world.h"
+#include "torch_asgd/detail/log.h"
 
 namespace torch_asgd {
 
@@ -78,6 +78,24 @@ void copy_payload(detail::OutMsg& m, const at::Tensor& flat) {
 
 }  // namespace
 
+// The declared additive stream `stream`, with `meta` checked against its schema.
+static const AdditiveStream& additive_stream(const detail::ChannelCore& c, uint8_t stream,
+                                             const Metadata& meta) {
+  const AdditiveStream* s = stream < kMaxStreams ? c.streams[stream] : nullptr;
+  if (s == nullptr) {
+    throw ConfigError(fmt::format("{}: additive stream {} was not declared in "
+                                  "ChannelOptions::additive",
+                                  c.prefix(), static_cast<int>(stream)));
+  }
+  if (!conforms(meta, s->meta)) {
+    throw ConfigError(fmt::format(
+        "{}: metadata of {} fields and {} values of records does not fit stream {}'s schema {}",
+        c.prefix(), meta.fields.size(), meta.records.size(), static_cast<int>(stream),
+        s->meta.describe()));
+  }
+  return *s;
+}
+
 // Checks what the receiver would reject, so that it is said here, where it can be fixed.
 static void check_outgoing(const detail::ChannelCore& c, const Outgoing& msg, const at::Tensor& flat) {
   const std::string where = c.prefix();
@@ -103,21 +121,11 @@ static void check_outgoing(const detail::ChannelCore& c, const Outgoing& msg, co
                                   kMaxStreams - 1));
   }
   if (msg.delivery == Delivery::kAdditive) {
-    const AdditiveStream* s = c.streams[msg.stream];
-    if (s == nullptr) {
-      throw ConfigError(fmt::format("{}: additive stream {} was not declared in "
-                                    "ChannelOptions::additive",
-                                    where, msg.stream));
-    }
-    if (flat.scalar_type() != s->dtype || flat.numel() != s->numel) {
+    const AdditiveStream& s = additive_stream(c, msg.stream, msg.meta);
+    if (flat.scalar_type() != s.dtype || flat.numel() != s.numel) {
       throw ConfigError(fmt::format(
           "{}: additive stream {} carries {} elements of {}, not {} of {}", where, msg.stream,
-          s->numel, c10::toString(s->dtype), flat.numel(), c10::toString(flat.scalar_type())));
-    }
-    if (!conforms(msg.meta, s->meta)) {
-      throw ConfigError(fmt::format(
-          "{}: metadata of {} fields and {} values of records does not fit stream {}'s schema {}",
-          where, msg.meta.fields.size(), msg.meta.records.size(), msg.stream, s->meta.describe()));
+          s.numel, c10::toString(s.dtype), flat.numel(), c10::toString(flat.scalar_type())));
     }
     return;
   }
@@ -182,15 +190,7 @@ void Channel::broadcast_additive(uint8_t stream, const Metadata& meta,
                                  const std::function<void(at::Tensor&, bool)>& fill) {
   rethrow_if_failed();
   if (core_->closing) throw ConfigError(core_->prefix() + ": send() after close()");
-  const AdditiveStream* s = stream < kMaxStreams ? core_->streams[stream] : nullptr;
-  if (s == nullptr) {
-    throw ConfigError(fmt::format("{}: additive stream {} was not declared", core_->prefix(),
-                                  static_cast<int>(stream)));
-  }
-  if (!conforms(meta, s->meta)) {
-    throw ConfigError(fmt::format("{}: metadata does not fit stream {}'s schema {}",
-                                  core_->prefix(), static_cast<int>(stream), s->meta.describe()));
-  }
+  additive_stream(*core_, stream, meta);
   if (core_->size < 2) return;
   sender_->broadcast_additive(stream, meta, fill);
 }
@@ -303,17 +303,6 @@ std::vector<PeerCounters> Channel::counters() const {
   return out;
 }
 
-std::vector<int> Channel::live_peers() const {
-  std::vector<int> out;
-  std::lock_guard<std::mutex> lock(core_->mu);
-  for (int p = 0; p < core_->size; ++p) {
-    if (p != core_->rank && !core_->peers[p].failed && !core_->peers[p].bye_received) {
-      out.push_back(p);
-    }
-  }
-  return out;
-}
-
 std::vector<int> Channel::closed_peers() const {
   std::vector<int> out;
   std::lock_guard<std::mutex> lock(core_->mu);
@@ -332,6 +321,101 @@ std::vector<int> Channel::failed_peers() const {
     }
   }
   return out;
+}
+
+namespace {
+
+// FNV-1a: a stable token for a job and channel name.
+uint64_t token_of(const std::string& s) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ull;
+  return h == 0 ? 1 : h;
+}
+
+}  // namespace
+
+void validate(const ChannelOptions& o) {
+  auto bad = [&](const std::string& what) {
+    throw ConfigError(fmt::format("channel '{}': {}", o.name, what));
+  };
+  if (o.capacity_bytes < 0) bad("capacity_bytes must be >= 0");
+  if (o.recv_depth < 1 || o.recv_depth > 64) {
+    bad(fmt::format("recv_depth {} must be within 1..64 (each is a receive buffer of chunk_bytes)",
+                    o.recv_depth));
+  }
+  if (o.max_in_flight < 1) bad("max_in_flight must be >= 1");
+  if (o.max_ordered < 1) bad("max_ordered must be >= 1");
+  if (o.chunk_bytes < 4096 || o.chunk_bytes % 8 != 0) {
+    bad(fmt::format("chunk_bytes {} must be a multiple of 8 and >= 4096", o.chunk_bytes));
+  }
+  if (o.max_meta_bytes + kFrameHeaderBytes > static_cast<size_t>(o.chunk_bytes)) {
+    bad("max_meta_bytes must leave room for the frame header within chunk_bytes");
+  }
+  if (o.inline_bytes < 0) bad("inline_bytes must be >= 0");
+  if (!(o.group_hold >= 0 && o.group_hold <= 1e9)) bad("group_hold must be within 0..1e9");
+  std::vector<bool> seen(kMaxStreams, false);
+  for (const auto& s : o.additive) {
+    if (s.id >= kMaxStreams || seen[s.id]) {
+      bad(fmt::format("additive stream ids must be distinct and < {} (got {})", kMaxStreams,
+                      static_cast<int>(s.id)));
+    }
+    seen[s.id] = true;
+    if (s.numel <= 0 || dtype_size(s.dtype) == 0) {
+      bad(fmt::format("additive stream {} has numel {}: it needs numel > 0 (the elements every "
+                      "payload of it carries) and a dtype that can travel",
+                      static_cast<int>(s.id), s.numel));
+    }
+    const size_t meta = 8 * (s.meta.fields.size() +
+                             static_cast<size_t>(std::max(0, s.meta.max_records)) *
+                                 static_cast<size_t>(std::max(0, s.meta.record_width)));
+    if (s.meta.record_width < 0 || s.meta.max_records < 0 || meta > o.max_meta_bytes ||
+        s.meta.fields.size() > 65535 || s.meta.record_width > 65535 || s.meta.max_records > 65535) {
+      bad(fmt::format("additive stream {}: its metadata ({} bytes at most) exceeds max_meta_bytes "
+                      "({})",
+                      static_cast<int>(s.id), meta, o.max_meta_bytes));
+    }
+    if (s.compression.lossy() && s.dtype != c10::ScalarType::Float) {
+      bad(fmt::format("additive stream {}: compression '{}' needs float32 values, the stream is {}; "
+                      "use compression none",
+                      static_cast<int>(s.id), s.compression.describe(), c10::toString(s.dtype)));
+    }
+    if (s.compression.codec == Codec::kTopK &&
+        !(s.compression.topk_fraction > 0 && s.compression.topk_fraction <= 1)) {
+      bad(fmt::format("additive stream {}: topk fraction {} must be in (0, 1]", static_cast<int>(s.id),
+                      s.compression.topk_fraction));
+    } else if (s.compression.lossy() &&
+               codec::block_bytes(s.compression, kCodecBlock) > o.chunk_bytes) {
+      bad(fmt::format("additive stream {}: a block of compression '{}' takes {} bytes, more than "
+                      "chunk_bytes ({}): raise chunk_bytes",
+                      static_cast<int>(s.id), s.compression.describe(),
+                      codec::block_bytes(s.compression, kCodecBlock), o.chunk_bytes));
+    }
+  }
+}
+
+std::unique_ptr<Channel> World::open_channel(const ChannelOptions& options, const Fingerprint& fp) {
+  validate(options);
+  Fingerprint full = fp;
+  full.set("wire protocol", fmt::format("torch_asgd v{}", kProtocolVersion))
+      .set("channel", options.name)
+      .set("capacity_bytes", std::to_string(options.capacity_bytes))
+      .set("chunk_bytes", std::to_string(options.chunk_bytes))
+      .set("max_meta_bytes", std::to_string(options.max_meta_bytes))
+      .set("inline_bytes", std::to_string(options.inline_bytes))
+      .set("verify_payload", options.verify_payload ? "1" : "0")
+      .set("channel_index", std::to_string(channels_opened_));
+  for (const auto& s : options.additive) {
+    full.set(fmt::format("additive stream {}", static_cast<int>(s.id)),
+             fmt::format("{} x {}, metadata {}, compression {} (codec version {})", s.numel,
+                         c10::toString(s.dtype), s.meta.describe(), s.compression.describe(),
+                         static_cast<int>(kCodecVersion)));
+  }
+  check_fingerprint("channel/" + options.name, full);
+  // Channel slots live far above the slots Gloo's collectives count up from; each
+  // channel takes two (its frames, and the watch slot nobody sends on).
+  const uint64_t slot = (uint64_t{1} << 48) + 2 * static_cast<uint64_t>(channels_opened_++);
+  const uint64_t token = token_of(options_.job_id + "/" + options.name);
+  return std::make_unique<Channel>(shared_from_this(), options, slot, token);
 }
 
 }  // namespace torch_asgd

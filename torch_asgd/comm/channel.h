@@ -208,6 +208,10 @@ class Receiver;
 class Watcher;
 }  // namespace detail
 
+// Throws ConfigError, naming the field, for options no channel can work with. The one
+// check of ChannelOptions; World::open_channel() calls it.
+void validate(const ChannelOptions& options);
+
 class Channel : public Transport {
  public:
   // Use World::open_channel(), which checks that every rank opens the same channel.
@@ -254,8 +258,6 @@ class Channel : public Transport {
 
   std::vector<PeerCounters> counters() const override;
   PeerCounters counters(int peer) const;
-  // Peers that are neither failed nor closed.
-  std::vector<int> live_peers() const;
   // Peers whose connection failed (not those that said goodbye first).
   std::vector<int> failed_peers() const override;
   // Peers that said goodbye.

@@ -8,6 +8,7 @@
 #include <gloo/alltoallv.h>
 #include <gloo/broadcast.h>
 #include <gloo/math.h>
+#include <torch/csrc/distributed/c10d/Store.hpp>
 
 #include "torch_asgd/comm/detail/mesh.h"
 #include "torch_asgd/comm/error.h"
@@ -123,6 +124,13 @@ void all_gather_bytes(World& world, uint8_t* buffer, const std::vector<size_t>& 
   opts.setTag(tag);
   opts.setTimeout(world.options().timeout);
   run(world, "all-gather", [&] { gloo::allgatherv(opts); });
+}
+
+void World::barrier(const std::string& name) {
+  if (size() == 1) return;
+  const std::string prefix = "barrier/" + name + "/";
+  store_->set(prefix + std::to_string(rank()), std::vector<uint8_t>{1});
+  wait_for_all(prefix, fmt::format("barrier '{}'", name));
 }
 
 }  // namespace torch_asgd

@@ -1,7 +1,7 @@
 // Collectives over a World: the moments when every rank meets (SyncSGD's all-reduce,
 // averaging the models on resync(), the examples agreeing to stop), over the World's
 // connections. Use these rather than a Gloo of your own: torch_asgd's Gloo is private to
-// libtorch_asgd.so (README, "Any LibTorch").
+// libtorch_asgd.so (docs/operations.md, "Any LibTorch").
 //
 // Every call is collective: every rank makes it, with the same sizes and tag, in the same
 // order. It blocks until every rank has, bounded by world.options().timeout, and throws

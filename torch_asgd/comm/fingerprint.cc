@@ -5,7 +5,10 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <torch/csrc/distributed/c10d/Store.hpp>
+
 #include "torch_asgd/comm/error.h"
+#include "torch_asgd/comm/world.h"
 
 namespace torch_asgd {
 
@@ -119,6 +122,55 @@ std::string Fingerprint::first_difference(const Fingerprint& other, const std::s
     }
   }
   return "";
+}
+
+// World::check_fingerprint: how ranks compare what they will exchange (world.h).
+namespace {
+std::string text_of(const std::vector<uint8_t>& v) { return std::string(v.begin(), v.end()); }
+std::vector<uint8_t> bytes_of(const std::string& s) { return std::vector<uint8_t>(s.begin(), s.end()); }
+}  // namespace
+
+void World::check_fingerprint(const std::string& topic, const Fingerprint& fp) {
+  if (size() == 1) return;
+  const std::string prefix =
+      fmt::format("fingerprint/{}/{}/", topic, topic_uses_[topic]++);
+  store_->set(prefix + std::to_string(rank()), bytes_of(fp.serialize()));
+  wait_for_all(prefix, fmt::format("fingerprint exchange for '{}'", topic));
+  std::string diff;
+  std::exception_ptr store_error;  // a fingerprint that could not be fetched
+  try {
+    for (int r = 0; r < size() && diff.empty(); ++r) {
+      if (r == rank()) continue;
+      const std::string theirs_text = text_of(store_->get(prefix + std::to_string(r)));
+      try {
+        diff = fp.first_difference(Fingerprint::parse(theirs_text), "on rank " + std::to_string(r));
+      } catch (const MismatchError& e) {  // another format: another torch_asgd, or corrupt
+        diff = fmt::format("rank {}'s fingerprint cannot be read here: {}", r, e.what());
+      }
+    }
+  } catch (...) {
+    store_error = std::current_exception();
+  }
+  if (diff.empty() && !store_error) return;
+  // Where fingerprints differ, every rank differs from some other and throws. The rank
+  // hosting the store takes it down as it unwinds, so each rank says it has read every
+  // fingerprint, and none throws before all have: every rank then reports the mismatch,
+  // not a store that went away. (Bounded by the timeout; a rank gone meanwhile is not
+  // waited for further, and the mismatch is thrown regardless.) A rank whose store
+  // failed says it has read, so that nobody waits for it, and throws at once.
+  try {
+    store_->set(prefix + "read/" + std::to_string(rank()), bytes_of("1"));
+  } catch (const std::exception&) {
+  }
+  if (store_error) std::rethrow_exception(store_error);
+  try {
+    wait_for_all(prefix + "read/", fmt::format("fingerprint exchange for '{}'", topic));
+  } catch (const std::exception&) {
+  }
+  throw MismatchError(fmt::format(
+      "rank {}: ranks disagree on what they exchange ('{}'): {}. Every rank must build the "
+      "same model with the same options",
+      rank(), topic, diff));
 }
 
 }  // namespace torch_asgd

@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <algorithm>
 #include <functional>
 #include <vector>
 
@@ -36,7 +37,23 @@ class Transport {
   virtual std::vector<int> failed_peers() const = 0;
   // Peers that said goodbye.
   virtual std::vector<int> closed_peers() const = 0;
+  // Peers that are neither failed nor closed (the others but those two lists).
+  std::vector<int> live_peers() const;
   virtual void rethrow_if_failed() = 0;
 };
+
+inline std::vector<int> Transport::live_peers() const {
+  const std::vector<int> failed = failed_peers();
+  const std::vector<int> closed = closed_peers();
+  auto gone = [&](int p) {
+    return std::find(failed.begin(), failed.end(), p) != failed.end() ||
+           std::find(closed.begin(), closed.end(), p) != closed.end();
+  };
+  std::vector<int> out;
+  for (int p = 0; p < size(); ++p) {
+    if (p != rank() && !gone(p)) out.push_back(p);
+  }
+  return out;
+}
 
 }  // namespace torch_asgd

@@ -1,7 +1,6 @@
 #include "torch_asgd/comm/world.h"
 
 #include <netdb.h>
-#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -10,16 +9,16 @@
 #include <mutex>
 #include <thread>
 
-#include <c10/util/Logging.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
-#include "torch_asgd/comm/detail/log.h"
 #include "torch_asgd/comm/detail/mesh.h"
 #include "torch_asgd/comm/error.h"
+#include "torch_asgd/detail/log.h"
+#include "torch_asgd/detail/process.h"
 
 namespace torch_asgd {
 namespace {
@@ -34,13 +33,6 @@ std::string seconds(std::chrono::milliseconds t) {
 
 std::string str(const std::vector<uint8_t>& v) { return std::string(v.begin(), v.end()); }
 std::vector<uint8_t> bytes(const std::string& s) { return std::vector<uint8_t>(s.begin(), s.end()); }
-
-// FNV-1a: a stable token for a job and channel name.
-uint64_t token_of(const std::string& s) {
-  uint64_t h = 0xcbf29ce484222325ull;
-  for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ull;
-  return h == 0 ? 1 : h;
-}
 
 // Rank 0, when it hosts the TCP store, writes its job id here (outside every job's
 // prefix): a rank that reached another job's store says so at once instead of waiting
@@ -66,21 +58,6 @@ void resolve_master_addr(const WorldOptions& o) {
         o.rank, o.master_addr, ::gai_strerror(rc)));
   }
   ::freeaddrinfo(found);
-}
-
-// c10d logs its retries, socket warnings and the errors torch_asgd reports itself (in
-// one line that says what to do) to stderr, gated by c10's caffe2_log_level, which c10
-// takes from TORCH_CPP_LOG_LEVEL at start-up. Unless the user set that variable, raise
-// the level to FATAL: c10d's LOG_IF lines then stay off the terminal (and so does glog's
-// "Logging before InitGoogleLogging()"). TORCH_CPP_LOG_LEVEL=INFO brings them back.
-// The flag is process-wide (it quiets c10's other LOG_IF lines too): set once, before
-// any World of this process opens a store, never lowered.
-void quiet_c10d_unless_asked() {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    const char* asked = std::getenv("TORCH_CPP_LOG_LEVEL");
-    if (asked == nullptr || *asked == 0) FLAGS_caffe2_log_level = std::max(FLAGS_caffe2_log_level, 3);
-  });
 }
 
 // What a store threw, as one short line for a message of ours.
@@ -206,21 +183,6 @@ c10::intrusive_ptr<c10d::Store> open_store(const WorldOptions& o) {
   }
 }
 
-// A write to a connection whose peer has died raises SIGPIPE, whose default action
-// kills the process: one dead rank would then kill its peers, the opposite of what an
-// asynchronous optimizer promises. Like Python, ignore it, so that the write fails with
-// EPIPE and the channel reports the peer. A handler the program installed itself stays.
-void ignore_sigpipe_unless_handled() {
-  static const bool once = [] {
-    struct sigaction current {};
-    if (sigaction(SIGPIPE, nullptr, &current) == 0 && current.sa_handler == SIG_DFL) {
-      signal(SIGPIPE, SIG_IGN);
-    }
-    return true;
-  }();
-  (void)once;
-}
-
 }  // namespace
 
 std::shared_ptr<World> World::from_env(const WorldOptions& overrides) {
@@ -243,7 +205,7 @@ std::shared_ptr<World> World::create(const WorldOptions& options) {
   options.validate();
   c10::intrusive_ptr<c10d::Store> store;
   if (options.world_size > 1) {
-    quiet_c10d_unless_asked();
+    detail::quiet_c10d_unless_asked();
     store = open_store(options);
     if (owns_tcp_store(options)) claim_or_check_owner(*store, options);
   }
@@ -262,7 +224,7 @@ std::shared_ptr<World> World::create(const WorldOptions& options,
 
 World::World(WorldOptions options, c10::intrusive_ptr<c10d::Store> store)
     : options_(std::move(options)) {
-  ignore_sigpipe_unless_handled();
+  detail::ignore_sigpipe_unless_handled();
   if (store) {
     store->setTimeout(options_.timeout);
     store_ = c10::make_intrusive<c10d::PrefixStore>("torch_asgd/" + options_.job_id, store);
@@ -377,145 +339,6 @@ void World::connect() {
   store_->set("mesh/" + std::to_string(o.rank), mesh_->addresses());
   wait_for_all("mesh/", "exchange of connection addresses");
   mesh_->connect([&](int r) { return store_->get("mesh/" + std::to_string(r)); });
-}
-
-void World::check_fingerprint(const std::string& topic, const Fingerprint& fp) {
-  if (size() == 1) return;
-  const std::string prefix =
-      fmt::format("fingerprint/{}/{}/", topic, topic_uses_[topic]++);
-  store_->set(prefix + std::to_string(rank()), bytes(fp.serialize()));
-  wait_for_all(prefix, fmt::format("fingerprint exchange for '{}'", topic));
-  std::string diff;
-  std::exception_ptr store_error;  // a fingerprint that could not be fetched
-  try {
-    for (int r = 0; r < size() && diff.empty(); ++r) {
-      if (r == rank()) continue;
-      const std::string theirs_text = str(store_->get(prefix + std::to_string(r)));
-      try {
-        diff = fp.first_difference(Fingerprint::parse(theirs_text), "on rank " + std::to_string(r));
-      } catch (const MismatchError& e) {  // another format: another torch_asgd, or corrupt
-        diff = fmt::format("rank {}'s fingerprint cannot be read here: {}", r, e.what());
-      }
-    }
-  } catch (...) {
-    store_error = std::current_exception();
-  }
-  if (diff.empty() && !store_error) return;
-  // Where fingerprints differ, every rank differs from some other and throws. The rank
-  // hosting the store takes it down as it unwinds, so each rank says it has read every
-  // fingerprint, and none throws before all have: every rank then reports the mismatch,
-  // not a store that went away. (Bounded by the timeout; a rank gone meanwhile is not
-  // waited for further, and the mismatch is thrown regardless.) A rank whose store
-  // failed says it has read, so that nobody waits for it, and throws at once.
-  try {
-    store_->set(prefix + "read/" + std::to_string(rank()), bytes("1"));
-  } catch (const std::exception&) {
-  }
-  if (store_error) std::rethrow_exception(store_error);
-  try {
-    wait_for_all(prefix + "read/", fmt::format("fingerprint exchange for '{}'", topic));
-  } catch (const std::exception&) {
-  }
-  throw MismatchError(fmt::format(
-      "rank {}: ranks disagree on what they exchange ('{}'): {}. Every rank must build the "
-      "same model with the same options",
-      rank(), topic, diff));
-}
-
-void World::barrier(const std::string& name) {
-  if (size() == 1) return;
-  const std::string prefix = "barrier/" + name + "/";
-  store_->set(prefix + std::to_string(rank()), bytes("1"));
-  wait_for_all(prefix, fmt::format("barrier '{}'", name));
-}
-
-namespace {
-
-// Refuses options no channel can work with, naming the field.
-void validate(const ChannelOptions& o) {
-  auto bad = [&](const std::string& what) {
-    throw ConfigError(fmt::format("channel '{}': {}", o.name, what));
-  };
-  if (o.capacity_bytes < 0) bad("capacity_bytes must be >= 0");
-  if (o.recv_depth < 1 || o.recv_depth > 64) {
-    bad(fmt::format("recv_depth {} must be within 1..64 (each is a receive buffer of chunk_bytes)",
-                    o.recv_depth));
-  }
-  if (o.max_in_flight < 1) bad("max_in_flight must be >= 1");
-  if (o.max_ordered < 1) bad("max_ordered must be >= 1");
-  if (o.chunk_bytes < 4096 || o.chunk_bytes % 8 != 0) {
-    bad(fmt::format("chunk_bytes {} must be a multiple of 8 and >= 4096", o.chunk_bytes));
-  }
-  if (o.max_meta_bytes + kFrameHeaderBytes > static_cast<size_t>(o.chunk_bytes)) {
-    bad("max_meta_bytes must leave room for the frame header within chunk_bytes");
-  }
-  if (o.inline_bytes < 0) bad("inline_bytes must be >= 0");
-  if (!(o.group_hold >= 0 && o.group_hold <= 1e9)) bad("group_hold must be within 0..1e9");
-  std::vector<bool> seen(kMaxStreams, false);
-  for (const auto& s : o.additive) {
-    if (s.id >= kMaxStreams || seen[s.id]) {
-      bad(fmt::format("additive stream ids must be distinct and < {} (got {})", kMaxStreams,
-                      static_cast<int>(s.id)));
-    }
-    seen[s.id] = true;
-    if (s.numel <= 0 || dtype_size(s.dtype) == 0) {
-      bad(fmt::format("additive stream {} has numel {}: it needs numel > 0 (the elements every "
-                      "payload of it carries) and a dtype that can travel",
-                      static_cast<int>(s.id), s.numel));
-    }
-    const size_t meta = 8 * (s.meta.fields.size() +
-                             static_cast<size_t>(std::max(0, s.meta.max_records)) *
-                                 static_cast<size_t>(std::max(0, s.meta.record_width)));
-    if (s.meta.record_width < 0 || s.meta.max_records < 0 || meta > o.max_meta_bytes ||
-        s.meta.fields.size() > 65535 || s.meta.record_width > 65535 || s.meta.max_records > 65535) {
-      bad(fmt::format("additive stream {}: its metadata ({} bytes at most) exceeds max_meta_bytes "
-                      "({})",
-                      static_cast<int>(s.id), meta, o.max_meta_bytes));
-    }
-    if (s.compression.lossy() && s.dtype != c10::ScalarType::Float) {
-      bad(fmt::format("additive stream {}: compression '{}' needs float32 values, the stream is {}; "
-                      "use compression none",
-                      static_cast<int>(s.id), s.compression.describe(), c10::toString(s.dtype)));
-    }
-    if (s.compression.codec == Codec::kTopK &&
-        !(s.compression.topk_fraction > 0 && s.compression.topk_fraction <= 1)) {
-      bad(fmt::format("additive stream {}: topk fraction {} must be in (0, 1]", static_cast<int>(s.id),
-                      s.compression.topk_fraction));
-    } else if (s.compression.lossy() &&
-               codec::block_bytes(s.compression, kCodecBlock) > o.chunk_bytes) {
-      bad(fmt::format("additive stream {}: a block of compression '{}' takes {} bytes, more than "
-                      "chunk_bytes ({}): raise chunk_bytes",
-                      static_cast<int>(s.id), s.compression.describe(),
-                      codec::block_bytes(s.compression, kCodecBlock), o.chunk_bytes));
-    }
-  }
-}
-
-}  // namespace
-
-std::unique_ptr<Channel> World::open_channel(const ChannelOptions& options, const Fingerprint& fp) {
-  validate(options);
-  Fingerprint full = fp;
-  full.set("wire protocol", fmt::format("torch_asgd v{}", kProtocolVersion))
-      .set("channel", options.name)
-      .set("capacity_bytes", std::to_string(options.capacity_bytes))
-      .set("chunk_bytes", std::to_string(options.chunk_bytes))
-      .set("max_meta_bytes", std::to_string(options.max_meta_bytes))
-      .set("inline_bytes", std::to_string(options.inline_bytes))
-      .set("verify_payload", options.verify_payload ? "1" : "0")
-      .set("channel_index", std::to_string(channels_opened_));
-  for (const auto& s : options.additive) {
-    full.set(fmt::format("additive stream {}", static_cast<int>(s.id)),
-             fmt::format("{} x {}, metadata {}, compression {} (codec version {})", s.numel,
-                         c10::toString(s.dtype), s.meta.describe(), s.compression.describe(),
-                         static_cast<int>(kCodecVersion)));
-  }
-  check_fingerprint("channel/" + options.name, full);
-  // Channel slots live far above the slots Gloo's collectives count up from; each
-  // channel takes two (its frames, and the watch slot nobody sends on).
-  const uint64_t slot = (uint64_t{1} << 48) + 2 * static_cast<uint64_t>(channels_opened_++);
-  const uint64_t token = token_of(options_.job_id + "/" + options.name);
-  return std::make_unique<Channel>(shared_from_this(), options, slot, token);
 }
 
 }  // namespace torch_asgd

@@ -1,4 +1,4 @@
-#include "torch_asgd/comm/detail/log.h"
+#include "torch_asgd/detail/log.h"
 
 #include <unistd.h>
 

@@ -3,9 +3,9 @@
 #include <fmt/format.h>
 #include <torch/torch.h>
 
-#include "torch_asgd/comm/detail/log.h"
-#include "torch_asgd/comm/detail/numeric.h"
 #include "torch_asgd/comm/error.h"
+#include "torch_asgd/detail/log.h"
+#include "torch_asgd/detail/numeric.h"
 #include "torch_asgd/optim/detail/asgrad_protocol.h"
 #include "torch_asgd/optim/detail/checkpoint.h"
 #include "torch_asgd/optim/detail/flat_params.h"
@@ -30,13 +30,9 @@ std::string AsGradWorkerStats::to_json() const {
       .str();
 }
 
-AsGradWorker::AsGradWorker(const torch::OrderedDict<std::string, torch::Tensor>& named,
-                           WorkerOptions options, std::shared_ptr<World> world)
-    : AsGradWorker(named.values(), std::move(options), std::move(world), Model(named.keys())) {}
-
-AsGradWorker::AsGradWorker(std::vector<torch::Tensor> params, WorkerOptions options,
-                           std::shared_ptr<World> world, Model model)
-    : DistributedOptimizer(std::move(params), "AsGradWorker", std::move(model)),
+AsGradWorker::AsGradWorker(Params params, WorkerOptions options, std::shared_ptr<World> world,
+                           Model model)
+    : DistributedOptimizer(params.take_tensors(), "AsGradWorker", params.names_or(std::move(model))),
       options_(std::move(options)),
       world_(world_or_default(std::move(world))) {
   if (!world_ || world_->size() < 2) {

@@ -60,10 +60,9 @@ struct AsGradWorkerStats : OptimizerStats {
 class AsGradWorker : public DistributedOptimizer {
  public:
   // `world`: nullptr takes the process's default (distributed_optimizer.h).
-  AsGradWorker(std::vector<torch::Tensor> params, WorkerOptions options = WorkerOptions(),
+  // `params`: a list of tensors, named parameters or parameter groups (Params).
+  AsGradWorker(Params params, WorkerOptions options = WorkerOptions(),
                std::shared_ptr<World> world = nullptr, Model model = {});
-  AsGradWorker(const torch::OrderedDict<std::string, torch::Tensor>& named_params,
-               WorkerOptions options = WorkerOptions(), std::shared_ptr<World> world = nullptr);
   // If finish() was not called: warns and finishes with a 10 s bound.
   ~AsGradWorker() override;
 

@@ -7,10 +7,11 @@
 #include <fmt/ranges.h>
 #include <torch/torch.h>
 
-#include "torch_asgd/comm/detail/log.h"
-#include "torch_asgd/comm/detail/numeric.h"
 #include "torch_asgd/comm/error.h"
+#include "torch_asgd/detail/log.h"
+#include "torch_asgd/detail/numeric.h"
 #include "torch_asgd/optim/detail/checkpoint.h"
+#include "torch_asgd/optim/detail/delta_kernels.h"
 #include "torch_asgd/optim/detail/device_pipeline.h"
 #include "torch_asgd/optim/detail/flat_params.h"
 #include "torch_asgd/optim/detail/json.h"
@@ -87,22 +88,10 @@ DASGD::DASGD(std::shared_ptr<torch::optim::Optimizer> inner, DASGDOptions option
   init();
 }
 
-DASGD::DASGD(std::vector<torch::Tensor> params, const torch::optim::SGDOptions& sgd,
-             DASGDOptions options, std::shared_ptr<World> world, Model model)
-    : DASGD(detail::make_sgd({torch::optim::OptimizerParamGroup(std::move(params))}, sgd),
-            std::move(options), std::move(world), std::move(model)) {}
-
-DASGD::DASGD(const torch::OrderedDict<std::string, torch::Tensor>& named,
-             const torch::optim::SGDOptions& sgd, DASGDOptions options,
-             std::shared_ptr<World> world)
-    : DASGD(detail::make_sgd({torch::optim::OptimizerParamGroup(named.values())}, sgd),
-            std::move(options), std::move(world), named.keys()) {}
-
-DASGD::DASGD(std::vector<torch::optim::OptimizerParamGroup> groups,
-             const torch::optim::SGDOptions& defaults, DASGDOptions options,
+DASGD::DASGD(Params params, const torch::optim::SGDOptions& sgd, DASGDOptions options,
              std::shared_ptr<World> world, Model model)
-    : DASGD(detail::make_sgd(std::move(groups), defaults), std::move(options), std::move(world),
-            std::move(model)) {}
+    : DASGD(detail::make_sgd(params.take_groups(), sgd), std::move(options), std::move(world),
+            params.names_or(std::move(model))) {}
 
 DASGD::DASGD(std::shared_ptr<torch::optim::Optimizer> inner, DASGDOptions options,
              std::unique_ptr<Transport> transport, Model model)
@@ -148,20 +137,6 @@ DASGD::~DASGD() {
   if (transport_) finish_in_destructor(rank_);
 }
 
-std::vector<int> DASGD::live_peers() const {
-  std::vector<int> out;
-  if (!transport_) return out;
-  const auto failed = transport_->failed_peers();
-  const auto closed = transport_->closed_peers();
-  for (int p = 0; p < size_; ++p) {
-    if (p == rank_) continue;
-    if (std::find(failed.begin(), failed.end(), p) != failed.end()) continue;
-    if (std::find(closed.begin(), closed.end(), p) != closed.end()) continue;
-    out.push_back(p);
-  }
-  return out;
-}
-
 int64_t DASGD::lead_over(int peer) const {
   if (options_.lead_measure() == LeadMeasure::kApplied) return versions_[rank_] - seen_by_[peer];
   return versions_[rank_] - progress_[peer] - allowance_[peer];
@@ -189,7 +164,7 @@ void DASGD::heard_from(int peer) {
 
 int64_t DASGD::lead() const {
   int64_t lead = 0;
-  for (int p : live_peers()) {
+  for (int p : transport_->live_peers()) {
     if (!left_behind_[p]) lead = std::max(lead, lead_over(p));
   }
   return lead;
@@ -362,7 +337,7 @@ void DASGD::wait_for_lead() {
     if (now >= deadline) {
       // Whoever has not caught up is left behind, as a dead peer is, until it does.
       ++lead_timeouts_;
-      for (int p : live_peers()) {
+      for (int p : transport_->live_peers()) {
         if (!left_behind_[p] && lead_over(p) > limit) {
           left_behind_[p] = true;
           left_at_[p] = progress_[p];
@@ -392,7 +367,7 @@ void DASGD::send_view() {
   Outgoing m;
   m.delivery = Delivery::kReplace;
   m.meta = Metadata(versions_);
-  for (int p : live_peers()) transport_->send(p, m);
+  for (int p : transport_->live_peers()) transport_->send(p, m);
   view_sent_ = versions_;
 }
 

@@ -1,4 +1,4 @@
-// DASGD: decentralized asynchronous SGD (ALGORITHMS.md section 1), a drop-in
+// DASGD: decentralized asynchronous SGD (docs/algorithms.md, "DASGD"), a drop-in
 // torch::optim::Optimizer around any inner torch::optim::Optimizer (the local rule).
 //
 //   auto world = torch_asgd::World::from_env();
@@ -73,8 +73,8 @@ enum class LeadMeasure {
 };
 std::string to_string(LeadMeasure m);
 
-// What a rank does when its lead (LeadMeasure) exceeds max_lead (ALGORITHMS.md
-// section 1).
+// What a rank does when its lead (LeadMeasure) exceeds max_lead (docs/algorithms.md,
+// "DASGD").
 enum class LeadPolicy {
   kWait = 0,  // stop taking steps until the gap closes (bounded by lead_timeout)
   kDamp = 1,  // never wait: scale the local step by min(1, max_lead / lead)
@@ -142,14 +142,7 @@ class DASGD : public DistributedOptimizer {
   DASGD(std::shared_ptr<torch::optim::Optimizer> inner, DASGDOptions options = DASGDOptions(),
         std::shared_ptr<World> world = nullptr, Model model = {});
   // Shorthand: an inner torch::optim::SGD with these options.
-  DASGD(std::vector<torch::Tensor> params, const torch::optim::SGDOptions& sgd,
-        DASGDOptions options = DASGDOptions(), std::shared_ptr<World> world = nullptr,
-        Model model = {});
-  DASGD(const torch::OrderedDict<std::string, torch::Tensor>& named_params,
-        const torch::optim::SGDOptions& sgd, DASGDOptions options = DASGDOptions(),
-        std::shared_ptr<World> world = nullptr);
-  DASGD(std::vector<torch::optim::OptimizerParamGroup> param_groups,
-        const torch::optim::SGDOptions& defaults, DASGDOptions options = DASGDOptions(),
+  DASGD(Params params, const torch::optim::SGDOptions& sgd, DASGDOptions options = DASGDOptions(),
         std::shared_ptr<World> world = nullptr, Model model = {});
   // Over a transport of the caller's (tests script one; Channel is the real one).
   DASGD(std::shared_ptr<torch::optim::Optimizer> inner, DASGDOptions options,
@@ -197,7 +190,6 @@ class DASGD : public DistributedOptimizer {
   int64_t lead() const;
   int64_t lead_over(int peer) const;
   void heard_from(int peer);  // after news of the peer's progress: waited for again?
-  std::vector<int> live_peers() const;
   void wait_for_lead();
   void send_view();
   std::string last_applied() const;

@@ -17,9 +17,9 @@
 #include <torch/torch.h>
 
 #include "torch_asgd/comm/collectives.h"
-#include "torch_asgd/comm/detail/log.h"
 #include "torch_asgd/comm/error.h"
 #include "torch_asgd/comm/world.h"
+#include "torch_asgd/detail/log.h"
 #include "torch_asgd/optim/detail/checkpoint.h"
 #include "torch_asgd/optim/detail/flat_params.h"
 
@@ -75,6 +75,32 @@ at::Tensor bytes_of(const at::Tensor& t) {
 }
 
 }  // namespace
+
+Params::Params(std::vector<torch::Tensor> params) {
+  groups_.emplace_back(std::move(params));
+}
+
+Params::Params(const torch::OrderedDict<std::string, torch::Tensor>& named)
+    : names_(named.keys()) {
+  groups_.emplace_back(named.values());
+}
+
+Params::Params(std::vector<torch::optim::OptimizerParamGroup> groups) : groups_(std::move(groups)) {}
+
+std::vector<torch::Tensor> Params::take_tensors() {
+  std::vector<torch::Tensor> out;
+  for (auto& g : groups_) {
+    for (auto& p : g.params()) out.push_back(p);
+  }
+  groups_.clear();
+  return out;
+}
+
+Model Params::names_or(Model model) const {
+  if (!model.names().empty() || !model.named_parameters().is_empty() || names_.empty()) return model;
+  Model named(names_);
+  return named.start(model.start());
+}
 
 Model::Model(const torch::nn::Module& module)
     : parameters_(module.named_parameters(/*recurse=*/true)), buffers_(module.named_buffers(/*recurse=*/true)) {

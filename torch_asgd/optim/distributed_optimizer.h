@@ -106,6 +106,24 @@ class Model {
   Start start_ = Start::kBroadcast;
 };
 
+// The parameters of the shorthand constructors (an inner torch::optim::SGD): a list of
+// tensors, named parameters (their names kept), or parameter groups.
+class Params {
+ public:
+  Params(std::vector<torch::Tensor> params);                                 // NOLINT
+  Params(const torch::OrderedDict<std::string, torch::Tensor>& named_params);  // NOLINT
+  Params(std::vector<torch::optim::OptimizerParamGroup> groups);            // NOLINT
+
+  std::vector<torch::optim::OptimizerParamGroup> take_groups() { return std::move(groups_); }
+  std::vector<torch::Tensor> take_tensors();  // every group's, in order
+  // `model`, or, when it names nothing and these parameters came with names, those names.
+  Model names_or(Model model) const;
+
+ private:
+  std::vector<torch::optim::OptimizerParamGroup> groups_;
+  std::vector<std::string> names_;
+};
+
 class DistributedOptimizer : public torch::optim::Optimizer {
  public:
   ~DistributedOptimizer() override;

@@ -8,10 +8,10 @@
 #include <torch/torch.h>
 
 #include "torch_asgd/comm/codec.h"
-#include "torch_asgd/comm/detail/log.h"
 #include "torch_asgd/comm/error.h"
-#include "torch_asgd/optim/detail/compression_checks.h"
+#include "torch_asgd/detail/log.h"
 #include "torch_asgd/optim/detail/checkpoint.h"
+#include "torch_asgd/optim/detail/compression_checks.h"
 #include "torch_asgd/optim/detail/flat_params.h"
 #include "torch_asgd/optim/detail/json.h"
 
@@ -90,22 +90,10 @@ Gossip::Gossip(std::shared_ptr<torch::optim::Optimizer> inner, GossipOptions opt
   init();
 }
 
-Gossip::Gossip(std::vector<torch::Tensor> params, const torch::optim::SGDOptions& sgd,
-               GossipOptions options, std::shared_ptr<World> world, Model model)
-    : Gossip(detail::make_sgd({torch::optim::OptimizerParamGroup(std::move(params))}, sgd),
-             std::move(options), std::move(world), std::move(model)) {}
-
-Gossip::Gossip(const torch::OrderedDict<std::string, torch::Tensor>& named,
-               const torch::optim::SGDOptions& sgd, GossipOptions options,
-               std::shared_ptr<World> world)
-    : Gossip(detail::make_sgd({torch::optim::OptimizerParamGroup(named.values())}, sgd),
-             std::move(options), std::move(world), named.keys()) {}
-
-Gossip::Gossip(std::vector<torch::optim::OptimizerParamGroup> groups,
-               const torch::optim::SGDOptions& defaults, GossipOptions options,
+Gossip::Gossip(Params params, const torch::optim::SGDOptions& sgd, GossipOptions options,
                std::shared_ptr<World> world, Model model)
-    : Gossip(detail::make_sgd(std::move(groups), defaults), std::move(options), std::move(world),
-             std::move(model)) {}
+    : Gossip(detail::make_sgd(params.take_groups(), sgd), std::move(options), std::move(world),
+             params.names_or(std::move(model))) {}
 
 Gossip::Gossip(std::shared_ptr<torch::optim::Optimizer> inner, GossipOptions options,
                std::unique_ptr<Transport> transport, Model model)

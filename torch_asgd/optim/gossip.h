@@ -1,4 +1,4 @@
-// Gossip: decentralized model mixing for many ranks (ALGORITHMS.md section 1b), a
+// Gossip: decentralized model mixing for many ranks (docs/algorithms.md, "Gossip"), a
 // drop-in torch::optim::Optimizer around any inner torch::optim::Optimizer.
 //
 // Every `exchange_every` local steps a rank opens an exchange with one peer on a
@@ -81,7 +81,7 @@ struct GossipStats : OptimizerStats {
   // Mixes whose other half was lost: a reply to a requester that died, a late reply
   // that could not be undone because this rank had closed.
   int64_t broken = 0;
-  // Per mixed model: what this model held that the peer's lacked (ALGORITHMS.md).
+  // Per mixed model: what this model held that the peer's lacked (docs/algorithms.md).
   StalenessStats lag;
   uint64_t messages_sent = 0, messages_received = 0, rejected = 0, dropped = 0;
   std::vector<int> failed_peers;
@@ -94,15 +94,8 @@ class Gossip : public DistributedOptimizer {
  public:
   Gossip(std::shared_ptr<torch::optim::Optimizer> inner, GossipOptions options = GossipOptions(),
          std::shared_ptr<World> world = nullptr, Model model = {});
-  Gossip(std::vector<torch::Tensor> params, const torch::optim::SGDOptions& sgd,
-         GossipOptions options = GossipOptions(), std::shared_ptr<World> world = nullptr,
-         Model model = {});
-  Gossip(const torch::OrderedDict<std::string, torch::Tensor>& named_params,
-         const torch::optim::SGDOptions& sgd, GossipOptions options = GossipOptions(),
-         std::shared_ptr<World> world = nullptr);
-  Gossip(std::vector<torch::optim::OptimizerParamGroup> param_groups,
-         const torch::optim::SGDOptions& defaults, GossipOptions options = GossipOptions(),
-         std::shared_ptr<World> world = nullptr, Model model = {});
+  Gossip(Params params, const torch::optim::SGDOptions& sgd, GossipOptions options = GossipOptions(),
+        std::shared_ptr<World> world = nullptr, Model model = {});
   Gossip(std::shared_ptr<torch::optim::Optimizer> inner, GossipOptions options,
          std::unique_ptr<Transport> transport, Model model = {});
   // If finish() was not called: warns, then finishes with a 10 s bound.

@@ -1,4 +1,4 @@
-// Which worker gets the next job (ALGORITHMS.md section 2), one small class:
+// Which worker gets the next job (docs/algorithms.md, "The AsGrad family"), one small class:
 //   pure     the worker that just returned a gradient;
 //   random   a worker drawn uniformly at random;
 //   shuffle  the next worker of a random permutation of all workers, a new

@@ -5,8 +5,8 @@
 #include <fmt/format.h>
 #include <torch/torch.h>
 
-#include "torch_asgd/comm/detail/log.h"
 #include "torch_asgd/comm/error.h"
+#include "torch_asgd/detail/log.h"
 #include "torch_asgd/optim/detail/asgrad_protocol.h"
 #include "torch_asgd/optim/detail/checkpoint.h"
 #include "torch_asgd/optim/detail/flat_params.h"
@@ -135,17 +135,10 @@ void ParameterServer::init() {
   }
 }
 
-ParameterServer::ParameterServer(std::vector<torch::Tensor> params,
-                                 const torch::optim::SGDOptions& sgd, ServerOptions options,
-                                 std::shared_ptr<World> world, Model model)
-    : ParameterServer(detail::make_sgd({torch::optim::OptimizerParamGroup(std::move(params))}, sgd),
-                      std::move(options), std::move(world), std::move(model)) {}
-
-ParameterServer::ParameterServer(const torch::OrderedDict<std::string, torch::Tensor>& named,
-                                 const torch::optim::SGDOptions& sgd, ServerOptions options,
-                                 std::shared_ptr<World> world)
-    : ParameterServer(detail::make_sgd({torch::optim::OptimizerParamGroup(named.values())}, sgd),
-                      std::move(options), std::move(world), named.keys()) {}
+ParameterServer::ParameterServer(Params params, const torch::optim::SGDOptions& sgd,
+                                 ServerOptions options, std::shared_ptr<World> world, Model model)
+    : ParameterServer(detail::make_sgd(params.take_groups(), sgd), std::move(options), std::move(world),
+                      params.names_or(std::move(model))) {}
 
 ParameterServer::~ParameterServer() {
   if (transport_ && !stopped_) finish_in_destructor(rank_);

@@ -1,4 +1,4 @@
-// ParameterServer: the server of the AsGrad family (ALGORITHMS.md section 2). It runs
+// ParameterServer: the server of the AsGrad family (docs/algorithms.md, "The AsGrad family"). It runs
 // on a rank of its own, holds the model, and for every gradient a worker returns:
 // computes its staleness tau = v_server - v_job, hands it to its local rule (any inner
 // torch::optim::Optimizer: asynchronous Adam is a server with an Adam rule), scaled by
@@ -100,11 +100,8 @@ class ParameterServer : public DistributedOptimizer {
   ParameterServer(std::shared_ptr<torch::optim::Optimizer> inner, ServerOptions options,
                   std::shared_ptr<World> world = nullptr, Model model = {});
   // Shorthand: an inner torch::optim::SGD with these options.
-  ParameterServer(std::vector<torch::Tensor> params, const torch::optim::SGDOptions& sgd,
-                  ServerOptions options, std::shared_ptr<World> world = nullptr, Model model = {});
-  ParameterServer(const torch::OrderedDict<std::string, torch::Tensor>& named_params,
-                  const torch::optim::SGDOptions& sgd, ServerOptions options,
-                  std::shared_ptr<World> world);
+  ParameterServer(Params params, const torch::optim::SGDOptions& sgd, ServerOptions options,
+                  std::shared_ptr<World> world = nullptr, Model model = {});
   // Over a transport of the caller's (tests script the workers' side); `timeout` is how
   // long serve() lets the workers stay silent.
   ParameterServer(std::shared_ptr<torch::optim::Optimizer> inner, ServerOptions options,

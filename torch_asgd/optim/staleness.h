@@ -1,4 +1,4 @@
-// Staleness as ALGORITHMS.md defines it, for every algorithm (set-based, the DASGD
+// Staleness as docs/algorithms.md defines it, for every algorithm (set-based, the DASGD
 // paper's): the staleness of an update u, computed at model x_s and applied to model
 // x_r, is tau(u) = |G(x_r) \ G(x_s)|, the updates the model it is applied to holds that
 // the model its gradient was computed at lacked. Never negative.

@@ -1,20 +1,13 @@
-// SyncSGD: the synchronous baseline (ALGORITHMS.md section 3), around any inner
+// SyncSGD: the synchronous baseline (docs/algorithms.md, "Baselines"), around any inner
 // torch::optim::Optimizer. Every step the gradients are averaged over all ranks with a
 // Gloo all-reduce (what DDP does), then every rank takes the inner optimizer's step on
-// them: DDP's semantics for any rule. With .local(true) nothing is communicated at all,
-// each rank training on its own (the throughput bound).
+// them: DDP's semantics for any rule. (No communication at all, the throughput bound:
+// Local, local.h.)
 //
-// With .compression(codec) (codec.h) the gradients travel encoded instead, as a
-// reduce-scatter and an all-gather of encoded shares (each rank sends and receives about
-// 2 (n-1)/n encoded gradients a step, as a ring all-reduce does uncompressed):
-//   1. every rank encodes its gradient plus what its earlier messages lost (error
-//      feedback), and sends share j (whole codec blocks, about 1/n of the parameters) to
-//      rank j;
-//   2. rank j sums the n decoded shares in rank order, adds what the encoding of its
-//      earlier sums lost, and encodes the sum (keeping the new loss);
-//   3. the encoded sums are all-gathered, and every rank decodes the same bytes,
-//      so that the replicas stay bit-identical and, over a run, the gradients applied
-//      plus the ranks' residuals (both kinds) equal the gradients produced.
+// With .compression(codec) (codec.h) the gradients travel encoded instead, summed by a
+// CompressedSum (comm/compressed_sum.h: a reduce-scatter and an all-gather of encoded
+// shares with error feedback), so that the replicas stay bit-identical and, over a run,
+// the gradients applied plus the ranks' residuals equal the gradients produced.
 //
 // step() blocks until every rank has contributed its gradients: the slowest rank sets
 // the pace. It throws CommError if the all-reduce does not complete within the World's
@@ -42,6 +35,7 @@
 #include <torch/serialize/archive.h>
 
 #include "torch_asgd/comm/codec.h"
+#include "torch_asgd/comm/compressed_sum.h"
 #include "torch_asgd/comm/world.h"
 #include "torch_asgd/optim/distributed_optimizer.h"
 #include "torch_asgd/optim/staleness.h"
@@ -50,15 +44,13 @@ namespace torch_asgd {
 
 struct SyncSGDOptions {
   SyncSGDOptions() = default;
-  // No communication at all.
-  TORCH_ARG(bool, local) = false;
   // How gradients travel: none (a float32/float64 all-reduce, the default), or a lossy
   // codec (bf16, fp16, int8, topk; float32 parameters only) with an error-feedback
   // residual kept per rank and saved in checkpoints. Every rank must use the same.
-  // Ignored (nothing is sent) with one rank or local().
+  // Ignored (nothing is sent) with one rank.
   TORCH_ARG(Compression, compression) = Compression();
   // After every step every rank takes rank 0's buffers (DDP's broadcast_buffers). Off:
-  // each rank keeps its own. Ignored without buffers, with one rank, or local().
+  // each rank keeps its own. Ignored without buffers or with one rank.
   TORCH_ARG(bool, broadcast_buffers) = true;
 };
 
@@ -79,15 +71,8 @@ class SyncSGD : public DistributedOptimizer {
  public:
   SyncSGD(std::shared_ptr<torch::optim::Optimizer> inner, SyncSGDOptions options = SyncSGDOptions(),
           std::shared_ptr<World> world = nullptr, Model model = {});
-  SyncSGD(std::vector<torch::Tensor> params, const torch::optim::SGDOptions& sgd,
-          SyncSGDOptions options = SyncSGDOptions(), std::shared_ptr<World> world = nullptr,
-          Model model = {});
-  SyncSGD(const torch::OrderedDict<std::string, torch::Tensor>& named_params,
-          const torch::optim::SGDOptions& sgd, SyncSGDOptions options = SyncSGDOptions(),
-          std::shared_ptr<World> world = nullptr);
-  SyncSGD(std::vector<torch::optim::OptimizerParamGroup> param_groups,
-          const torch::optim::SGDOptions& defaults, SyncSGDOptions options = SyncSGDOptions(),
-          std::shared_ptr<World> world = nullptr, Model model = {});
+  SyncSGD(Params params, const torch::optim::SGDOptions& sgd, SyncSGDOptions options = SyncSGDOptions(),
+        std::shared_ptr<World> world = nullptr, Model model = {});
 
   torch::Tensor step(LossClosure closure = nullptr) override;
   // Nothing to deliver: every step was completed by every rank. Returns true.
@@ -110,27 +95,14 @@ class SyncSGD : public DistributedOptimizer {
 
  private:
   void allreduce_gradients();
-  // The compressed path: reduce-scatter of encoded shares, all-gather of their encoded
-  // sums, decoded into grads_.
-  void exchange_encoded();
   void set_mean_gradients();
   void broadcast_buffers();
-  int64_t share_begin(int rank) const;  // a rank's share of the flat parameters
-  int64_t share_size(int rank) const;  // elements; a share is a codec payload of its own
-  size_t slot_bytes(int rank) const;  // a status word, the rank it names, the share encoded
 
   SyncSGDOptions options_;
   std::shared_ptr<World> world_;
   at::Tensor grads_;  // flat gradient buffer (host) for the all-reduce
-  at::Tensor residual_;  // error feedback under a lossy codec: of this rank's gradients
-  at::Tensor reduce_residual_;  // ... and of the sums of its share (share-sized)
-  at::Tensor reduced_;  // the sum of this rank's share being encoded (share-sized)
+  std::unique_ptr<CompressedSum> compressed_;  // under a lossy codec
   at::Tensor carry_;  // a checkpoint's residuals resumed without compression: sent once
-  std::vector<int64_t> share_starts_;  // rank j's share: [starts[j], starts[j + 1])
-  std::vector<size_t> slot_offsets_;   // of rank j's slot in send_ and gathered_
-  // Slots of the reduce-scatter (one per rank: sent; this rank's share from each:
-  // received) and of the all-gather (one per rank), each as long as its share needs.
-  std::vector<uint8_t> send_, received_, gathered_;
   SyncSGDStats stats_;
 };
 

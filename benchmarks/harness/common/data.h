@@ -1,4 +1,4 @@
-// The data a rank trains on (ALGORITHMS.md section 4): its shard (IID, or by label, the
+// The data a rank trains on (docs/algorithms.md, "Data order"): its shard (IID, or by label, the
 // heterogeneous setting) or the whole training set in an order of its own, drawn with
 // reshuffling, one shuffle, or replacement; and the evaluation of a model.
 #pragma once

@@ -230,6 +230,8 @@ class Run {
   DASGD* dasgd_ = nullptr;
   Gossip* gossip_ = nullptr;
   SyncSGD* sync_ = nullptr;
+  Local* local_ = nullptr;
+  bool lockstep() const { return sync_ != nullptr || local_ != nullptr; }  // equal step counts
   AsGradWorker* worker_ = nullptr;
   std::optional<Sampler> sampler_;
   std::optional<RankCheckpoint> checkpoint_;
@@ -373,14 +375,16 @@ void Run::build_trainer() {
     gossip_ = g.get();
     opt_ = std::move(g);
     staleness_kind_ = "lag";
-  } else if (o_.algo == "sync" || o_.algo == "local") {
+  } else if (o_.algo == "sync") {
     auto s = std::make_unique<SyncSGD>(make_rule(o_, model_->parameters()),
-                                       SyncSGDOptions()
-                                           .local(o_.algo == "local")
-                                           .compression(Compression::parse(o_.compress)),
+                                       SyncSGDOptions().compression(Compression::parse(o_.compress)),
                                        world_, model);
     sync_ = s.get();
     opt_ = std::move(s);
+  } else if (o_.algo == "local") {
+    auto l = std::make_unique<Local>(make_rule(o_, model_->parameters()), world_, model);
+    local_ = l.get();
+    opt_ = std::move(l);
   } else {
     auto w = std::make_unique<AsGradWorker>(model_->parameters(),
                                             WorkerOptions().compression(Compression::parse(o_.compress)), world_,
@@ -393,7 +397,7 @@ void Run::build_trainer() {
     total_steps_ = -1;  // the server decides
   } else if (o_.budget_samples > 0) {
     // Sync steps in lock-step: the budget is a step count; the others share a counter.
-    total_steps_ = sync_ ? (o_.budget_samples + int64_t{n_} * o_.batch_size - 1) / (int64_t{n_} * o_.batch_size)
+    total_steps_ = lockstep() ? (o_.budget_samples + int64_t{n_} * o_.batch_size - 1) / (int64_t{n_} * o_.batch_size)
                          : -1;
     stopped_by_ = "budget";
   } else if (o_.budget_seconds > 0) {
@@ -402,7 +406,7 @@ void Run::build_trainer() {
   } else {
     total_steps_ = int64_t{o_.epochs} * per_epoch;
   }
-  if (!sync_ && !worker_) shared_stop_.emplace(world_, o_.budget_samples, o_.budget_seconds);
+  if (!lockstep() && !worker_) shared_stop_.emplace(world_, o_.budget_samples, o_.budget_seconds);
 }
 
 void Run::resume_trainer() {
@@ -434,7 +438,7 @@ void Run::resume_trainer() {
 
 int64_t Run::global_samples() const {
   if (is_server_) return server_->stats().gradients * o_.batch_size;
-  if (sync_ != nullptr) return step_ * n_ * o_.batch_size;
+  if (lockstep()) return step_ * n_ * o_.batch_size;
   if (shared_stop_) return std::max<int64_t>(shared_stop_->global_samples(), step_ * o_.batch_size);
   return step_ * o_.batch_size;
 }
@@ -539,7 +543,7 @@ bool Run::stop_now() {
     return worker_->done() || StopSignals::received() != 0;
   }
   const bool at_end = total_steps_ >= 0 && step_ >= total_steps_;
-  if (sync_ != nullptr) {
+  if (lockstep()) {
     // Every rank stops at the same step: they agree every 16 steps.
     if (at_end) return true;
     if (step_ % 16 != 0) return false;
@@ -640,6 +644,10 @@ void Run::end() {
     detail_ = sync_->stats().str();
     report_.stats = {{"allreduce_seconds", sync_->stats().allreduce_seconds},
                      {"staleness", staleness_json(staleness_, "staleness")}};
+  } else if (local_ != nullptr) {
+    staleness_ = local_->stats().staleness;
+    detail_ = local_->stats().str();
+    report_.stats = {{"allreduce_seconds", 0.0}, {"staleness", staleness_json(staleness_, "staleness")}};
   } else {
     worker_->finish();
     detail_ = worker_->stats().str();

@@ -5,12 +5,12 @@
 
 #include <fmt/format.h>
 
-#include "torch_asgd/comm/detail/log.h"
 #include "torch_asgd/comm/detail/mesh.h"
 #include "torch_asgd/comm/detail/receiver.h"
 #include "torch_asgd/comm/detail/sender.h"
 #include "torch_asgd/comm/error.h"
 #include "torch_asgd/comm/world.h"
+#include "torch_asgd/detail/log.h"
 
 namespace torch_asgd {
 namespace detail {

@@ -17,8 +17,8 @@
 
 #include "torch_asgd/comm/channel.h"
 #include "torch_asgd/comm/detail/buffer_pool.h"
-#include "torch_asgd/comm/detail/numeric.h"
 #include "torch_asgd/comm/wire.h"
+#include "torch_asgd/detail/numeric.h"
 
 namespace gloo {
 class Context;

@@ -9,9 +9,9 @@
 #include <gloo/context.h>
 #include <gloo/transport/unbound_buffer.h>
 
-#include "torch_asgd/comm/detail/log.h"
 #include "torch_asgd/comm/detail/sender.h"
 #include "torch_asgd/comm/error.h"
+#include "torch_asgd/detail/log.h"
 
 namespace torch_asgd {
 namespace detail {

@@ -3,7 +3,7 @@
 #include <gloo/context.h>
 #include <gloo/transport/unbound_buffer.h>
 
-#include "torch_asgd/comm/detail/log.h"
+#include "torch_asgd/detail/log.h"
 
 namespace torch_asgd {
 namespace detail {
@@ -83,6 +83,8 @@ void Watcher::watch() {
       core_.cv.wait(lock, [&] { return core_.stopping.load(); });
       break;
     }
+    // (Tests: a poke that came before current_ was set is not lost.)
+    if (core_.fail_watcher_thread.exchange(false)) throw 42;  // not a std::exception
     bool stopped = false;
     try {
       if (!buf->waitRecv(nullptr, kForever)) stopped = true;  // aborted

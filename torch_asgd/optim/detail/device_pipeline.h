@@ -1,6 +1,6 @@
 // Moves DASGD's flat vectors between a GPU and the channel without making the training
 // thread wait for the GPU or the network (DASGDOptions::overlap; unverified: written
-// without a GPU, see the README's GPU section).
+// without a GPU, see docs/gpu.md).
 //
 // Outgoing: ship() records an event on the compute stream; a copy stream waits for it,
 // copies the device delta into a pinned host buffer and zeroes it; a hand-off thread

@@ -5,8 +5,8 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
-#include "torch_asgd/optim/stats.h"
 #include "torch_asgd/optim/staleness.h"
+#include "torch_asgd/optim/stats.h"
 
 namespace torch_asgd {
 

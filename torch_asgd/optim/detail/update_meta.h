@@ -1,4 +1,4 @@
-// The metadata DASGD's deltas carry (ALGORITHMS.md, "Staleness"): for the updates a
+// The metadata DASGD's deltas carry (docs/algorithms.md, "Staleness"): for the updates a
 // delta holds, the version vector each was computed at, so that every receiver records
 // each update's set-based staleness exactly; and the sender's own vector when it sent,
 // so that every rank learns how many of its updates each peer has applied (the lead).
