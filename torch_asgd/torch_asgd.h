@@ -16,6 +16,7 @@
 #include "torch_asgd/optim/distributed_optimizer.h"
 #include "torch_asgd/optim/gossip.h"
 #include "torch_asgd/optim/job_policy.h"
+#include "torch_asgd/optim/lead.h"
 #include "torch_asgd/optim/local.h"
 #include "torch_asgd/optim/parameter_server.h"
 #include "torch_asgd/optim/staleness.h"

@@ -10,6 +10,7 @@
 #include "torch_asgd/comm/error.h"
 #include "torch_asgd/detail/log.h"
 #include "torch_asgd/detail/numeric.h"
+#include "torch_asgd/optim/detail/bounded_lead.h"
 #include "torch_asgd/optim/detail/checkpoint.h"
 #include "torch_asgd/optim/detail/delta_kernels.h"
 #include "torch_asgd/optim/detail/device_pipeline.h"
@@ -19,8 +20,6 @@
 
 namespace torch_asgd {
 
-std::string to_string(LeadPolicy p) { return p == LeadPolicy::kWait ? "wait" : "damp"; }
-std::string to_string(LeadMeasure m) { return m == LeadMeasure::kApplied ? "applied" : "progress"; }
 
 std::string DASGDStats::str() const {
   std::string failed =
@@ -118,12 +117,8 @@ void DASGD::init() {
   rank_ = transport_ ? transport_->rank() : 0;
   size_ = transport_ ? transport_->size() : 1;
   versions_.assign(size_, 0);
-  seen_by_.assign(size_, 0);
-  progress_.assign(size_, 0);
+  lead_ = std::make_unique<detail::BoundedLead>(size_, options_.max_lead(), options_.lead_measure());
   view_sent_ = versions_;
-  left_behind_.assign(size_, false);
-  allowance_.assign(size_, 0);
-  left_at_.assign(size_, 0);
   pending_ = std::make_unique<detail::PendingUpdates>(size_);
   if (!transport_) return;
   torch::NoGradGuard no_grad;
@@ -137,37 +132,12 @@ DASGD::~DASGD() {
   if (transport_) finish_in_destructor(rank_);
 }
 
-int64_t DASGD::lead_over(int peer) const {
-  if (options_.lead_measure() == LeadMeasure::kApplied) return versions_[rank_] - seen_by_[peer];
-  return versions_[rank_] - progress_[peer] - allowance_[peer];
-}
-
-void DASGD::heard_from(int peer) {
-  const int64_t limit = options_.max_lead();
-  if (options_.lead_measure() == LeadMeasure::kApplied) {
-    if (left_behind_[peer] && lead_over(peer) <= limit) left_behind_[peer] = false;  // caught up
-    return;
-  }
-  const int64_t gap = versions_[rank_] - progress_[peer];
-  if (gap <= limit) allowance_[peer] = 0;  // it made up the gap its stall left
-  if (!left_behind_[peer]) return;
-  if (gap <= limit) {
-    left_behind_[peer] = false;  // caught up
-  } else if (progress_[peer] >= left_at_[peer] + std::max<int64_t>(1, limit)) {
-    // It steps again: waited for again from here on. Making up the gap its stall left
-    // would mean waiting for it far longer than lead_timeout, so that gap is accepted;
-    // the bound holds against its growing.
-    left_behind_[peer] = false;
-    allowance_[peer] = gap - limit;
-  }
-}
-
 int64_t DASGD::lead() const {
-  int64_t lead = 0;
-  for (int p : transport_->live_peers()) {
-    if (!left_behind_[p]) lead = std::max(lead, lead_over(p));
-  }
-  return lead;
+  return transport_ ? lead_->lead(transport_->live_peers(), versions_[rank_]) : 0;
+}
+
+void DASGD::heard(int peer, int64_t seen_of_mine, int64_t its_own) {
+  lead_->heard(peer, seen_of_mine, its_own, versions_[rank_]);
 }
 
 void DASGD::rebase() {
@@ -267,9 +237,7 @@ void DASGD::apply(Arrivals arrivals) {
                                   "running the same torch_asgd?",
                                   rank_, m.sender));
     }
-    seen_by_[m.sender] = std::max(seen_by_[m.sender], m.meta.field(rank_));
-    progress_[m.sender] = std::max(progress_[m.sender], m.meta.field(m.sender));
-    heard_from(m.sender);
+    heard(m.sender, m.meta.field(rank_), m.meta.field(m.sender));
   }
   for (auto& a : arrivals.additive) {
     if (a.stream != 0) continue;
@@ -295,9 +263,7 @@ void DASGD::apply(Arrivals arrivals) {
       detail::record_staleness(meta, applied_to, staleness_, tau_log_);
       versions_[sender] += part.count;
       remote_updates_ += part.count;
-      seen_by_[sender] = std::max(seen_by_[sender], part.sender_now[rank_]);
-      progress_[sender] = std::max(progress_[sender], part.sender_now[sender]);
-      heard_from(sender);
+      heard(sender, part.sender_now[rank_], part.sender_now[sender]);
       last_sender_ = sender;
       last_sender_update_ = versions_[sender];
     }
@@ -337,19 +303,11 @@ void DASGD::wait_for_lead() {
     if (now >= deadline) {
       // Whoever has not caught up is left behind, as a dead peer is, until it does.
       ++lead_timeouts_;
-      for (int p : transport_->live_peers()) {
-        if (!left_behind_[p] && lead_over(p) > limit) {
-          left_behind_[p] = true;
-          left_at_[p] = progress_[p];
-          const std::string where =
-              options_.lead_measure() == LeadMeasure::kApplied
-                  ? fmt::format("has applied {} of this rank's {} updates", seen_by_[p], versions_[rank_])
-                  : fmt::format("has made {} updates against this rank's {}", progress_[p], versions_[rank_]);
-          detail::log_warning(fmt::format(
-              "rank {}: DASGD: rank {} {} and did not catch up within lead_timeout ({} ms): no "
-              "longer waiting for it until it does",
-              rank_, p, where, options_.lead_timeout().count()));
-        }
+      for (const auto& line : lead_->leave_behind(transport_->live_peers(), versions_[rank_])) {
+        detail::log_warning(fmt::format(
+            "rank {}: DASGD: {} and did not catch up within lead_timeout ({} ms): no longer "
+            "waiting for it until it does",
+            rank_, line, options_.lead_timeout().count()));
       }
       break;
     }
@@ -390,10 +348,7 @@ void DASGD::resync() {
   refresh_views();
   average_model(*world_);
   std::fill(versions_.begin(), versions_.end(), 0);
-  std::fill(seen_by_.begin(), seen_by_.end(), 0);
-  std::fill(progress_.begin(), progress_.end(), 0);
-  std::fill(allowance_.begin(), allowance_.end(), 0);
-  std::fill(left_at_.begin(), left_at_.end(), 0);
+  lead_->reset();
   rebase();
 }
 
@@ -413,9 +368,7 @@ DASGDStats DASGD::stats() const {
   s.lead_timeouts = lead_timeouts_;
   s.damped_steps = damped_steps_;
   s.lead_wait_seconds = lead_wait_seconds_;
-  for (int p = 0; p < size_; ++p) {
-    if (left_behind_[p]) s.left_behind.push_back(p);
-  }
+  s.left_behind = lead_->left_behind();
   if (transport_) {
     for (const auto& c : transport_->counters()) {
       s.messages_sent += c.sent_messages;

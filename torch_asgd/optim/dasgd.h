@@ -47,39 +47,15 @@
 #include "torch_asgd/comm/transport.h"
 #include "torch_asgd/comm/world.h"
 #include "torch_asgd/optim/distributed_optimizer.h"
+#include "torch_asgd/optim/lead.h"
 #include "torch_asgd/optim/staleness.h"
 
 namespace torch_asgd {
 namespace detail {
+class BoundedLead;
 class DevicePipeline;
 class PendingUpdates;
 }  // namespace detail
-
-// How a rank's lead over its slowest live peer is counted, in its own updates.
-enum class LeadMeasure {
-  // Its own updates the peer has not applied yet, as far as this rank knows from the
-  // peer's version vectors (SGP's synch_freq idea, measured in the set-based staleness).
-  // A peer that applies everything it has at each step lets a faster rank take up to L
-  // steps per step of its own: it bounds how stale a peer's view is, not how far apart
-  // the ranks' progress drifts.
-  kApplied = 0,
-  // Its own updates minus the peer's own updates, as last reported by the peer (the
-  // stale synchronous parallel bound): no rank gets more than L updates ahead of the
-  // slowest, so with data split by label every rank's data keeps entering the model in
-  // proportion, to the end of the run. A peer left behind (it stalled past lead_timeout)
-  // is waited for again once it has taken L steps more; the gap its stall left is then
-  // accepted until the peer makes it up, and the bound holds against its growing.
-  kProgress = 1,
-};
-std::string to_string(LeadMeasure m);
-
-// What a rank does when its lead (LeadMeasure) exceeds max_lead (docs/algorithms.md,
-// "DASGD").
-enum class LeadPolicy {
-  kWait = 0,  // stop taking steps until the gap closes (bounded by lead_timeout)
-  kDamp = 1,  // never wait: scale the local step by min(1, max_lead / lead)
-};
-std::string to_string(LeadPolicy p);
 
 // Optimizer-wide settings; the local rule's are the inner optimizer's.
 struct DASGDOptions {
@@ -188,8 +164,7 @@ class DASGD : public DistributedOptimizer {
   void check_rejections();
   void rebase();  // what the parameters hold now counts as sent
   int64_t lead() const;
-  int64_t lead_over(int peer) const;
-  void heard_from(int peer);  // after news of the peer's progress: waited for again?
+  void heard(int peer, int64_t seen_of_mine, int64_t its_own);  // news of a peer's progress
   void wait_for_lead();
   void send_view();
   std::string last_applied() const;
@@ -204,13 +179,8 @@ class DASGD : public DistributedOptimizer {
   at::Tensor shadow_;  // the parameters minus the change not yet handed over
   std::unique_ptr<detail::PendingUpdates> pending_;
   std::vector<int64_t> versions_;  // this model's version vector
-  std::vector<int64_t> seen_by_;   // by peer: how many of this rank's updates it had applied
-  std::vector<int64_t> progress_;  // by peer: how many updates of its own it had made
-  // kProgress, by peer: the gap beyond L accepted when a stalled peer stepped again, and
-  // its progress when it was left behind.
-  std::vector<int64_t> allowance_, left_at_;
+  std::unique_ptr<detail::BoundedLead> lead_;  // max_lead's bookkeeping
   std::vector<int64_t> view_sent_;  // versions_ as the peers last heard of them
-  std::vector<bool> left_behind_;
   int64_t local_steps_ = 0;
   int64_t remote_updates_ = 0;
   StalenessStats staleness_;
