@@ -84,9 +84,11 @@ class Sender {
   // end right after). Returns the peers whose acknowledgement had not left.
   std::vector<int> await_bye_acks_sent(std::chrono::steady_clock::time_point deadline);
 
-  // Receiver thread: the peer has processed our frames up to `ack` (false: we never sent
-  // that frame, and the acknowledgement is ignored); it asked for an acknowledgement of
-  // its own frames.
+  // Receiver thread (the ack path): the peer has processed our frames up to `ack` (false:
+  // we never sent that frame, and the acknowledgement is ignored); it asked for an
+  // acknowledgement of its own frames. Neither takes the sender's lock, which the
+  // training and sender threads hold while they add model-sized payloads: they leave the
+  // news for the sender thread and wake it.
   bool on_ack(int peer, uint64_t ack);
   void ack_due(int peer);
 
@@ -119,7 +121,9 @@ class Sender {
 
   void run();   // loop(), and what to do if it throws
   void loop();
-  void wake_locked();
+  void wake();         // the thread looks again (any thread, any lock but wake_mu_ held)
+  void wake_locked();  // the same, for callers that hold mu_
+  void take_acks_locked();  // what the ack path left, into the peers' state
   bool broadcast_undistributed_locked() const;
   bool idle_locked(const PeerOut& p) const;
   void distribute_broadcasts_locked(std::unique_lock<std::mutex>& lock);
@@ -143,11 +147,26 @@ class Sender {
   ChannelCore& core_;
   std::thread thread_;
 
-  // Guards everything below; the thread sleeps on cv_, waiters on done_cv_.
-  mutable std::mutex mu_;
+  // What wakes the thread: it sleeps on cv_ with wake_mu_ (never with mu_, so that
+  // waking it never waits for mu_). Taken after mu_ where both are held.
+  std::mutex wake_mu_;  // guards woken_
   std::condition_variable cv_;
+  bool woken_ = false;  // something changed since the thread last looked
+
+  // What the ack path leaves (ack_mu_ is taken after mu_ where both are held): per peer,
+  // the sequence number of the next frame (an acknowledgement beyond it is refused), the
+  // highest acknowledged, and whether the peer asked for an acknowledgement.
+  struct AckIn {
+    uint64_t next_seq = 1;
+    uint64_t acked = 0;
+    bool ack_due = false;
+  };
+  mutable std::mutex ack_mu_;  // guards acks_
+  std::vector<AckIn> acks_;
+
+  // Guards everything below; waiters sleep on done_cv_.
+  mutable std::mutex mu_;
   std::condition_variable done_cv_;  // something was acknowledged, posted or dropped
-  bool work_ = false;  // something changed since the thread last looked
   std::optional<std::chrono::steady_clock::time_point> next_wake_;  // a held message is due
   std::vector<std::unique_ptr<PeerOut>> peers_;  // by rank; null for self
   // Broadcasts not yet handed to the peers, by additive stream (summed while waiting).
