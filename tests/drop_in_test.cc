@@ -19,10 +19,12 @@ using testing::spawn;
 using testing::spawn_collect;
 
 // A network with BatchNorm (buffers: running_mean, running_var, num_batches_tracked),
-// its values depending on `rank`, as differently seeded ranks' would.
+// its values depending on `rank`, as differently seeded ranks' would. 65 float
+// parameters: the int64 buffer then starts 4 bytes off an 8-byte boundary in what the
+// equal start broadcasts.
 torch::nn::Sequential bn_net(int rank) {
   torch::nn::Sequential net(torch::nn::Linear(4, 8), torch::nn::BatchNorm1d(8), torch::nn::ReLU(),
-                            torch::nn::Linear(8, 2));
+                            torch::nn::Linear(8, 1));
   torch::NoGradGuard no_grad;
   int i = 0;
   for (auto& p : net->parameters()) {
@@ -165,6 +167,39 @@ TEST(EqualStart, UnderCheckRanksThatDifferAreRefusedNamingTheFirstTensor) {
     opt.finish(30s);
   });
   for (int r = 0; r < 3; ++r) EXPECT_EQ(errors[r], "") << "rank " << r;
+}
+
+// Ranks that disagree on the start (one checks, another broadcasts) are refused at once,
+// on every rank, before either waits in the other's collective.
+TEST(EqualStart, RanksThatDisagreeOnTheStartAreRefused) {
+  auto errors = spawn_collect(2, [](std::shared_ptr<World> world) {
+    auto net = bn_net(0);
+    Model model(net);
+    if (world->rank() == 1) model.start(Start::kCheck);
+    DASGD opt(sgd_of(*net), DASGDOptions(), world, model);
+  });
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_NE(errors[r].find("start"), std::string::npos) << "rank " << r << ": " << errors[r];
+    EXPECT_NE(errors[r].find("ranks disagree on what they exchange"), std::string::npos) << errors[r];
+  }
+}
+
+// A rank whose options are bad throws before any collective, so that its peers do not
+// go on training without it: they wait for it at the channel's opening and say so.
+TEST(EqualStart, BadOptionsOnOneRankStopEveryRankAtConstruction) {
+  std::vector<std::string> errors(2);
+  spawn(2, [&](std::shared_ptr<World> world) {
+    auto net = bn_net(0);
+    try {
+      DASGD opt(sgd_of(*net), DASGDOptions().broadcast_every(world->rank() == 1 ? 0 : 1), world, net);
+      opt.finish(1s);
+    } catch (const std::exception& e) {
+      errors[world->rank()] = e.what();
+    }
+  }, [](WorldOptions& o) { o.timeout = std::chrono::seconds(3); });
+  EXPECT_NE(errors[1].find("broadcast_every is 0"), std::string::npos) << errors[1];
+  EXPECT_NE(errors[0].find("ranks [1]"), std::string::npos)
+      << "rank 0 must not train alone: " << errors[0];
 }
 
 // SyncSGD's buffers are rank 0's after every step (DDP's broadcast_buffers), though every

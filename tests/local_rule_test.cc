@@ -171,6 +171,67 @@ TEST(LocalRule, ParameterGroupsAreTheInnerOnes) {
   EXPECT_TRUE(same_params(*a, *b));
 }
 
+// A learning rate set on the inner group before the first step is taken over too (the
+// wrapper's copy starts as the inner's, not as what it was at construction).
+TEST(LocalRule, AnInnerLearningRateSetBeforeTheFirstStepIsKept) {
+  torch::manual_seed(4);
+  auto a = make_net();
+  auto b = make_net();
+  copy_params(*a, *b);
+  torch::optim::SGD alone(a->parameters(), torch::optim::SGDOptions(0.02));
+  DASGD dasgd(b->named_parameters(), torch::optim::SGDOptions(0.1));
+  dasgd.inner().param_groups()[0].options().set_lr(0.02);
+  for (int t = 0; t < 10; ++t) {
+    train_step(a, alone, t);
+    train_step(b, dasgd, t);
+  }
+  EXPECT_DOUBLE_EQ(dasgd.param_groups()[0].options().get_lr(), 0.02);
+  EXPECT_TRUE(same_params(*a, *b));
+}
+
+// A rule of the user's own, with options of its own type: what is set on the wrapper's
+// groups reaches it (its learning rate; other fields are the user's type's business).
+struct HalvingOptions : torch::optim::OptimizerCloneableOptions<HalvingOptions> {
+  explicit HalvingOptions(double lr) : lr_(lr) {}
+  double get_lr() const override { return lr_; }
+  void set_lr(const double lr) override { lr_ = lr; }
+  double lr_;
+};
+struct HalvingSGD : torch::optim::Optimizer {
+  HalvingSGD(std::vector<torch::Tensor> params, double lr)
+      : Optimizer({torch::optim::OptimizerParamGroup(std::move(params))}, std::make_unique<HalvingOptions>(lr)) {}
+  torch::Tensor step(LossClosure) override {
+    torch::NoGradGuard no_grad;
+    for (auto& g : param_groups()) {
+      for (auto& p : g.params()) {
+        if (p.grad().defined()) p.sub_(p.grad() * g.options().get_lr());
+      }
+    }
+    return {};
+  }
+  void save(torch::serialize::OutputArchive&) const override {}
+  void load(torch::serialize::InputArchive&) override {}
+};
+
+TEST(LocalRule, ALearningRateSetOnTheWrapperReachesARuleOfTheUsersOwn) {
+  torch::manual_seed(5);
+  auto a = make_net();
+  auto b = make_net();
+  copy_params(*a, *b);
+  HalvingSGD alone(a->parameters(), 0.1);
+  DASGD dasgd(std::make_shared<HalvingSGD>(b->parameters(), 0.1));
+  for (int t = 0; t < 10; ++t) {
+    if (t == 5) {
+      alone.param_groups()[0].options().set_lr(0.03);
+      dasgd.param_groups()[0].options().set_lr(0.03);
+    }
+    train_step(a, alone, t);
+    train_step(b, dasgd, t);
+  }
+  EXPECT_DOUBLE_EQ(dasgd.inner().param_groups()[0].options().get_lr(), 0.03);
+  EXPECT_TRUE(same_params(*a, *b));
+}
+
 TEST(LocalRule, GradientsSetToNoneAreTolerated) {
   // As zero_grad(set_to_none) of newer LibTorch leaves them: undefined.
   torch::manual_seed(3);

@@ -185,20 +185,33 @@ c10::intrusive_ptr<c10d::Store> open_store(const WorldOptions& o) {
 
 }  // namespace
 
+namespace {
+// The process's World (from_env(), process_default()). Never destroyed: its connections
+// end with the process, not in static destruction.
+std::mutex default_mu;
+std::shared_ptr<World>& default_world() {
+  static auto* made = new std::shared_ptr<World>();
+  return *made;
+}
+}  // namespace
+
+std::shared_ptr<World> World::from_env() {
+  std::lock_guard<std::mutex> lock(default_mu);
+  if (!default_world()) default_world() = create(WorldOptions::from_env());
+  return default_world();
+}
+
 std::shared_ptr<World> World::from_env(const WorldOptions& overrides) {
   return create(WorldOptions::from_env().merged_with(overrides));
 }
 
 std::shared_ptr<World> World::process_default() {
-  static std::mutex mu;
-  // Never destroyed: its connections end with the process, not in static destruction.
-  static auto* made = new std::shared_ptr<World>();
-  std::lock_guard<std::mutex> lock(mu);
-  if (*made) return *made;
-  const WorldOptions o = WorldOptions::from_env();
-  if (o.world_size < 2) return nullptr;
-  *made = create(o);
-  return *made;
+  {
+    std::lock_guard<std::mutex> lock(default_mu);
+    if (default_world()) return default_world();
+  }
+  if (WorldOptions::from_env().world_size < 2) return nullptr;
+  return from_env();
 }
 
 std::shared_ptr<World> World::create(const WorldOptions& options) {

@@ -34,12 +34,14 @@ class Mesh;
 
 class World : public std::enable_shared_from_this<World> {
  public:
-  // Reads the environment, applies `overrides` (fields it sets win), rendezvous.
-  static std::shared_ptr<World> from_env(const WorldOptions& overrides = WorldOptions());
-  // The process's default World, for optimizers given none: made once from the
-  // environment (World::from_env()) when a launcher's variables name a job of several
-  // ranks, and kept for the life of the process; nullptr otherwise (one rank). Every
-  // optimizer given no World shares it, so its rendezvous happens once.
+  // The process's World, from the environment: made (rendezvous) at the first call and
+  // the same one after, also for optimizers given no World (process_default()).
+  static std::shared_ptr<World> from_env();
+  // A new World: the environment with the fields `overrides` sets winning, rendezvous.
+  static std::shared_ptr<World> from_env(const WorldOptions& overrides);
+  // The World optimizers take when given none: the one from_env() made, or, when a
+  // launcher's variables name a job of several ranks, from_env()'s; nullptr otherwise
+  // (one rank, no rendezvous). Kept for the life of the process.
   static std::shared_ptr<World> process_default();
   // Rendezvous with complete options (rank, world_size and a store location).
   static std::shared_ptr<World> create(const WorldOptions& options);

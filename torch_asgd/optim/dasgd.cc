@@ -71,6 +71,7 @@ DASGD::DASGD(std::shared_ptr<torch::optim::Optimizer> inner, DASGDOptions option
     : DistributedOptimizer(std::move(inner), "DASGD", std::move(model)),
       options_(std::move(options)),
       world_(world_or_default(std::move(world))) {
+  check_options();  // before the collectives: a rank that throws must not leave its peers waiting
   if (world_ && world_->size() > 1) {
     ChannelOptions co;
     co.name = "dasgd";
@@ -97,11 +98,12 @@ DASGD::DASGD(std::shared_ptr<torch::optim::Optimizer> inner, DASGDOptions option
     : DistributedOptimizer(std::move(inner), "DASGD", std::move(model)),
       options_(std::move(options)),
       transport_(std::move(transport)) {
+  check_options();
   if (transport_ && transport_->size() < 2) transport_.reset();
   init();
 }
 
-void DASGD::init() {
+void DASGD::check_options() const {
   if (options_.broadcast_every() < 1) {
     throw ConfigError(fmt::format("DASGD: broadcast_every is {}; it must be >= 1 (local steps per "
                                   "hand-over)", options_.broadcast_every()));
@@ -114,6 +116,9 @@ void DASGD::init() {
     throw ConfigError(fmt::format("DASGD: lead_timeout is {} ms; it must be > 0",
                                   options_.lead_timeout().count()));
   }
+}
+
+void DASGD::init() {
   rank_ = transport_ ? transport_->rank() : 0;
   size_ = transport_ ? transport_->size() : 1;
   versions_.assign(size_, 0);

@@ -158,6 +158,7 @@ class DASGD : public DistributedOptimizer {
  private:
   friend struct DASGDTestAccess;  // scripted delivery in tests
 
+  void check_options() const;  // ConfigError naming the option
   void init();
   void send_delta();
   void apply(Arrivals arrivals);

@@ -19,6 +19,7 @@
 #include "torch_asgd/comm/collectives.h"
 #include "torch_asgd/comm/error.h"
 #include "torch_asgd/comm/world.h"
+#include "torch_asgd/detail/bytes.h"
 #include "torch_asgd/detail/log.h"
 #include "torch_asgd/optim/detail/checkpoint.h"
 #include "torch_asgd/optim/detail/flat_params.h"
@@ -58,8 +59,13 @@ void assign_options(const torch::optim::OptimizerOptions& from, torch::optim::Op
 
 // The wrapper's groups: the inner groups' parameters, with options of the inner's own
 // type (so that static_cast<torch::optim::SGDOptions&>(group.options()) is valid).
+torch::optim::Optimizer& checked(torch::optim::Optimizer* inner) {
+  if (inner == nullptr) throw ConfigError("the inner optimizer is null: give the optimizer a local rule");
+  return *inner;
+}
+
 std::vector<torch::optim::OptimizerParamGroup> groups_of(torch::optim::Optimizer* inner) {
-  if (inner == nullptr) throw ConfigError("the inner optimizer is null");
+  checked(inner);
   std::vector<torch::optim::OptimizerParamGroup> out;
   for (const auto& g : inner->param_groups()) {
     out.emplace_back(g.params(), g.options().clone());
@@ -69,10 +75,6 @@ std::vector<torch::optim::OptimizerParamGroup> groups_of(torch::optim::Optimizer
 
 std::string type_name(const torch::optim::Optimizer& o) { return c10::demangle(typeid(o).name()); }
 
-// A tensor's bytes, on the CPU (a copy).
-at::Tensor bytes_of(const at::Tensor& t) {
-  return t.detach().to(torch::kCPU, /*non_blocking=*/false, /*copy=*/true).contiguous().reshape({-1}).view(torch::kUInt8);
-}
 
 }  // namespace
 
@@ -109,7 +111,7 @@ Model::Model(const torch::nn::Module& module)
 
 DistributedOptimizer::DistributedOptimizer(std::shared_ptr<torch::optim::Optimizer> inner,
                                            std::string algorithm, Model model)
-    : Optimizer(groups_of(inner.get()), inner->defaults().clone()),
+    : Optimizer(groups_of(inner.get()), checked(inner.get()).defaults().clone()),
       inner_(std::move(inner)),
       algorithm_(std::move(algorithm)),
       rule_name_(type_name(*inner_)) {
@@ -124,6 +126,7 @@ DistributedOptimizer::DistributedOptimizer(std::shared_ptr<torch::optim::Optimiz
     throw ConfigError(algorithm_ + ": the inner optimizer has no parameters");
   }
   init_model(model);
+  for (const auto& g : inner_->param_groups()) pushed_lrs_.push_back(g.options().get_lr());
 }
 
 DistributedOptimizer::DistributedOptimizer(std::vector<torch::Tensor> params, std::string algorithm,
@@ -238,6 +241,7 @@ torch::Tensor DistributedOptimizer::inner_step(const LossClosure& closure) {
 
 Fingerprint DistributedOptimizer::exchange_fingerprint() const {
   Fingerprint fp = flat_->fingerprint();
+  fp.set("start", start_ == Start::kCheck ? "check" : "broadcast");
   for (size_t i = 0; i < buffers_.size(); ++i) {
     fp.add("buffer " + buffer_names_[i], buffers_[i].sizes(), buffers_[i].scalar_type());
   }
@@ -249,20 +253,13 @@ void DistributedOptimizer::start_equal(World& world, int root) {
   torch::NoGradGuard no_grad;
   refresh_views();
   // One byte vector: the parameters, then every buffer.
-  std::vector<at::Tensor> parts{bytes_of(flat_->flat())};
-  for (const auto& b : buffers_) parts.push_back(bytes_of(b));
-  at::Tensor mine = torch::cat(parts);
+  std::vector<at::Tensor> all{flat_->flat()};
+  all.insert(all.end(), buffers_.begin(), buffers_.end());
+  at::Tensor mine = detail::pack_bytes(all);
   at::Tensor theirs = start_ == Start::kCheck ? mine.clone() : mine;
   broadcast(world, theirs, root, /*tag=*/7201);
   if (start_ == Start::kBroadcast) {
-    int64_t at = 0;
-    auto take = [&](const at::Tensor& into) {
-      const int64_t n = into.numel() * static_cast<int64_t>(into.element_size());
-      into.copy_(theirs.narrow(0, at, n).view(into.scalar_type()).view(into.sizes()));
-      at += n;
-    };
-    take(flat_->flat());
-    for (auto& b : buffers_) take(b);
+    detail::unpack_bytes(theirs, all);
     return;
   }
   // Start::kCheck: the first tensor (parameters in order, then buffers) that differs on
@@ -313,11 +310,15 @@ void DistributedOptimizer::average_model(World& world) {
     if (at::isFloatingType(b.scalar_type())) {
       floats.push_back(b.to(torch::kCPU, torch::kDouble).reshape({-1}));
     } else {
-      ints.push_back(bytes_of(b));
+      ints.push_back(b);
     }
   }
   at::Tensor mean = torch::cat(floats);
-  all_reduce(world, mean, ReduceOp::kSum, /*tag=*/7101);
+  try {
+    all_reduce(world, mean, ReduceOp::kSum, /*tag=*/7101);
+  } catch (const CommError& e) {
+    throw CommError(fmt::format("{} ({}: averaging the models over the ranks)", e.what(), algorithm_));
+  }
   mean.div_(world.size());
   int64_t at = 0;
   auto take = [&](const at::Tensor& into) {
@@ -330,15 +331,9 @@ void DistributedOptimizer::average_model(World& world) {
   }
   if (ints.empty()) return;
   // Integer buffers (BatchNorm's batch count): rank 0's.
-  at::Tensor bytes = torch::cat(ints);
+  at::Tensor bytes = detail::pack_bytes(ints);
   broadcast(world, bytes, 0, /*tag=*/7102);
-  at = 0;
-  for (auto& b : buffers_) {
-    if (at::isFloatingType(b.scalar_type())) continue;
-    const int64_t n = b.numel() * static_cast<int64_t>(b.element_size());
-    b.copy_(bytes.narrow(0, at, n).view(b.scalar_type()).view(b.sizes()));
-    at += n;
-  }
+  detail::unpack_bytes(bytes, ints);
 }
 
 void DistributedOptimizer::save(torch::serialize::OutputArchive& archive) const {
@@ -378,8 +373,8 @@ void DistributedOptimizer::load(torch::serialize::InputArchive& archive) {
   // cannot be cloned (a rule's own, not derived from OptimizerCloneableParamState) is
   // loaded as before, without the undo.
   auto& groups = inner_->param_groups();
-  std::vector<double> lrs;
-  for (const auto& g : groups) lrs.push_back(g.options().get_lr());
+  std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> options;
+  for (const auto& g : groups) options.push_back(g.options().clone());
   std::remove_reference_t<decltype(inner_->state())> state;
   bool undoable = true;
   try {
@@ -394,14 +389,16 @@ void DistributedOptimizer::load(torch::serialize::InputArchive& archive) {
     load_state(archive);  // checks everything before it changes anything
   } catch (...) {
     if (undoable) inner_->state() = std::move(state);
-    for (size_t i = 0; i < groups.size(); ++i) groups[i].options().set_lr(lrs[i]);
+    // In place (by value), so that a reference to an inner group's options stays valid.
+    for (size_t i = 0; i < groups.size(); ++i) assign_options(*options[i], groups[i].options());
     throw;
   }
   // What was loaded is what the wrapper's groups say now.
+  pushed_lrs_.clear();
   for (size_t i = 0; i < param_groups_.size() && i < groups.size(); ++i) {
     assign_options(groups[i].options(), param_groups_[i].options());
+    pushed_lrs_.push_back(groups[i].options().get_lr());
   }
-  pushed_lrs_.clear();
 }
 
 namespace detail {

@@ -69,6 +69,7 @@ Gossip::Gossip(std::shared_ptr<torch::optim::Optimizer> inner, GossipOptions opt
     : DistributedOptimizer(std::move(inner), "Gossip", std::move(model)),
       options_(std::move(options)),
       world_(world_or_default(std::move(world))) {
+  check_options();  // before the collectives: a rank that throws must not leave its peers waiting
   for (const auto& b : buffers()) {
     if (at::isFloatingType(b.scalar_type())) mixed_buffers_.push_back(b);
   }
@@ -100,11 +101,12 @@ Gossip::Gossip(std::shared_ptr<torch::optim::Optimizer> inner, GossipOptions opt
     : DistributedOptimizer(std::move(inner), "Gossip", std::move(model)),
       options_(std::move(options)),
       transport_(std::move(transport)) {
+  check_options();
   if (transport_ && transport_->size() < 2) transport_.reset();
   init();
 }
 
-void Gossip::init() {
+void Gossip::check_options() const {
   if (options_.exchange_every() < 1) {
     throw ConfigError(fmt::format("Gossip: exchange_every is {}; it must be >= 1 (local steps "
                                   "between exchanges)", options_.exchange_every()));
@@ -125,6 +127,9 @@ void Gossip::init() {
         c.describe()));
   }
   detail::check_codec_dtype(c, flat().dtype(), "Gossip");
+}
+
+void Gossip::init() {
   rank_ = transport_ ? transport_->rank() : 0;
   size_ = transport_ ? transport_->size() : 1;
   rounds_ = std::max(1, static_cast<int>(std::ceil(std::log2(size_))));
@@ -134,6 +139,7 @@ void Gossip::init() {
   peer_done_.assign(size_, false);
   counts_.rank = rank_;
   counts_.world_size = size_;
+  const Compression& c = options_.compression();
   if (c.lossy() && transport_) counts_.codec = c.describe();
 }
 

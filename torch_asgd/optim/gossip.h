@@ -136,6 +136,7 @@ class Gossip : public DistributedOptimizer {
     std::chrono::steady_clock::time_point opened;
   };
 
+  void check_options() const;  // ConfigError naming the option
   void init();
   void take(Arrivals arrivals);
   void handle_pending();

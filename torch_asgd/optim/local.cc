@@ -1,7 +1,10 @@
 #include "torch_asgd/optim/local.h"
 
+#include <algorithm>
+
 #include <fmt/format.h>
 
+#include "torch_asgd/comm/error.h"
 #include "torch_asgd/comm/world.h"
 #include "torch_asgd/optim/detail/checkpoint.h"
 #include "torch_asgd/optim/detail/json.h"
@@ -22,9 +25,18 @@ std::string LocalStats::to_json() const {
 
 Local::Local(std::shared_ptr<torch::optim::Optimizer> inner, std::shared_ptr<World> world, Model model)
     : DistributedOptimizer(std::move(inner), "Local", std::move(model)) {
-  world = world_or_default(std::move(world));
-  stats_.rank = world ? world->rank() : 0;
-  stats_.world_size = world ? world->size() : 1;
+  if (world) {
+    stats_.rank = world->rank();
+    stats_.world_size = world->size();
+    return;
+  }
+  // Named from the launcher's variables, without a rendezvous: nothing is exchanged.
+  try {
+    const WorldOptions o = WorldOptions::from_env();
+    stats_.rank = std::max(o.rank, 0);
+    stats_.world_size = std::max(o.world_size, 1);
+  } catch (const ConfigError&) {
+  }
 }
 
 Local::Local(Params params, const torch::optim::SGDOptions& sgd, std::shared_ptr<World> world, Model model)

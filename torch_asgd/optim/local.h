@@ -28,8 +28,8 @@ struct LocalStats : OptimizerStats {
 
 class Local : public DistributedOptimizer {
  public:
-  // `world` only names this rank in the statistics (nullptr: the process's default, if
-  // a launcher started it).
+  // `world` only names this rank in the statistics (nullptr: the launcher's variables
+  // name it; no rendezvous either way).
   explicit Local(std::shared_ptr<torch::optim::Optimizer> inner, std::shared_ptr<World> world = nullptr,
                  Model model = {});
   // Shorthand: an inner torch::optim::SGD with these options.

@@ -83,6 +83,7 @@ ParameterServer::ParameterServer(std::shared_ptr<torch::optim::Optimizer> inner,
     throw ConfigError(fmt::format("rank {} built a ParameterServer but server_rank is {}",
                                   world_->rank(), options_.server_rank()));
   }
+  check_options();  // before the collectives: a rank that throws must not leave its peers waiting
   const Compression& c = options_.compression();
   detail::check_asgrad_compression(c, flat().dtype(), fmt::format("rank {}: ParameterServer", world_->rank()));
   Fingerprint fp = detail::asgrad_fingerprint(exchange_fingerprint(), options_.server_rank(), c);
@@ -102,11 +103,12 @@ ParameterServer::ParameterServer(std::shared_ptr<torch::optim::Optimizer> inner,
   if (!transport_ || transport_->size() < 2) {
     throw ConfigError("a parameter server needs at least 2 ranks (itself and a worker)");
   }
+  check_options();
   detail::check_asgrad_compression(options_.compression(), flat().dtype(), "ParameterServer");
   init();
 }
 
-void ParameterServer::init() {
+void ParameterServer::check_options() const {
   if (options_.staleness_cap() < 0) {
     throw ConfigError(fmt::format("ParameterServer: staleness_cap is {}; it must be >= 0 (0 keeps "
                                   "every gradient)", options_.staleness_cap()));
@@ -115,6 +117,9 @@ void ParameterServer::init() {
     throw ConfigError(fmt::format("ParameterServer: max_gradients is {}; it must be >= 0 (0: until "
                                   "every worker is done)", options_.max_gradients()));
   }
+}
+
+void ParameterServer::init() {
   rank_ = transport_->rank();
   totals_.rank = rank_;
   totals_.world_size = transport_->size();
@@ -151,7 +156,7 @@ torch::Tensor ParameterServer::step(LossClosure) {
 }
 
 bool ParameterServer::finish(std::chrono::milliseconds timeout) {
-  if (finished_) return close_clean_;
+  if (finished_) return true;
   finished_ = true;
   if (!stopped_) {
     const auto saved = timeout_;

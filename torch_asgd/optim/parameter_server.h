@@ -1,5 +1,5 @@
-// ParameterServer: the server of the AsGrad family (docs/algorithms.md, "The AsGrad family"). It runs
-// on a rank of its own, holds the model, and for every gradient a worker returns:
+// ParameterServer: the server of the AsGrad family (docs/algorithms.md, "The AsGrad
+// family"). It runs on a rank of its own, holds the model, and for every gradient a worker returns:
 // computes its staleness tau = v_server - v_job, hands it to its local rule (any inner
 // torch::optim::Optimizer: asynchronous Adam is a server with an Adam rule), scaled by
 // min(1, n / tau) under the delay-adaptive step rule, or drops it if tau >= staleness_cap;
@@ -10,14 +10,15 @@
 // job.
 //
 //   ParameterServer server(std::make_shared<torch::optim::Adam>(net->parameters(), 1e-3),
-//                          ServerOptions().policy(AssignPolicy::kShuffle), world);
-//   server.run();  // until max_gradients, or until every worker is done
+//                          ServerOptions().policy(AssignPolicy::kShuffle), world, net);
+//   while (!server.done()) server.step();  // or server.run()
 //
-// It is a torch::optim::Optimizer only so that LR schedulers and torch::save/torch::load
-// work on it: step() is refused (the server steps when gradients arrive). The workers
-// use AsGradWorker (asgrad_worker.h). Construction is collective with them. Blocking:
-// serve() waits at most its timeout; run() returns when training ends and the workers
-// have been told. Thread safety: one thread.
+// The workers use AsGradWorker (asgrad_worker.h). Construction is collective with them
+// (the equal start); a worker's constructor then waits for its first job, which the
+// server sends at its first step() or serve(): put no other collective between the
+// server's construction and its first step. Blocking: serve() waits at most its
+// timeout; run() returns when training ends and the workers have been told. Thread
+// safety: one thread.
 #pragma once
 
 #include <chrono>
@@ -162,6 +163,7 @@ class ParameterServer : public DistributedOptimizer {
   void issue_job(int returning);
   void issue_job_to(int rank);  // a job of the current model, whatever the policy says
   void send_job(int rank, Job job);
+  void check_options() const;  // ConfigError naming the option
   void init();
 
   ServerOptions options_;

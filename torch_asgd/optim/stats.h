@@ -1,5 +1,5 @@
 // What every torch_asgd optimizer reports about itself: DistributedOptimizer::stats()
-// returns one of these (DASGDStats, GossipStats, SyncSGDStats, ServerStats,
+// returns one of these (DASGDStats, GossipStats, SyncSGDStats, LocalStats, ServerStats,
 // AsGradWorkerStats), each naming the optimizer, so that two optimizers' lines (a GAN's
 // generator and discriminator, say) can be told apart and a loop written against
 // DistributedOptimizer can log any of them.
@@ -10,7 +10,7 @@
 namespace torch_asgd {
 
 struct OptimizerStats {
-  std::string optimizer;  // "DASGD", "Gossip", "SyncSGD", "ParameterServer", "AsGradWorker"
+  std::string optimizer;  // "DASGD", "Gossip", "SyncSGD", "Local", "ParameterServer", "AsGradWorker"
   int rank = 0;
   int world_size = 1;
 

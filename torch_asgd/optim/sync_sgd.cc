@@ -11,6 +11,7 @@
 #include "torch_asgd/comm/collectives.h"
 #include "torch_asgd/comm/compressed_sum.h"
 #include "torch_asgd/comm/error.h"
+#include "torch_asgd/detail/bytes.h"
 #include "torch_asgd/optim/detail/checkpoint.h"
 #include "torch_asgd/optim/detail/compression_checks.h"
 #include "torch_asgd/optim/detail/flat_params.h"
@@ -144,22 +145,13 @@ torch::Tensor SyncSGD::step(LossClosure closure) {
 
 void SyncSGD::broadcast_buffers() {
   torch::NoGradGuard no_grad;
-  std::vector<at::Tensor> parts;
-  for (const auto& b : buffers()) {
-    parts.push_back(b.detach().to(torch::kCPU).contiguous().reshape({-1}).view(torch::kUInt8));
-  }
-  at::Tensor bytes = torch::cat(parts);
+  at::Tensor bytes = detail::pack_bytes(buffers());
   try {
     broadcast(*world_, bytes, 0, /*tag=*/7401);
   } catch (const CommError& e) {
     throw CommError(fmt::format("{} (SyncSGD's broadcast of rank 0's buffers)", e.what()));
   }
-  int64_t at = 0;
-  for (const auto& b : buffers()) {
-    const int64_t n = b.numel() * static_cast<int64_t>(b.element_size());
-    const_cast<at::Tensor&>(b).copy_(bytes.narrow(0, at, n).view(b.scalar_type()).view(b.sizes()));
-    at += n;
-  }
+  detail::unpack_bytes(bytes, buffers());
 }
 
 bool SyncSGD::finish(std::chrono::milliseconds) {
