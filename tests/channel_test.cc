@@ -9,6 +9,7 @@
 #include "testing.h"
 #include "torch_asgd/comm/detail/channel_core.h"
 #include "torch_asgd/comm/detail/mesh.h"
+#include "torch_asgd/comm/detail/sender.h"
 #include "torch_asgd/comm/detail/watcher.h"
 #include "torch_asgd/comm/error.h"
 
@@ -25,6 +26,11 @@ struct ChannelTestAccess {
   static void fail_watcher_thread(Channel& ch) {
     ch.core_->fail_watcher_thread = true;
     ch.watcher_->poke();
+  }
+  // The sender posts no acknowledgement frame while held; released, it posts those owed.
+  static void hold_acks(Channel& ch, bool hold) {
+    ch.core_->hold_acks = hold;
+    if (!hold) ch.sender_->wake();
   }
   // Idle payload buffers of ordered and replace messages, on either side.
   static size_t idle_send_buffers(Channel& ch) { return ch.core_->send_buffers.idle_count(); }
@@ -536,6 +542,49 @@ TEST(Channel, AChannelClosedCleanlyKeepsNoReceiveBuffersInItsWorld) {
     }
     EXPECT_LT(world->retired_bytes(), 4096u) << "3 channels of 16 MiB of receive buffers each";
   });
+}
+
+// A rank whose close() returned may end at once (destroy its channel and World, exit):
+// close() must not return before the acknowledgement of the peer's goodbye has left,
+// or the peer's close() waits out its whole timeout (issue 34: "ranks 16 did not finish
+// within 60000 ms of close()" at 32 ranks). Here rank 0's acknowledgements are held for
+// a while, as a descheduled sender thread holds them: it says goodbye, rank 1 answers
+// with its own (acknowledging rank 0's), and only a separate frame can acknowledge rank
+// 1's goodbye. Rank 0 then ends its channel and World as soon as close() returns.
+TEST(Channel, CloseReturnsOnlyOnceTheAcknowledgementOfThePeersGoodbyeHasLeft) {
+  std::atomic<bool> rank1_clean{false};
+  spawn(2, [&](std::shared_ptr<World> world) {
+    auto ch = world->open_channel(additive_options("bye", 1000));
+    world->barrier("open");
+    if (world->rank() == 0) {
+      ChannelTestAccess::hold_acks(*ch, true);
+      std::mutex mu;  // guards gone and the channel's end
+      bool gone = false;
+      std::thread release([&] {
+        std::this_thread::sleep_for(300ms);
+        std::lock_guard<std::mutex> lock(mu);
+        if (!gone) ChannelTestAccess::hold_acks(*ch, false);
+      });
+      const auto t0 = std::chrono::steady_clock::now();
+      EXPECT_TRUE(ch->close(30s));
+      EXPECT_GE(std::chrono::steady_clock::now() - t0, 250ms) << "close() returned before its last acknowledgement";
+      const auto t1 = std::chrono::steady_clock::now();
+      EXPECT_TRUE(ch->close(30s)) << "a second close()";
+      EXPECT_LT(std::chrono::steady_clock::now() - t1, 5s) << "a second close() waited for a send already done";
+      {
+        // The channel ends at once, acknowledgements still held or not.
+        std::lock_guard<std::mutex> lock(mu);
+        gone = true;
+        ch.reset();
+      }
+      release.join();
+      return;  // and the World with it
+    }
+    // Rank 1 says goodbye once rank 0's has arrived, so that its own acknowledges rank 0's.
+    ASSERT_TRUE(eventually([&] { return ch->counters(0).closed; }));
+    rank1_clean = ch->close(5s);
+  });
+  EXPECT_TRUE(rank1_clean) << "rank 1 waited out its close() timeout for an acknowledgement that never came";
 }
 
 TEST(Channel, CloseReturnsOnlyOnceThePeerHasEverything) {

@@ -85,6 +85,9 @@ struct ChannelCore {
   std::atomic<bool> closing{false};
   // Tests: the receiver thread takes no frame while set (a peer that stalls).
   std::atomic<bool> hold_receiver{false};
+  // Tests: the sender posts no acknowledgement frame of its own while set (a slow sender
+  // thread, or a process about to end).
+  std::atomic<bool> hold_acks{false};
   // Tests: the sender thread throws when it next wakes (an error it did not foresee).
   std::atomic<bool> fail_sender_thread{false};
   // Tests: the receiver thread throws once its next frame has arrived.

@@ -433,7 +433,7 @@ void Receiver::finish_message(PeerIn& p) {
 
 void Receiver::whole(PeerIn& p, uint64_t seq, bool ack_requested) {
   p.last_whole = seq;
-  if (ack_requested) core_.sender->ack_due(p.rank);
+  if (ack_requested) core_.sender->ack_due(p.rank, seq);
 }
 
 void Receiver::notify() {

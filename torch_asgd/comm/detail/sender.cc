@@ -63,7 +63,6 @@ void Sender::wake() {
   cv_.notify_all();
 }
 
-void Sender::wake_locked() { wake(); }
 
 OutRef Sender::new_message(FrameType type, uint8_t stream, c10::ScalarType dtype, int64_t numel) {
   at::Tensor buffer;

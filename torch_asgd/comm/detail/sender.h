@@ -90,12 +90,14 @@ class Sender {
   // training and sender threads hold while they add model-sized payloads: they leave the
   // news for the sender thread and wake it.
   bool on_ack(int peer, uint64_t ack);
-  void ack_due(int peer);
+  void ack_due(int peer, uint64_t seq);  // its frame `seq` asked for one
 
   // Any thread: drop what waits for a failed peer.
   void peer_failed(int peer);
   // Any thread not holding this sender's lock: waiters re-check (the channel broke).
   void wake_waiters();
+  // The thread looks again (any thread, with any lock but wake_mu_ held).
+  void wake();
 
   // A new message whose payload buffer (numel elements of dtype) is the caller's to fill;
   // additive buffers are reused once no peer needs them any more.
@@ -121,8 +123,7 @@ class Sender {
 
   void run();   // loop(), and what to do if it throws
   void loop();
-  void wake();         // the thread looks again (any thread, any lock but wake_mu_ held)
-  void wake_locked();  // the same, for callers that hold mu_
+  void wake_locked() { wake(); }  // for callers that hold mu_ (taken before wake_mu_)
   void take_acks_locked();  // what the ack path left, into the peers' state
   bool broadcast_undistributed_locked() const;
   bool idle_locked(const PeerOut& p) const;
@@ -159,7 +160,7 @@ class Sender {
   struct AckIn {
     uint64_t next_seq = 1;
     uint64_t acked = 0;
-    bool ack_due = false;
+    uint64_t due_seq = 0;  // the newest of its frames that asked for an acknowledgement
   };
   mutable std::mutex ack_mu_;  // guards acks_
   std::vector<AckIn> acks_;

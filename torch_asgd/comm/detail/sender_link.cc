@@ -34,10 +34,10 @@ bool Sender::on_ack(int peer, uint64_t ack) {
   return true;
 }
 
-void Sender::ack_due(int peer) {
+void Sender::ack_due(int peer, uint64_t seq) {
   {
     std::lock_guard<std::mutex> lock(ack_mu_);
-    acks_[peer].ack_due = true;
+    acks_[peer].due_seq = std::max(acks_[peer].due_seq, seq);
   }
   wake();
 }
@@ -50,8 +50,7 @@ void Sender::take_acks_locked() {
       std::lock_guard<std::mutex> lock(ack_mu_);
       AckIn& a = acks_[p->rank];
       acked = a.acked;
-      if (a.ack_due) p->ack_due = true;
-      a.ack_due = false;
+      p->due_seq = a.due_seq;
     }
     if (!p->unacked.empty() && p->unacked.front().seq <= acked) release_locked(*p, acked);
   }
@@ -107,7 +106,9 @@ void Sender::post_ready_locked(PeerOut& p) {
     post_locked(p, nullptr, FrameType::kBye, /*ack_requested=*/true);
   }
   // Nothing went out that carries the acknowledgement the peer asked for: send it alone.
-  if (p.ack_due && !p.failed) post_locked(p, nullptr, FrameType::kAck, false);
+  if (p.due_seq > p.ack_posted && !p.failed && !core_.hold_acks) {
+    post_locked(p, nullptr, FrameType::kAck, false);
+  }
 }
 
 void Sender::post_locked(PeerOut& p, OutRef msg, FrameType type, bool ack_requested) {
@@ -160,7 +161,7 @@ void Sender::post_locked(PeerOut& p, OutRef msg, FrameType type, bool ack_reques
   if (h.inline_payload()) {
     std::memcpy(out + kFrameHeaderBytes + h.meta_bytes(), payload, bytes);
   }
-  p.ack_due = false;  // every frame carries the acknowledgement
+  p.ack_posted = std::max(p.ack_posted, h.ack);  // every frame carries the acknowledgement
   f.msg = msg;  // before Gloo sees its bytes: a failed post retires them with the frame
   try {
     f.header_buf = core_.context->createUnboundBuffer(out, h.frame_bytes());
@@ -242,7 +243,13 @@ std::vector<int> Sender::await_bye_acks_sent(std::chrono::steady_clock::time_poi
       std::lock_guard<std::mutex> lock(m);
       current = nullptr;
     }
-    if (!sent) unsent.push_back(peer);
+    if (!sent) {
+      unsent.push_back(peer);
+    } else {
+      // Its one send completion is taken: a second close() must not wait for another.
+      std::lock_guard<std::mutex> lock(mu_);
+      if (peers_[peer]->bye_ack_buf == buf) peers_[peer]->bye_ack_buf.reset();
+    }
   }
   {
     std::lock_guard<std::mutex> lock(m);

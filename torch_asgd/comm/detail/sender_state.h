@@ -49,7 +49,9 @@ struct Sender::PeerOut {
   size_t ordered_in_flight = 0;  // ordered and replace messages not yet acknowledged
   std::deque<Posted> unacked;    // by sequence number
   uint64_t next_seq = 1;
-  bool ack_due = false;     // the peer asked for an acknowledgement
+  // The peer asked for an acknowledgement of its frames up to due_seq; the frames posted
+  // so far acknowledge up to ack_posted.
+  uint64_t due_seq = 0, ack_posted = 0;
   bool bye_wanted = false;  // close() asked for a goodbye
   bool bye_posted = false;
   bool bye_ack_posted = false;  // a frame acknowledging its goodbye is posted
