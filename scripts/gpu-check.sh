@@ -90,7 +90,7 @@ if out=$("$ROOT/tests/isolation/check_symbols.sh" "$LIB" 2>&1); then say "- $out
 TRAP=$(ls "$BUILD"/lib/libgloo_trap.so "$BUILD"/tests/libgloo_trap.so 2>/dev/null | head -1)
 probe=$( (LD_PRELOAD=$TRAP "$BIN/gloo_trap_probe") 2>&1)
 if grep -q 'gloo_trap: gloo::transport::tcp::CreateDevice' <<<"$probe"; then
-  say "- the trap (a preloaded library whose Gloo entry points abort) aborts a call made through the dynamic linker"
+  say "- the trap (a library whose Gloo entry points abort, preloaded below) aborts when called"
 else
   fail "the preloaded trap did not abort the probe's call: the checks below would prove nothing"
 fi

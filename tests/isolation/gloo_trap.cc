@@ -12,6 +12,7 @@
 #include <gloo/allgatherv.h>
 #include <gloo/allreduce.h>
 #include <gloo/alltoallv.h>
+#include <gloo/broadcast.h>
 #include <gloo/context.h>
 #include <gloo/transport/tcp/device.h>
 #include <gloo/transport/unbound_buffer.h>
@@ -38,6 +39,7 @@ std::unique_ptr<transport::UnboundBuffer> Context::createUnboundBuffer(void*, si
 void allreduce(const AllreduceOptions&) { trap("gloo::allreduce"); }
 void alltoallv(AlltoallvOptions&) { trap("gloo::alltoallv"); }
 void allgatherv(AllgathervOptions&) { trap("gloo::allgatherv"); }
+void broadcast(BroadcastOptions&) { trap("gloo::broadcast"); }
 
 namespace transport {
 namespace tcp {
