@@ -15,6 +15,7 @@ PACKAGES=(
   libbenchmark-dev
   clang libclang-rt-14-dev  # libFuzzer, for the message decoder's fuzz test
   dataset-fashion-mnist # the real Fashion-MNIST in IDX format, for the examples and the demo
+  fortunes              # ~2.6 MB of real English text (/usr/share/games/fortunes): asgd-lm's data
   python3-torch         # PyTorch 1.13 (/usr/bin/python3): the DDP baseline of benchmarks/run.sh
   gnuplot-nox           # the benchmark plots (PNG)
   iproute2              # ip and tc: emulated hosts in network namespaces (scripts/emulate-hosts.sh)

@@ -11,6 +11,10 @@ torch::Tensor rank_indices(const Dataset& train, int index, int count, const Exa
   if (o.partition == "full") return torch::arange(n, torch::kLong);
   torch::Tensor order;
   if (o.partition == "by-label") {
+    if (train.labels.dim() != 1) {
+      throw std::runtime_error("--partition by-label needs one label per sample, and this example's samples "
+                               "are sequences: use --partition iid or full");
+    }
     // Sorted by label: each shard holds a few classes (the heterogeneous setting).
     order = std::get<1>(torch::sort(train.labels, /*stable=*/true, /*dim=*/0, /*descending=*/false));
   } else {
@@ -62,41 +66,53 @@ void Sampler::load(torch::serialize::InputArchive& a) {
   pos_ = pos.item<int64_t>();
 }
 
-double Accuracy::worst() const {
-  return per_class.empty() ? overall : *std::min_element(per_class.begin(), per_class.end());
+double Evaluation::worst() const {
+  return per_class.empty() ? accuracy : *std::min_element(per_class.begin(), per_class.end());
 }
 
-Accuracy evaluate(const Task& task, torch::nn::Module& model, const Dataset& set, int64_t limit) {
+torch::Tensor nll(const torch::Tensor& log_probs, const torch::Tensor& labels,
+                  torch::Reduction::Reduction reduction) {
+  return torch::nll_loss(log_probs.reshape({-1, log_probs.size(-1)}), labels.reshape({-1}), {}, reduction);
+}
+
+Evaluation evaluate(const Task& task, torch::nn::Module& model, const Dataset& set, int64_t limit) {
   torch::NoGradGuard no_grad;
   const auto params = model.parameters();
   const torch::Device device = params.empty() ? torch::Device(torch::kCPU) : params[0].device();
   model.eval();
   const int64_t n = std::min<int64_t>(limit, set.labels.size(0));
-  std::vector<int64_t> correct(10, 0), seen(10, 0);
-  for (int64_t start = 0; start < n; start += 1000) {
-    const int64_t len = std::min<int64_t>(1000, n - start);
+  const int classes = std::max(task.classes, 0);
+  std::vector<int64_t> correct(classes, 0), seen(classes, 0);
+  int64_t hits_all = 0, predictions = 0;
+  double loss_sum = 0;
+  const int64_t chunk = std::max<int64_t>(task.eval_batch, 1);
+  for (int64_t start = 0; start < n; start += chunk) {
+    const int64_t len = std::min<int64_t>(chunk, n - start);
     auto out = task.forward(model, set.images.narrow(0, start, len).to(device));
     auto labels = set.labels.narrow(0, start, len);
-    auto hits = out.argmax(1).to(torch::kCPU).eq(labels);
-    auto l = labels.accessor<int64_t, 1>();
+    loss_sum += nll(out, labels.to(device), torch::Reduction::Sum).item<double>();
+    auto flat = labels.reshape({-1});
+    auto hits = out.argmax(-1).reshape({-1}).to(torch::kCPU).eq(flat);
+    hits_all += hits.sum().item<int64_t>();
+    predictions += flat.size(0);
+    if (classes == 0) continue;
+    auto l = flat.accessor<int64_t, 1>();
     auto h = hits.accessor<bool, 1>();
-    for (int64_t i = 0; i < len; ++i) {
+    for (int64_t i = 0; i < flat.size(0); ++i) {
       const int64_t c = l[i];
-      if (c < 0 || c >= 10) continue;
+      if (c < 0 || c >= classes) continue;
       ++seen[c];
       correct[c] += h[i] ? 1 : 0;
     }
   }
   model.train();
-  Accuracy acc;
-  int64_t all = 0, total = 0;
-  for (int c = 0; c < 10; ++c) {
-    all += correct[c];
-    total += seen[c];
-    if (seen[c] > 0) acc.per_class.push_back(static_cast<double>(correct[c]) / static_cast<double>(seen[c]));
+  Evaluation e;
+  for (int c = 0; c < classes; ++c) {
+    if (seen[c] > 0) e.per_class.push_back(static_cast<double>(correct[c]) / static_cast<double>(seen[c]));
   }
-  acc.overall = total > 0 ? static_cast<double>(all) / static_cast<double>(total) : 0;
-  return acc;
+  e.accuracy = predictions > 0 ? static_cast<double>(hits_all) / static_cast<double>(predictions) : 0;
+  e.loss = predictions > 0 ? loss_sum / static_cast<double>(predictions) : 0;
+  return e;
 }
 
 }  // namespace examples

@@ -36,14 +36,20 @@ class Sampler {
   int64_t pos_ = 0;
 };
 
-struct Accuracy {
-  double overall = 0;
-  std::vector<double> per_class;  // 10 classes
-  double worst() const;
+struct Evaluation {
+  double accuracy = 0;             // of the predicted class (the language model: the next byte)
+  double loss = 0;                 // mean negative log-likelihood per prediction (nats)
+  std::vector<double> per_class;   // the Task's classes, where it has some
+  double worst() const;            // the worst class's accuracy (else the overall one)
 };
 
-// Test accuracy of `model` on the first `limit` samples of `set`.
-Accuracy evaluate(const Task& task, torch::nn::Module& model, const Dataset& set, int64_t limit);
+// `model` on the first `limit` samples of `set`, in batches of task.eval_batch.
+Evaluation evaluate(const Task& task, torch::nn::Module& model, const Dataset& set, int64_t limit);
+
+// The loss the harness trains and evaluates with: the mean negative log-likelihood of
+// `labels` ([N] or [N, T]) under `log_probs` ([N, C] or [N, T, C]).
+torch::Tensor nll(const torch::Tensor& log_probs, const torch::Tensor& labels,
+                  torch::Reduction::Reduction reduction = torch::Reduction::Mean);
 
 }  // namespace examples
 }  // namespace torch_asgd

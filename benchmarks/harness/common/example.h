@@ -1,4 +1,4 @@
-// The benchmark harness (asgd-mnist, asgd-cifar): what the MNIST and CIFAR programs
+// The benchmark harness (asgd-mnist, asgd-cifar, asgd-lm): what the programs
 // share: their command line, the data a rank trains on (docs/algorithms.md, "Data
 // order"), the training loop of every algorithm with budgets and evaluation on a clock,
 // checkpoints, the end-of-run summary and the metrics JSON. A program provides a Task
@@ -45,9 +45,11 @@ struct ExampleOptions {
   int straggler_rank = -1;
   double straggler_factor = 1;
   double target_accuracy = 0;  // 0: none
+  double target_loss = 0;      // 0: none; the time to the first evaluation at or below it
   int eval_every = 200;            // steps of rank 0 (server: gradients); 0: off
   double eval_every_seconds = 0;   // 0: off
   int64_t eval_samples = 2000;     // the fixed test subset evaluated during training
+  int64_t final_eval_samples = 0;  // the test samples every rank evaluates at the end; 0: all
   bool eval_deferred = false;      // rank 0 copies its model at each evaluation point and
                                    // evaluates the copies after training (no rank pauses)
   std::string metrics_out;
@@ -64,8 +66,8 @@ struct ExampleOptions {
 };
 
 struct Dataset {
-  torch::Tensor images;  // [N, C, H, W] float
-  torch::Tensor labels;  // [N] int64
+  torch::Tensor images;  // the inputs: [N, C, H, W] float; the language model's [N, T] int64
+  torch::Tensor labels;  // [N] int64; the language model's next bytes [N, T]
 };
 
 struct Task {
@@ -73,11 +75,15 @@ struct Task {
   std::string default_data;  // default --data
   // Options of this example only (CIFAR's --synthetic).
   std::function<void(CLI::App&, ExampleOptions&)> extra_options;
+  // This example's defaults of the common options (set before the command line is read).
+  std::function<void(ExampleOptions&)> defaults;
   // Train and test sets; throws std::runtime_error with one clear line.
   std::function<std::pair<Dataset, Dataset>(const ExampleOptions&)> load;
   std::function<std::shared_ptr<torch::nn::Module>()> make_model;
-  // Log-probabilities [N, 10].
+  // Log-probabilities: [N, classes], or [N, T, vocabulary] for labels [N, T].
   std::function<torch::Tensor(torch::nn::Module&, const torch::Tensor&)> forward;
+  int classes = 10;          // per-class accuracies of the classes 0..classes-1; 0: none
+  int64_t eval_batch = 1000;  // samples per forward pass when evaluating
   // Training-time augmentation of a batch (none if empty).
   std::function<torch::Tensor(const torch::Tensor&, torch::Generator&)> augment;
 };

@@ -15,6 +15,7 @@ namespace examples {
 int parse_options(int argc, char** argv, const Task& task, ExampleOptions* out) {
   ExampleOptions& o = *out;
   o.data = task.default_data;
+  if (task.defaults) task.defaults(o);
   CLI::App app(fmt::format(
       "{}: trains with a torch_asgd algorithm; several ranks: asgd-launch --nproc N -- {} ...",
       task.program, task.program));
@@ -96,6 +97,9 @@ int parse_options(int argc, char** argv, const Task& task, ExampleOptions* out) 
   app.add_option("--target-accuracy", o.target_accuracy,
                  "report the time rank 0's model first reaches this test accuracy (0..1)")
       ->check(CLI::Range(0.0, 1.0));
+  app.add_option("--target-loss", o.target_loss,
+                 "report the time rank 0's model first reaches this test loss (nats per prediction)")
+      ->check(CLI::PositiveNumber);
   app.add_option("--eval-every", o.eval_every,
                  "rank 0 evaluates every N of its steps (server: gradients); 0: off")
       ->check(CLI::NonNegativeNumber)
@@ -105,6 +109,10 @@ int parse_options(int argc, char** argv, const Task& task, ExampleOptions* out) 
       ->check(CLI::NonNegativeNumber);
   app.add_option("--eval-samples", o.eval_samples, "test samples evaluated during training")
       ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--final-eval-samples", o.final_eval_samples,
+                 "test samples every rank evaluates after training (0: the whole test set)")
+      ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   app.add_flag("--eval-deferred", o.eval_deferred,
                "rank 0 keeps a copy of its model at each evaluation point and evaluates the copies "
@@ -167,6 +175,9 @@ int parse_options(int argc, char** argv, const Task& task, ExampleOptions* out) 
     if (o.algo == "gossip" && o.compress.rfind("topk", 0) == 0) {
       throw CLI::ValidationError("--compress", "topk sends a few entries of what it is given, and gossip sends "
                                                    "whole models: use bf16, fp16 or int8");
+    }
+    if (o.target_accuracy > 0 && o.target_loss > 0) {
+      throw CLI::ValidationError("--target-loss", "give one target: --target-accuracy or --target-loss");
     }
     if (o.budget_samples > 0 && o.budget_seconds > 0) {
       throw CLI::ValidationError("--budget-samples", "give one budget: samples or seconds");

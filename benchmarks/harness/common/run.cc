@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <optional>
@@ -110,11 +111,12 @@ struct RankReport {
   int64_t steps = 0;
   double samples_per_second = 0;  // over the steps after --warmup-steps
   double accuracy = 0;
+  double loss = 0;
   json stats;  // the optimizer's counters
 
   json to_json() const {
     return {{"trainer", trainer}, {"steps", steps}, {"samples_per_second", samples_per_second},
-            {"accuracy", accuracy}, {"stats", stats}};
+            {"accuracy", accuracy}, {"loss", loss}, {"stats", stats}};
   }
   static RankReport from_json(const json& j) {
     RankReport r;
@@ -122,6 +124,7 @@ struct RankReport {
     r.steps = j.at("steps");
     r.samples_per_second = j.at("samples_per_second");
     r.accuracy = j.at("accuracy");
+    r.loss = j.at("loss");
     r.stats = j.at("stats");
     return r;
   }
@@ -207,7 +210,8 @@ class Run {
   int64_t global_samples() const;
   void maybe_evaluate(int64_t done);
   void evaluate_now();
-  void record_evaluation(double at, int64_t samples, double accuracy);
+  void record_evaluation(double at, int64_t samples, const Evaluation& e);
+  bool reached_target(const Evaluation& e) const;
   void evaluate_deferred();
   std::vector<at::Tensor> model_state() const;  // copies of the parameters and buffers
   void set_model_state(const std::vector<at::Tensor>& state);
@@ -245,6 +249,7 @@ class Run {
   double eval_pause_ = 0, next_eval_at_ = 0, train_seconds_ = 0, wall_seconds_ = 0;
   double warm_at_ = -1;  // clock() when this rank's --warmup-steps were done
   double last_acc_ = -1, time_to_target_ = -1;
+  int64_t parameters_ = 0;  // the model's
   json curve_ = json::array();
   // --eval-deferred: the models to evaluate after training, with their clock and samples.
   struct Snapshot {
@@ -256,7 +261,7 @@ class Run {
   std::string stopped_by_ = "epochs";
 
   RankReport report_;
-  Accuracy final_;
+  Evaluation final_;
   std::vector<std::optional<RankReport>> all_;
   StalenessStats staleness_;
   std::string staleness_kind_ = "staleness";
@@ -306,6 +311,7 @@ void Run::setup() {
   // Same initial model everywhere.
   torch::manual_seed(o_.seed);
   model_ = task_.make_model();
+  for (const auto& p : model_->parameters()) parameters_ += p.numel();
   model_->to(device_);
   if (!o_.checkpoint_dir.empty()) checkpoint_.emplace(o_.checkpoint_dir, rank_);
   meta_ = CheckpointMeta{o_.algo, n_, rank_, 0};
@@ -452,17 +458,20 @@ void Run::evaluate_now() {
   // The other ranks of an asynchronous algorithm train on meanwhile, so its times gain
   // on sync's by up to the share of rank 0's time spent here (--eval-deferred does not).
   const auto e0 = Clock::now();
-  const double accuracy = evaluate(task_, *model_, test_, o_.eval_samples).overall;
+  const Evaluation e = evaluate(task_, *model_, test_, o_.eval_samples);
   eval_pause_ += seconds_since(e0);
-  record_evaluation(clock(), global_samples(), accuracy);  // this evaluation's pause excluded too
+  record_evaluation(clock(), global_samples(), e);  // this evaluation's pause excluded too
 }
 
-void Run::record_evaluation(double at, int64_t samples, double accuracy) {
-  last_acc_ = accuracy;
-  curve_.push_back({{"seconds", at}, {"samples", samples}, {"accuracy", accuracy}});
-  if (o_.target_accuracy > 0 && time_to_target_ < 0 && accuracy >= o_.target_accuracy) {
-    time_to_target_ = at;
-  }
+bool Run::reached_target(const Evaluation& e) const {
+  return (o_.target_accuracy > 0 && e.accuracy >= o_.target_accuracy) ||
+         (o_.target_loss > 0 && e.loss <= o_.target_loss);
+}
+
+void Run::record_evaluation(double at, int64_t samples, const Evaluation& e) {
+  last_acc_ = e.accuracy;
+  curve_.push_back({{"seconds", at}, {"samples", samples}, {"accuracy", e.accuracy}, {"loss", e.loss}});
+  if (time_to_target_ < 0 && reached_target(e)) time_to_target_ = at;
 }
 
 std::vector<at::Tensor> Run::model_state() const {
@@ -488,7 +497,7 @@ void Run::evaluate_deferred() {
   const auto trained = model_state();
   for (const auto& s : snapshots_) {
     set_model_state(s.state);
-    record_evaluation(s.seconds, s.samples, evaluate(task_, *model_, test_, o_.eval_samples).overall);
+    record_evaluation(s.seconds, s.samples, evaluate(task_, *model_, test_, o_.eval_samples));
   }
   set_model_state(trained);
   snapshots_.clear();
@@ -566,7 +575,7 @@ void Run::step_once() {
   x = x.to(device_);
   auto y = train_.labels.index_select(0, idx).to(device_);
   opt_->zero_grad();
-  auto loss = torch::nll_loss(task_.forward(*model_, x), y);
+  auto loss = nll(task_.forward(*model_, x), y);
   loss.backward();
   const double compute = seconds_since(s0);
   if (rank_ == o_.straggler_rank && o_.straggler_factor > 1) {
@@ -660,11 +669,13 @@ void Run::end() {
     report_.samples_per_second = static_cast<double>(report_.steps - warm) * o_.batch_size /
                                  std::max(train_seconds_ - std::max(warm_at_, 0.0), 1e-9);
   }
-  // Every rank evaluates its model on the full test set.
-  final_ = evaluate(task_, *model_, test_, test_.labels.size(0));
-  report_.accuracy = final_.overall;
+  // Every rank evaluates its model on the test set (or --final-eval-samples of it).
+  final_ = evaluate(task_, *model_, test_,
+                    o_.final_eval_samples > 0 ? o_.final_eval_samples : test_.labels.size(0));
+  report_.accuracy = final_.accuracy;
+  report_.loss = final_.loss;
   evaluate_deferred();  // rank 0's copies, if any; the trained model is put back
-  if (rank_ == 0 && o_.target_accuracy > 0 && time_to_target_ < 0 && final_.overall >= o_.target_accuracy) {
+  if (rank_ == 0 && time_to_target_ < 0 && reached_target(final_)) {
     time_to_target_ = train_seconds_;  // crossed by the end of training, after the last evaluation
   }
   wall_seconds_ = seconds_since(t0_);
@@ -736,7 +747,10 @@ json Run::metrics_json() const {
       {"stopped_by", stopped_by_},
       {"partition", o_.partition},
       {"straggler", o_.straggler_rank >= 0 ? json({{"rank", o_.straggler_rank}, {"factor", o_.straggler_factor}}) : json()},
-      {"test_accuracy", final_.overall},
+      {"parameters", parameters_},
+      {"test_accuracy", final_.accuracy},
+      {"test_loss", final_.loss},
+      {"perplexity", std::exp(final_.loss)},
       {"class_accuracy", final_.per_class},
       {"worst_class_accuracy", final_.worst()},
       {"wall_seconds", wall_seconds_},
@@ -747,6 +761,7 @@ json Run::metrics_json() const {
                       {"samples", o_.eval_samples},
                       {"deferred", o_.eval_deferred}}},
       {"target_accuracy", o_.target_accuracy > 0 ? json(o_.target_accuracy) : json()},
+      {"target_loss", o_.target_loss > 0 ? json(o_.target_loss) : json()},
       {"time_to_target_seconds", time_to_target_ < 0 ? json() : json(time_to_target_)},
       {"samples", steps * o_.batch_size},
       {"samples_per_second", rates},
@@ -762,14 +777,16 @@ json Run::metrics_json() const {
 }
 
 int Run::report() {
-  std::printf("%s; test accuracy %.4f\n", detail_.c_str(), final_.overall);
+  std::printf("%s; test accuracy %.4f, loss %.4f\n", detail_.c_str(), final_.accuracy, final_.loss);
   std::fflush(stdout);
   if (rank_ != 0) return StopSignals::exit_code();
   const json m = metrics_json();
   std::printf(
-      "%s: algo=%s optimizer=%s ranks=%d workers=%d test_accuracy=%.4f wall=%.1fs train=%.1fs "
+      "%s: algo=%s optimizer=%s ranks=%d workers=%d test_accuracy=%.4f test_loss=%.4f "
+      "perplexity=%.2f wall=%.1fs train=%.1fs "
       "samples/s=%.0f (aggregate) time_to_target=%s %s S_avg=%.2f S_max=%ld%s stopped_by=%s\n",
-      task_.program.c_str(), o_.algo.c_str(), o_.optimizer.c_str(), n_, trainers_, final_.overall,
+      task_.program.c_str(), o_.algo.c_str(), o_.optimizer.c_str(), n_, trainers_, final_.accuracy,
+      final_.loss, std::exp(final_.loss),
       wall_seconds_, train_seconds_, m["aggregate_samples_per_second"].get<double>(),
       time_to_target_ < 0 ? "-" : fmt::format("{:.1f}s", time_to_target_).c_str(),
       staleness_kind_.c_str(), staleness_.mean(), static_cast<long>(staleness_.max),
