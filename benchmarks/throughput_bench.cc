@@ -7,14 +7,22 @@
 //                            [--steps 300] [--warmup 30] [--batch-size 64] [--broadcast-every 1]
 //                            [--optimizer sgd|adam|adamw] [--max-lead L] [--lead-policy wait|damp]
 //                            [--lead-measure applied|progress] [--compress CODEC]
-//                            [--net mnist|cifar]
+//                            [--net mnist|cifar|lm|flat] [--flat-mb MB] [--sleep-ms MS]
 //
 // "local" is the inner optimizer alone (a plain torch::optim optimizer, no wrapper):
 // the others' figures with one process are the wrapper's own per-step cost.
 //
+// --net lm is asgd-lm's default transformer (10.9 M parameters, 128-byte samples);
+// --net flat is one parameter vector of --flat-mb MB whose gradient is fixed noise (no
+// network); with --sleep-ms each step also sleeps that long, standing in for compute, so
+// that tens of ranks fit on a few cores and what is measured is the optimizer and the
+// network (benchmarks/scale.sh).
+//
 // Inputs are synthetic batches of the data set's shape, made before timing, so the figure
 // is compute plus communication, not data loading. Prints one line per rank:
 //   throughput algo=dasgd rank=0 samples_per_second=1234.5 steps=300 ...
+#include <sys/resource.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -22,14 +30,45 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <thread>
 
 #include <torch/torch.h>
 
 #include "cifar/resnet.h"
+#include "lm/transformer.h"
 #include "mnist/net.h"
 #include "torch_asgd/torch_asgd.h"
 
 using namespace torch_asgd;
+
+namespace {
+
+// This process's threads now (Linux: /proc/self/status).
+int threads_now() {
+  std::FILE* f = std::fopen("/proc/self/status", "r");
+  if (f == nullptr) return -1;
+  char line[256];
+  int n = -1;
+  while (std::fgets(line, sizeof line, f) != nullptr) {
+    if (std::sscanf(line, "Threads: %d", &n) == 1) break;
+  }
+  std::fclose(f);
+  return n;
+}
+
+double peak_rss_mb() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_maxrss) / 1024.0;  // Linux: KiB
+}
+
+// --net flat: one parameter vector; the "loss" (p * g).sum() makes g its gradient.
+struct FlatImpl : torch::nn::Module {
+  explicit FlatImpl(int64_t numel) { p = register_parameter("p", torch::zeros({numel})); }
+  torch::Tensor p;
+};
+
+}  // namespace
 
 int main(int argc, char** argv) {
   std::string algo = "dasgd";
@@ -37,6 +76,7 @@ int main(int argc, char** argv) {
   int64_t max_lead = 0;
   std::string optimizer = "sgd", lead_policy = "wait", lead_measure = "applied", net_name = "mnist",
               compress = "none";
+  double flat_mb = 2, sleep_ms = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string a = argv[i];
     if (a == "--algo") algo = argv[i + 1];
@@ -50,6 +90,8 @@ int main(int argc, char** argv) {
     else if (a == "--lead-measure") lead_measure = argv[i + 1];
     else if (a == "--compress") compress = argv[i + 1];
     else if (a == "--net") net_name = argv[i + 1];
+    else if (a == "--flat-mb") flat_mb = std::stod(argv[i + 1]);
+    else if (a == "--sleep-ms") sleep_ms = std::stod(argv[i + 1]);
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -58,11 +100,17 @@ int main(int argc, char** argv) {
   torch::set_num_threads(1);
   try {
     // "local" is two independent processes: no World, no rendezvous, nothing shared.
+    const auto r0 = std::chrono::steady_clock::now();
     std::shared_ptr<World> world = algo == "local" ? nullptr : World::from_env();
+    const double rendezvous = std::chrono::duration<double>(std::chrono::steady_clock::now() - r0).count();
     const int rank = world ? world->rank() : WorldOptions::from_env().rank;
     torch::manual_seed(1);
-    if (net_name != "mnist" && net_name != "cifar") throw std::invalid_argument("--net must be mnist or cifar");
+    if (net_name != "mnist" && net_name != "cifar" && net_name != "lm" && net_name != "flat") {
+      throw std::invalid_argument("--net must be mnist, cifar, lm or flat");
+    }
+    if (!(flat_mb > 0) || sleep_ms < 0) throw std::invalid_argument("--flat-mb must be > 0 and --sleep-ms >= 0");
     const bool cifar = net_name == "cifar";
+    const examples::TransformerConfig lm_config;
     std::shared_ptr<torch::nn::Module> module;
     std::function<torch::Tensor(const torch::Tensor&)> forward;  // log-probabilities
     auto use = [&](auto m) {
@@ -71,6 +119,12 @@ int main(int argc, char** argv) {
     };
     if (cifar) {
       use(std::make_shared<examples::ResNetImpl>(3));
+    } else if (net_name == "lm") {
+      use(std::make_shared<examples::TransformerImpl>(lm_config));
+    } else if (net_name == "flat") {
+      auto flat = std::make_shared<FlatImpl>(static_cast<int64_t>(flat_mb * (1 << 20) / 4));
+      module = flat;
+      forward = [flat](const torch::Tensor& g) { return (flat->p * g).sum(); };
     } else {
       use(std::make_shared<examples::MnistNetImpl>());
     }
@@ -117,15 +171,27 @@ int main(int argc, char** argv) {
     torch::optim::Optimizer* step_with = local ? local.get() : opt.get();
     auto gen = at::detail::createCPUGenerator(100 + rank);
     std::vector<torch::Tensor> xs, ys;
+    int64_t numel = 0;
+    for (const auto& p : net->parameters()) numel += p.numel();
     for (int i = 0; i < 16; ++i) {
-      xs.push_back(cifar ? torch::randn({batch, 3, 32, 32}, gen) : torch::randn({batch, 1, 28, 28}, gen));
-      ys.push_back(torch::randint(0, 10, {batch}, gen));
+      if (net_name == "lm") {
+        xs.push_back(torch::randint(0, 256, {batch, lm_config.context}, gen));
+        ys.push_back(torch::randint(0, 256, {batch, lm_config.context}, gen));
+      } else if (net_name == "flat") {
+        xs.push_back(torch::randn({numel}, gen) * 1e-3);  // the gradient
+      } else {
+        xs.push_back(cifar ? torch::randn({batch, 3, 32, 32}, gen) : torch::randn({batch, 1, 28, 28}, gen));
+        ys.push_back(torch::randint(0, 10, {batch}, gen));
+      }
     }
     auto run = [&](int n) {
       for (int s = 0; s < n; ++s) {
         step_with->zero_grad();
-        auto loss = torch::nll_loss(forward(xs[s % 16]), ys[s % 16]);
+        auto out = forward(xs[s % 16]);
+        auto loss = net_name == "flat" ? out
+                                       : torch::nll_loss(out.reshape({-1, out.size(-1)}), ys[s % 16].reshape({-1}));
         loss.backward();
+        if (sleep_ms > 0) std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(sleep_ms));
         step_with->step();
       }
     };
@@ -133,21 +199,27 @@ int main(int argc, char** argv) {
     const auto t0 = std::chrono::steady_clock::now();
     run(steps);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    std::string extra;
+    std::string extra = " parameters=" + std::to_string(numel) + " rendezvous_seconds=" + std::to_string(rendezvous) +
+                        " peak_rss_mb=" + std::to_string(peak_rss_mb()) + " threads=" + std::to_string(threads_now());
+    const auto f0 = std::chrono::steady_clock::now();
     if (dasgd != nullptr) {
       dasgd->finish();
       auto s = dasgd->stats();
-      extra = " staleness_mean=" + std::to_string(s.staleness.mean()) +
+      extra += " staleness_mean=" + std::to_string(s.staleness.mean()) +
               " staleness_max=" + std::to_string(s.staleness.max) +
               " messages_sent=" + std::to_string(s.messages_sent);
     }
     if (gossip != nullptr) {
       gossip->finish();
       auto s = gossip->stats();
-      extra = " lag_mean=" + std::to_string(s.lag.mean()) + " exchanges=" + std::to_string(s.completed);
+      extra += " lag_mean=" + std::to_string(s.lag.mean()) + " exchanges=" + std::to_string(s.completed) +
+               " messages_sent=" + std::to_string(s.messages_sent);
     }
-    std::printf("throughput algo=%s optimizer=%s rank=%d samples_per_second=%.1f steps=%d seconds=%.3f%s\n",
-                algo.c_str(), optimizer.c_str(), rank, steps * batch / secs, steps, secs, extra.c_str());
+    extra += " finish_seconds=" +
+             std::to_string(std::chrono::duration<double>(std::chrono::steady_clock::now() - f0).count());
+    std::printf("throughput algo=%s optimizer=%s rank=%d samples_per_second=%.1f steps_per_second=%.2f steps=%d "
+                "seconds=%.3f%s\n",
+                algo.c_str(), optimizer.c_str(), rank, steps * batch / secs, steps / secs, steps, secs, extra.c_str());
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
