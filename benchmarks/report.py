@@ -342,8 +342,68 @@ def suite_staleness(runs, plots):
             "\n\n![measured mean staleness](@PLOTS@/staleness.png)")
 
 
+def loss_points(m):
+    return [(p["seconds"], p["loss"]) for p in m.get("eval_curve", []) if "loss" in p] + \
+        [(m["train_seconds"], m["test_loss"])]
+
+
+def time_or_bound(ms):
+    """(median time to the target, how many runs never reached it); a run that did not
+    counts with its whole training time, a lower bound of its time."""
+    short = sum(1 for m in ms if m["time_to_target_seconds"] is None)
+    return median_or_none([m["train_seconds"] if m["time_to_target_seconds"] is None
+                           else m["time_to_target_seconds"] for m in ms]), short
+
+
+def suite_lm(runs, plots):
+    any_run = next(iter(runs.values()))[0]
+    target = any_run.get("target_loss")
+    header = (f"| ranks | straggler | algorithm | time to loss {target} s | loss at the budget | "
+              "aggregate samples/s | staleness mean / max |\n|---:|---:|---|---:|---:|---:|---:|")
+    rows, panels, by_setting = [], OrderedDict(), OrderedDict()
+    for config, ms in runs.items():
+        n, f, _opt, algo = split_config(config)
+        by_setting.setdefault((n, f), OrderedDict())[algo] = ms
+    aims = []
+    for (n, f), algos in sorted(by_setting.items()):
+        series = []
+        for algo, ms in algos.items():
+            rows.append(f"| {n} | {'none' if f == 1 else f'{f:g}x'} | {algo} | "
+                        f"{med([m['time_to_target_seconds'] for m in ms])} | "
+                        f"{med([m['test_loss'] for m in ms], '{:.3f}')} | "
+                        f"{med([m['aggregate_samples_per_second'] for m in ms], '{:.1f}')} | {staleness_cell(ms)} |")
+            rep_run = sorted(ms, key=lambda m: m["test_loss"])[(len(ms) - 1) // 2]
+            series.append((algo, loss_points(rep_run)))
+        panels[(n, f)] = write_curves(plots, f"lm.n{n}.x{f:g}", series)
+        if f == 2 and "dasgd" in algos and "ddp" in algos:
+            mine = median_or_none([m["time_to_target_seconds"] for m in algos["dasgd"]])
+            peer, short = time_or_bound(algos["ddp"])
+            if mine is None:
+                ratio = "- (DASGD did not reach the target)"
+            elif short:
+                ratio = f"< {mine / peer:.2f} ({short} of {len(algos['ddp'])} DDP runs short of the target)"
+            else:
+                ratio = f"{mine / peer:.2f}"
+            aims.append(f"| {n} ranks, one rank 2x slower | DASGD's time to the target / DDP's | <= 0.5 | {ratio} |")
+        if f == 1 and n == 2 and "dasgd" in algos and "local" in algos:
+            d = median_or_none([m["aggregate_samples_per_second"] for m in algos["dasgd"]])
+            loc = median_or_none([m["aggregate_samples_per_second"] for m in algos["local"]])
+            if d and loc:
+                aims.append(f"| 2 ranks, no straggler | DASGD's aggregate samples/s / local's | >= 0.95 | {d / loc:.2f} |")
+    png = os.path.join(plots, "lm.png")
+    gnuplot(plot_panels(png, [(f"{n} ranks, {'no straggler' if f == 1 else f'one rank {f:g}x slower'}", files)
+                              for (n, f), files in panels.items()],
+                        "seconds of training", "held-out loss (nats per byte)", cols=2), png)
+    params = any_run.get("parameters")
+    text = (f"The transformer: {params:,} parameters" if params else "The transformer") + \
+        "; samples are windows of bytes.\n\n" + header + "\n" + "\n".join(rows)
+    if aims:
+        text += "\n\n| setting | aim | target | measured |\n|---|---|---:|---:|\n" + "\n".join(aims)
+    return text + "\n\n![held-out loss against seconds](@PLOTS@/lm.png)"
+
+
 SUITES = OrderedDict([("stragglers", suite_stragglers), ("by-label", suite_by_label),
-                      ("scaling", suite_scaling), ("staleness", suite_staleness)])
+                      ("scaling", suite_scaling), ("staleness", suite_staleness), ("lm", suite_lm)])
 
 
 def main():

@@ -18,7 +18,7 @@ for rep in $(seq 1 "$REPEATS"); do
   for run in ddp sync dasgd dasgd-average; do
     json=$OUT/$run-$rep.json
     case $run in
-      ddp) cmd=(/usr/bin/python3 benchmarks/ddp_mnist.py "${common[@]}") ;;
+      ddp) cmd=(/usr/bin/python3 benchmarks/ddp.py "${common[@]}") ;;
       sync) cmd=("$BIN/asgd-mnist" --algo sync --eval-deferred --eval-every 0 "${common[@]}") ;;
       dasgd) cmd=("$BIN/asgd-mnist" --algo dasgd --eval-deferred --eval-every 0 "${common[@]}") ;;
       dasgd-average) cmd=("$BIN/asgd-mnist" --algo dasgd --average --eval-deferred --eval-every 0 "${common[@]}") ;;

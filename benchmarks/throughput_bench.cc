@@ -217,7 +217,7 @@ int main(int argc, char** argv) {
     }
     extra += " finish_seconds=" +
              std::to_string(std::chrono::duration<double>(std::chrono::steady_clock::now() - f0).count());
-    std::printf("throughput algo=%s optimizer=%s rank=%d samples_per_second=%.1f steps_per_second=%.2f steps=%d "
+    std::printf("throughput algo=%s optimizer=%s rank=%d samples_per_second=%.3f steps_per_second=%.3f steps=%d "
                 "seconds=%.3f%s\n",
                 algo.c_str(), optimizer.c_str(), rank, steps * batch / secs, steps / secs, steps, secs, extra.c_str());
     return 0;

@@ -117,6 +117,24 @@ TEST(Launcher, SetsTorchrunVariablesAndPrefixesLines) {
   EXPECT_NE(p.err_buf.find("[2]: to-stderr\n"), std::string::npos) << p.err_buf;
 }
 
+// glibc's malloc thresholds are fixed for the ranks unless the user set them or asked
+// for glibc's defaults.
+TEST(Launcher, FixesMallocThresholdsUnlessSetOrTurnedOff) {
+  const std::vector<std::string> show{"--", "/bin/sh", "-c",
+                                      "echo mmap=${MALLOC_MMAP_THRESHOLD_-unset} trim=${MALLOC_TRIM_THRESHOLD_-unset}"};
+  auto with = [&](std::vector<std::string> argv) {
+    argv.insert(argv.begin(), {launcher(), "--nproc", "1"});
+    argv.insert(argv.end(), show.begin(), show.end());
+    return argv;
+  };
+  Proc p = testing::run(with({}));
+  EXPECT_NE(p.out_buf.find("[0]: mmap=1073741824 trim=4294967296\n"), std::string::npos) << p.out_buf;
+  p = testing::run(with({"--default-malloc"}));
+  EXPECT_NE(p.out_buf.find("[0]: mmap=unset trim=unset\n"), std::string::npos) << p.out_buf;
+  p = testing::run(with({}), {{"MALLOC_MMAP_THRESHOLD_", "65536"}});
+  EXPECT_NE(p.out_buf.find("[0]: mmap=65536 trim=4294967296\n"), std::string::npos) << p.out_buf;
+}
+
 TEST(Launcher, ExitsWithTheFirstNonZeroCode) {
   Proc p = testing::run({launcher(), "--nproc", "3", "--", "/bin/sh", "-c",
                          "if [ $RANK = 2 ]; then exit 7; fi; sleep 1; exit $((RANK + 3))"});

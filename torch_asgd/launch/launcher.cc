@@ -98,7 +98,8 @@ struct Child {
 
 std::string usage() {
   return "usage: asgd-launch --nproc N [--nnodes M --node-rank K --master-addr H --master-port P]\n"
-         "                   [--job-id ID] [--fail-fast] [--grace SECONDS] -- PROGRAM ARGS...\n"
+         "                   [--job-id ID] [--fail-fast] [--grace SECONDS] [--default-malloc]\n"
+         "                   -- PROGRAM ARGS...\n"
          "\n"
          "Starts N ranks of PROGRAM on this node with torchrun's variables set (RANK, WORLD_SIZE,\n"
          "LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, TORCHELASTIC_RUN_ID). Prefixes\n"
@@ -113,7 +114,10 @@ std::string usage() {
          "  --master-port P    rendezvous port (default 29500; 0 picks a free one, single node)\n"
          "  --job-id ID        job id keying the rendezvous (default: fresh per launch)\n"
          "  --fail-fast        terminate all ranks as soon as one fails\n"
-         "  --grace SECONDS    wait this long after forwarding a signal before SIGKILL (10)\n";
+         "  --grace SECONDS    wait this long after forwarding a signal before SIGKILL (10)\n"
+         "  --default-malloc   leave glibc's malloc thresholds alone (by default each rank gets\n"
+         "                     MALLOC_MMAP_THRESHOLD_=1073741824 and MALLOC_TRIM_THRESHOLD_=4294967296\n"
+         "                     unless set: LibTorch's CPU steps then reuse memory, not fresh pages)\n";
 }
 
 LaunchOptions parse_args(const std::vector<std::string>& args) {
@@ -149,6 +153,8 @@ LaunchOptions parse_args(const std::vector<std::string>& args) {
       o.job_id = value(a);
     } else if (a == "--fail-fast") {
       o.fail_fast = true;
+    } else if (a == "--default-malloc") {
+      o.default_malloc = true;
     } else if (a == "--grace") {
       o.grace_seconds = parse_int(a, value(a), 0, 3600);
     } else if (!a.empty() && a[0] == '-') {
@@ -223,6 +229,15 @@ int run(const LaunchOptions& o) {
       ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
       ::setenv("TORCHELASTIC_RUN_ID", job_id.c_str(), 1);
       if (o.nproc > 1) ::setenv("OMP_NUM_THREADS", "1", 0);
+      if (!o.default_malloc) {
+        // glibc raises its mmap threshold each time a large mmapped block is freed, so
+        // whether a step's tensors come from fresh pages (a fault per page, every step)
+        // or the heap depended on history: LibTorch CPU steps ran at half speed or at
+        // full speed in the same program (docs/benchmarks.md). Fixed thresholds keep
+        // large blocks on the heap and the heap's top untrimmed.
+        ::setenv("MALLOC_MMAP_THRESHOLD_", "1073741824", 0);
+        ::setenv("MALLOC_TRIM_THRESHOLD_", "4294967296", 0);
+      }
       std::vector<char*> argv;
       for (const auto& a : o.command) argv.push_back(const_cast<char*>(a.c_str()));
       argv.push_back(nullptr);
