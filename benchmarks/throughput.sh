@@ -79,6 +79,7 @@ if [[ -n $OUT ]]; then
     case $NET in
       cifar) name="CIFAR example network (ResNet-20)" ;;
       lm) name="asgd-lm's transformer (10.9 M parameters, 128-byte samples)" ;;
+      flat) name="a flat model (one parameter vector, a fixed-noise gradient, no compute; size: see the configurations)" ;;
       *) name="MNIST example network" ;;
     esac
     echo "$name, local rule $OPTIMIZER, $NPROC ranks on $(nproc) cores, batch $BATCH, $STEPS timed steps per rank after $WARMUP,"
