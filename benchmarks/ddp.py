@@ -373,7 +373,9 @@ def main():
             "budget": {"samples": o.budget_samples or None, "seconds": o.budget_seconds or None},
             "stopped_by": stopped_by, "partition": o.partition,
             "straggler": {"rank": o.straggler_rank, "factor": o.straggler_factor} if o.straggler_rank >= 0 else None,
-            "test_accuracy": acc, "test_loss": test_loss, "perplexity": math.exp(test_loss),
+            # As asgd-lm's JSON: a non-finite loss is null (exp overflows above 709).
+            "test_accuracy": acc, "test_loss": test_loss if math.isfinite(test_loss) else None,
+            "perplexity": math.exp(test_loss) if math.isfinite(test_loss) and test_loss < 709 else None,
             "class_accuracy": per_class,
             "worst_class_accuracy": min(per_class) if per_class else acc,
             "wall_seconds": wall_seconds, "train_seconds": train_seconds, "eval_seconds": pause,

@@ -343,8 +343,9 @@ def suite_staleness(runs, plots):
 
 
 def loss_points(m):
-    return [(p["seconds"], p["loss"]) for p in m.get("eval_curve", []) if "loss" in p] + \
-        [(m["train_seconds"], m["test_loss"])]
+    # The curve only: its points are on the same held-out windows (the final loss is
+    # measured on more of them).
+    return [(p["seconds"], p["loss"]) for p in m.get("eval_curve", []) if p.get("loss") is not None]
 
 
 def time_or_bound(ms):
@@ -372,7 +373,9 @@ def suite_lm(runs, plots):
                         f"{med([m['time_to_target_seconds'] for m in ms])} | "
                         f"{med([m['test_loss'] for m in ms], '{:.3f}')} | "
                         f"{med([m['aggregate_samples_per_second'] for m in ms], '{:.1f}')} | {staleness_cell(ms)} |")
-            rep_run = sorted(ms, key=lambda m: m["test_loss"])[(len(ms) - 1) // 2]
+            # The median run by final loss (a diverged run's loss is null: last).
+            rep_run = sorted(ms, key=lambda m: m["test_loss"] if m["test_loss"] is not None else float("inf"))[
+                (len(ms) - 1) // 2]
             series.append((algo, loss_points(rep_run)))
         panels[(n, f)] = write_curves(plots, f"lm.n{n}.x{f:g}", series)
         if f == 2 and "dasgd" in algos and "ddp" in algos:
@@ -389,7 +392,8 @@ def suite_lm(runs, plots):
             d = median_or_none([m["aggregate_samples_per_second"] for m in algos["dasgd"]])
             loc = median_or_none([m["aggregate_samples_per_second"] for m in algos["local"]])
             if d and loc:
-                aims.append(f"| 2 ranks, no straggler | DASGD's aggregate samples/s / local's | >= 0.95 | {d / loc:.2f} |")
+                aims.append(f"| 2 ranks, no straggler | DASGD's aggregate samples/s / local's | >= 0.95 | "
+                            f"{d / loc:.3f} ({'met' if d / loc >= 0.95 else 'not met'}) |")
     png = os.path.join(plots, "lm.png")
     gnuplot(plot_panels(png, [(f"{n} ranks, {'no straggler' if f == 1 else f'one rank {f:g}x slower'}", files)
                               for (n, f), files in panels.items()],

@@ -25,7 +25,8 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 BIN=${TORCH_ASGD_BIN:-$ROOT/build/bin}
 PY=/usr/bin/python3  # Debian's: python3-torch lives there, whatever python3 is first on PATH
-INVOCATION="benchmarks/run.sh${*:+ $*}"  # named in the tables' header line
+# Named in the tables' header line, quoted so that it can be pasted (with the lm target).
+INVOCATION="${TORCH_ASGD_LM_TARGET:+TORCH_ASGD_LM_TARGET=$TORCH_ASGD_LM_TARGET }benchmarks/run.sh$( (($#)) && printf ' %q' "$@" || true)"
 QUICK=0 REPEATS="" SECONDS_BUDGET="" SAMPLES_BUDGET="" SUITES="stragglers,by-label,scaling,staleness"
 LM_SECONDS="" LM_SIZE="128 4 4 64" LM_DATA=/usr/share/games/fortunes
 DATA=/usr/share/datasets/fashion-mnist
@@ -67,7 +68,9 @@ for s in "${SUITE_LIST[@]}"; do
   esac
 done
 SUITES=$(IFS=,; echo "${SUITE_LIST[*]}")
-for f in "$BIN/asgd-launch" "$BIN/asgd-mnist" "$BIN/asgd-lm"; do
+needed=("$BIN/asgd-launch" "$BIN/asgd-mnist")
+[[ ,$SUITES, == *,lm,* ]] && needed+=("$BIN/asgd-lm")
+for f in "${needed[@]}"; do
   [[ -x $f ]] || { echo "run.sh: $f is missing: build first (./scripts/build.sh) or set TORCH_ASGD_BIN" >&2; exit 1; }
 done
 [[ -x $PY ]] && "$PY" -c "import torch.distributed" 2>/dev/null ||
@@ -121,7 +124,7 @@ json.dump(m, open(out, "w"), indent=1)
 PY
     rm -f "$json.part"
     NRUNS=$((NRUNS + 1))
-    echo "$suite/$config r$k: $("$PY" -c 'import json,sys; m=json.load(open(sys.argv[1])); print("%.1f %% (loss %.3f) in %.1f s" % (100 * m["test_accuracy"], m.get("test_loss", float("nan")), m["train_seconds"]))' "$json")" >&2
+    echo "$suite/$config r$k: $("$PY" -c 'import json,sys; m=json.load(open(sys.argv[1])); print("%.1f %% (loss %.3f) in %.1f s" % (100 * m["test_accuracy"], m.get("test_loss") or float("nan"), m["train_seconds"]))' "$json")" >&2
   done
 }
 

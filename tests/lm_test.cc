@@ -144,6 +144,23 @@ TEST(AsgdLm, TwoRanksLearnRealTextBeyondByteFrequencies) {
       << m["ranks"].dump();
 }
 
+// A diverged run's loss is NaN, which JSON writes as null: every rank's report still
+// reaches rank 0's summary.
+TEST(AsgdLm, ADivergedRankStillReports) {
+  const std::string json = ::testing::TempDir() + "asgd_lm_nan_" + std::to_string(::getpid()) + ".json";
+  Proc p = testing::run({bin("asgd-launch"), "--nproc", "2", "--master-port", "0", "--", bin("asgd-lm"),
+                         "--width", "32", "--depth", "2", "--heads", "2", "--context", "32", "--algo", "local",
+                         "--optimizer", "sgd", "--lr", "1e30", "--budget-samples", "320", "--metrics-out", json},
+                        {}, 120s);
+  ASSERT_EQ(p.exit_code, 0) << p.out_buf << p.err_buf;
+  EXPECT_EQ(p.err_buf.find("sent no report"), std::string::npos) << p.err_buf;
+  const auto m = metrics_in(json);
+  ASSERT_TRUE(m.is_object()) << slurp(json);
+  EXPECT_TRUE(m["test_loss"].is_null()) << "the run did not diverge: " << m["test_loss"];
+  ASSERT_EQ(m["ranks"].size(), 2u);
+  for (const auto& r : m["ranks"]) EXPECT_FALSE(r.is_null()) << m["ranks"].dump();
+}
+
 Proc lm(std::vector<std::string> args) {
   std::vector<std::string> argv{bin("asgd-lm"), "--width", "32", "--depth", "2", "--heads", "2",
                                 "--context", "32", "--budget-samples", "64"};
@@ -168,8 +185,10 @@ TEST(AsgdLmBadInput, HeadsThatDoNotDivideTheWidth) {
 
 TEST(AsgdLmBadInput, ALabelPartitionOfSequencesIsRefused) {
   Proc p = lm({"--partition", "by-label"});
-  EXPECT_EQ(p.exit_code, 1);
-  EXPECT_NE(p.err_buf.find("--partition by-label needs one label per sample"), std::string::npos) << p.err_buf;
+  EXPECT_EQ(p.exit_code, 2);
+  EXPECT_NE(p.err_buf.find("by-label needs one label per sample, and asgd-lm's samples are sequences"),
+            std::string::npos)
+      << p.err_buf;
 }
 
 TEST(AsgdLmBadInput, OneTargetAtATime) {

@@ -176,6 +176,10 @@ int parse_options(int argc, char** argv, const Task& task, ExampleOptions* out) 
       throw CLI::ValidationError("--compress", "topk sends a few entries of what it is given, and gossip sends "
                                                    "whole models: use bf16, fp16 or int8");
     }
+    if (o.partition == "by-label" && task.classes == 0) {
+      throw CLI::ValidationError("--partition", "by-label needs one label per sample, and " + task.program +
+                                                    "'s samples are sequences: use iid or full");
+    }
     if (o.target_accuracy > 0 && o.target_loss > 0) {
       throw CLI::ValidationError("--target-loss", "give one target: --target-accuracy or --target-loss");
     }

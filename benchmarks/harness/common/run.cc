@@ -124,7 +124,8 @@ struct RankReport {
     r.steps = j.at("steps");
     r.samples_per_second = j.at("samples_per_second");
     r.accuracy = j.at("accuracy");
-    r.loss = j.at("loss");
+    // A diverged rank's loss is NaN, which JSON writes as null.
+    r.loss = j.at("loss").is_number() ? j.at("loss").get<double>() : std::nan("");
     r.stats = j.at("stats");
     return r;
   }
