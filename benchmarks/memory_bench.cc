@@ -12,28 +12,16 @@
 
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <string>
 #include <thread>
 
 #include <torch/torch.h>
 
+#include "proc_status.h"
 #include "torch_asgd/torch_asgd.h"
 
 using namespace torch_asgd;
-
-namespace {
-
-long status_field(const std::string& name) {
-  std::ifstream f("/proc/self/status");
-  std::string line;
-  while (std::getline(f, line)) {
-    if (line.rfind(name + ":", 0) == 0) return std::stol(line.substr(name.size() + 1));
-  }
-  return -1;
-}
-
-}  // namespace
+using bench::status_field;
 
 int main(int argc, char** argv) {
   double mb = 64;

@@ -91,10 +91,19 @@ def staleness_cell(ms):
     return f"{med([s[0] for s in st], '{:.2f}')} / {med([s[1] for s in st], '{:.0f}')}"
 
 
-def representative(runs):
-    """The repeat whose final accuracy is the median one (its curve is plotted)."""
-    ordered = sorted(runs, key=lambda m: m["test_accuracy"])
+def representative(runs, metric="test_accuracy"):
+    """The repeat whose final `metric` is the median one (its curve is plotted); a run
+    without one (a diverged run's null loss) sorts last."""
+    ordered = sorted(runs, key=lambda m: m[metric] if m[metric] is not None else float("inf"))
     return ordered[(len(ordered) - 1) // 2]
+
+
+def time_or_bound(ms):
+    """(median time to the target, how many runs never reached it); a run that did not
+    counts with its whole training time, a lower bound of its time."""
+    short = sum(1 for m in ms if m["time_to_target_seconds"] is None)
+    return median_or_none([m["train_seconds"] if m["time_to_target_seconds"] is None
+                           else m["time_to_target_seconds"] for m in ms]), short
 
 
 # ---- plots ------------------------------------------------------------------------------
@@ -187,16 +196,14 @@ def suite_stragglers(runs, plots):
                     # A run of the peer that never got there took longer than its whole
                     # run: its training time is a lower bound, and the ratio an upper one.
                     peer_runs = algos[peer]
-                    short = sum(1 for m in peer_runs if m["time_to_target_seconds"] is None)
-                    bound = median_or_none([m["train_seconds"] if m["time_to_target_seconds"] is None
-                                            else m["time_to_target_seconds"] for m in peer_runs])
+                    bound, short = time_or_bound(peer_runs)
                     if tt["dasgd"] is None:
                         ratio = "-"
                     elif short:
                         ratio = (f"< {tt['dasgd'] / bound:.2f} ({short} of {len(peer_runs)} {peer} runs "
                                  f"below 80 % at the end)")
                     else:
-                        ratio = f"{tt['dasgd'] / tt[peer]:.2f}"
+                        ratio = f"{tt['dasgd'] / bound:.2f}"
                     aims.append(f"| {n} ranks, {opt}, one rank 2x slower | DASGD's time to 80 % / {peer}'s "
                                 f"| {'<= 0.5' if peer == 'ddp' else '<= 0.6'} | {ratio} |")
         if f == 2 and (n, 1.0, opt) in by_setting and "dasgd" in algos and "dasgd" in by_setting[(n, 1.0, opt)]:
@@ -348,14 +355,6 @@ def loss_points(m):
     return [(p["seconds"], p["loss"]) for p in m.get("eval_curve", []) if p.get("loss") is not None]
 
 
-def time_or_bound(ms):
-    """(median time to the target, how many runs never reached it); a run that did not
-    counts with its whole training time, a lower bound of its time."""
-    short = sum(1 for m in ms if m["time_to_target_seconds"] is None)
-    return median_or_none([m["train_seconds"] if m["time_to_target_seconds"] is None
-                           else m["time_to_target_seconds"] for m in ms]), short
-
-
 def suite_lm(runs, plots):
     any_run = next(iter(runs.values()))[0]
     target = any_run.get("target_loss")
@@ -373,10 +372,7 @@ def suite_lm(runs, plots):
                         f"{med([m['time_to_target_seconds'] for m in ms])} | "
                         f"{med([m['test_loss'] for m in ms], '{:.3f}')} | "
                         f"{med([m['aggregate_samples_per_second'] for m in ms], '{:.1f}')} | {staleness_cell(ms)} |")
-            # The median run by final loss (a diverged run's loss is null: last).
-            rep_run = sorted(ms, key=lambda m: m["test_loss"] if m["test_loss"] is not None else float("inf"))[
-                (len(ms) - 1) // 2]
-            series.append((algo, loss_points(rep_run)))
+            series.append((algo, loss_points(representative(ms, "test_loss"))))
         panels[(n, f)] = write_curves(plots, f"lm.n{n}.x{f:g}", series)
         if f == 2 and "dasgd" in algos and "ddp" in algos:
             mine = median_or_none([m["time_to_target_seconds"] for m in algos["dasgd"]])

@@ -21,8 +21,6 @@
 // Inputs are synthetic batches of the data set's shape, made before timing, so the figure
 // is compute plus communication, not data loading. Prints one line per rank:
 //   throughput algo=dasgd rank=0 samples_per_second=1234.5 steps=300 ...
-#include <sys/resource.h>
-
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -37,30 +35,12 @@
 #include "cifar/resnet.h"
 #include "lm/transformer.h"
 #include "mnist/net.h"
+#include "proc_status.h"
 #include "torch_asgd/torch_asgd.h"
 
 using namespace torch_asgd;
 
 namespace {
-
-// This process's threads now (Linux: /proc/self/status).
-int threads_now() {
-  std::FILE* f = std::fopen("/proc/self/status", "r");
-  if (f == nullptr) return -1;
-  char line[256];
-  int n = -1;
-  while (std::fgets(line, sizeof line, f) != nullptr) {
-    if (std::sscanf(line, "Threads: %d", &n) == 1) break;
-  }
-  std::fclose(f);
-  return n;
-}
-
-double peak_rss_mb() {
-  rusage u{};
-  getrusage(RUSAGE_SELF, &u);
-  return static_cast<double>(u.ru_maxrss) / 1024.0;  // Linux: KiB
-}
 
 // --net flat: one parameter vector; the "loss" (p * g).sum() makes g its gradient.
 struct FlatImpl : torch::nn::Module {
@@ -209,7 +189,8 @@ int main(int argc, char** argv) {
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const uint64_t timed_sent = sent_now() - sent0;
     std::string extra = " parameters=" + std::to_string(numel) + " rendezvous_seconds=" + std::to_string(rendezvous) +
-                        " peak_rss_mb=" + std::to_string(peak_rss_mb()) + " threads=" + std::to_string(threads_now());
+                        " peak_rss_mb=" + std::to_string(bench::status_field("VmHWM") / 1024.0) +
+                        " threads=" + std::to_string(bench::status_field("Threads"));
     const auto f0 = std::chrono::steady_clock::now();
     if (dasgd != nullptr) {
       dasgd->finish();

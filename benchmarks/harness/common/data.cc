@@ -11,10 +11,8 @@ torch::Tensor rank_indices(const Dataset& train, int index, int count, const Exa
   if (o.partition == "full") return torch::arange(n, torch::kLong);
   torch::Tensor order;
   if (o.partition == "by-label") {
-    if (train.labels.dim() != 1) {
-      throw std::runtime_error("--partition by-label needs one label per sample, and this example's samples "
-                               "are sequences: use --partition iid or full");
-    }
+    // (A Task without classes, whose labels are sequences, is refused by-label when the
+    // options are parsed.)
     // Sorted by label: each shard holds a few classes (the heterogeneous setting).
     order = std::get<1>(torch::sort(train.labels, /*stable=*/true, /*dim=*/0, /*descending=*/false));
   } else {
